@@ -1,0 +1,9 @@
+//! tm-agent: a hardware-backed signing and token agent for the True Markets API.
+//!
+//! The API key (ECDSA P-256) lives in a PKCS#11 HSM or a YubiKey PIV slot; the agent signs
+//! `<key_id>.<timestamp>` challenges and keeps fresh access tokens for client processes on
+//! the machine. See `DESIGN.md` for the architecture and `proto/PROTOCOL.md` for the wire
+//! protocol.
+#![forbid(unsafe_code)]
+
+pub mod jose;
