@@ -7,3 +7,5 @@
 #![forbid(unsafe_code)]
 
 pub mod jose;
+pub mod signer;
+pub mod token;

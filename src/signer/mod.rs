@@ -1,0 +1,459 @@
+//! Signers: the private-key math, behind an async [`Handle`].
+//!
+//! Owns the [`Signer`] trait that each backend (`pkcs11`, `soft`, later `piv`) implements, and
+//! the actor that runs them: one or more named OS threads, each owning one backend worker
+//! (e.g. a PKCS#11 session), fed by one bounded queue. The async side ([`Handle`]) hashes the
+//! message on the host, enqueues the digest with a oneshot reply, answers `Busy` when the
+//! queue is full and `Timeout` when the reply is late. Workers skip requests whose caller has
+//! gone or whose deadline has passed. Blocking hardware calls never run on the tokio runtime.
+//!
+//! Health is published on a `watch` channel (state changes only); counters are atomics.
+//! This module never imports `server` or `token`.
+
+pub mod pin;
+pub mod soft;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use p256::ecdsa::signature::Verifier as _;
+use p256::ecdsa::{Signature, VerifyingKey};
+use tokio::sync::{oneshot, watch};
+
+use crate::jose;
+
+/// The message signed by the start-up self-test.
+const PROBE_MESSAGE: &[u8] = b"tm-agent signer self-test";
+
+/// One backend worker: owns its hardware session and signs SHA-256 digests.
+///
+/// Called only on its own actor thread, so it may block and hold `!Sync` state.
+pub trait Signer: Send + 'static {
+    /// Signs `digest` (the SHA-256 of the message) with the private key. The signature may be
+    /// high-S; the [`Handle`] normalizes it. Backends recover from lost sessions themselves
+    /// (reopen, log in again, retry once) before returning an error.
+    fn sign_digest(&mut self, digest: &[u8; 32]) -> Result<Signature, SignerError>;
+}
+
+/// What a key is and where it lives: reported by `status` and `public_key`.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    /// `pkcs11`, `piv` or `soft`.
+    pub backend: &'static str,
+    /// Human-readable location, e.g. `token "prod-hsm" key "tm-prod"`. No secrets.
+    pub location: String,
+    /// False for the `soft` backend.
+    pub hardware_backed: bool,
+    pub public_key: VerifyingKey,
+}
+
+/// Errors of signing, carrying hardware facts as data. Messages say what to do next and
+/// never contain PINs, keys or signatures.
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    #[error("signer queue is full ({depth} waiting): retry shortly or raise `queue_depth`")]
+    Busy { depth: usize },
+    #[error("signer did not answer within {0:?}: the HSM or card may be wedged")]
+    Timeout(Duration),
+    #[error("signer unavailable: {0}")]
+    Unavailable(String),
+    #[error("signer has shut down")]
+    Closed,
+    #[error("wrong PIN{}: check the PIN source; tm-agent will not retry it", tries_hint(*.tries_left))]
+    WrongPin { tries_left: Option<u32> },
+    #[error("PIN is locked: unblock it with the PUK or SO PIN, then restart tm-agent")]
+    PinLocked,
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
+    #[error("PKCS#11 {func} failed: {rv}{}", hint_suffix(hint))]
+    Pkcs11 {
+        func: &'static str,
+        rv: String,
+        hint: &'static str,
+    },
+    #[error("key not found: {0}")]
+    KeyNotFound(String),
+    #[error("key is not ECDSA P-256: {0}")]
+    NotP256(String),
+    #[error("signer self-test failed: {0}")]
+    SelfTest(String),
+    #[error("cannot open key: {0}")]
+    Open(String),
+}
+
+fn tries_hint(tries: Option<u32>) -> String {
+    match tries {
+        Some(1) => " (1 try left before the PIN locks)".into(),
+        Some(n) => format!(" ({n} tries left)"),
+        None => String::new(),
+    }
+}
+
+fn hint_suffix(hint: &str) -> String {
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!(": {hint}")
+    }
+}
+
+impl SignerError {
+    /// The stable wire error code (see `proto/PROTOCOL.md`).
+    pub fn wire_code(&self) -> &'static str {
+        match self {
+            SignerError::Busy { .. } => "busy",
+            SignerError::Timeout(_) => "timeout",
+            SignerError::Unavailable(_) | SignerError::Closed => "unavailable",
+            _ => "signer_error",
+        }
+    }
+}
+
+/// Tuning of the actor.
+#[derive(Debug, Clone)]
+pub struct ActorOptions {
+    /// Requests that may wait in the queue before callers get `Busy`.
+    pub queue_depth: usize,
+    /// How long a caller waits for its signature.
+    pub timeout: Duration,
+    /// Thread name prefix, e.g. `signer-prod`.
+    pub name: String,
+}
+
+impl Default for ActorOptions {
+    fn default() -> Self {
+        ActorOptions {
+            queue_depth: 256,
+            timeout: Duration::from_secs(5),
+            name: "signer".into(),
+        }
+    }
+}
+
+/// Health of a signer, published on a `watch` channel when it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthState {
+    Healthy,
+    /// The last request failed; the reason is safe to show.
+    Failing(String),
+}
+
+/// A snapshot of a signer's health and counters.
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub state: HealthState,
+    pub last_ok: Option<SystemTime>,
+    pub signatures: u64,
+    pub errors: u64,
+}
+
+struct Job {
+    digest: [u8; 32],
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Signature, SignerError>>,
+}
+
+struct Shared {
+    info: KeyInfo,
+    health: watch::Sender<HealthState>,
+    last_ok: Mutex<Option<SystemTime>>,
+    signatures: AtomicU64,
+    errors: AtomicU64,
+    options: ActorOptions,
+}
+
+/// The async front of a signer actor. Cheap to clone; the threads stop when the last
+/// `Handle` is dropped (the queue closes) after finishing the job at hand.
+#[derive(Clone)]
+pub struct Handle {
+    queue: SyncSender<Job>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("backend", &self.shared.info.backend)
+            .field("location", &self.shared.info.location)
+            .finish()
+    }
+}
+
+impl Handle {
+    /// Starts one named thread per worker, then runs the self-test: signs a probe through
+    /// every worker and verifies it with `info.public_key`. Blocking; call before serving.
+    pub fn spawn(
+        info: KeyInfo,
+        workers: Vec<Box<dyn Signer>>,
+        options: ActorOptions,
+    ) -> Result<Handle, SignerError> {
+        if workers.is_empty() {
+            return Err(SignerError::Open("no signer workers".into()));
+        }
+        let (health, _) = watch::channel(HealthState::Healthy);
+        let shared = Arc::new(Shared {
+            info,
+            health,
+            last_ok: Mutex::new(None),
+            signatures: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            options,
+        });
+        let digest = jose::sha256(PROBE_MESSAGE);
+        let (queue, rx) = mpsc::sync_channel::<Job>(shared.options.queue_depth);
+        let rx = Arc::new(Mutex::new(rx));
+        for (index, mut worker) in workers.into_iter().enumerate() {
+            // Self-test each worker before it joins the pool, so a bad session is found now.
+            let sig = worker.sign_digest(&digest)?;
+            if shared.info.public_key.verify(PROBE_MESSAGE, &sig).is_err() {
+                return Err(SignerError::SelfTest(format!(
+                    "worker {index}: the probe signature does not verify with the key's public key \
+                     (is the public key object paired with this private key?)"
+                )));
+            }
+            let rx = Arc::clone(&rx);
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("{}-{index}", shared.options.name))
+                .spawn(move || run_worker(worker, rx, shared))
+                .map_err(|e| SignerError::Open(format!("cannot start signer thread: {e}")))?;
+        }
+        *lock(&shared.last_ok) = Some(SystemTime::now());
+        Ok(Handle { queue, shared })
+    }
+
+    /// Signs `message` (hashed here with SHA-256). Returns a low-S signature.
+    pub async fn sign(&self, message: &[u8]) -> Result<Signature, SignerError> {
+        self.sign_digest(jose::sha256(message)).await
+    }
+
+    /// Signs a precomputed SHA-256 digest. Returns a low-S signature.
+    pub async fn sign_digest(&self, digest: [u8; 32]) -> Result<Signature, SignerError> {
+        let timeout = self.shared.options.timeout;
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            digest,
+            deadline: Instant::now() + timeout,
+            reply,
+        };
+        match self.queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(SignerError::Busy {
+                    depth: self.shared.options.queue_depth,
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(SignerError::Closed),
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result.map(jose::normalize_low_s),
+            Ok(Err(_)) => Err(SignerError::Closed),
+            Err(_) => Err(SignerError::Timeout(timeout)),
+        }
+    }
+
+    /// Signs the Auth API challenge `{key_id}.{timestamp}` and returns the request body.
+    pub async fn sign_challenge(
+        &self,
+        key_id: &str,
+        timestamp: i64,
+    ) -> Result<jose::ChallengeBody, SignerError> {
+        let message = jose::challenge_message(key_id, timestamp);
+        let sig = self.sign(message.as_bytes()).await?;
+        Ok(jose::ChallengeBody {
+            key_id: key_id.to_string(),
+            timestamp,
+            signature: jose::encode_es256(&sig),
+        })
+    }
+
+    /// A Turnkey API stamp over `payload`'s bytes, exactly as received.
+    pub async fn stamp(&self, payload: &[u8]) -> Result<String, SignerError> {
+        let sig = self.sign(payload).await?;
+        Ok(jose::turnkey_stamp(&self.shared.info.public_key, &sig))
+    }
+
+    /// The key's public key.
+    pub fn public_key(&self) -> &VerifyingKey {
+        &self.shared.info.public_key
+    }
+
+    /// What the key is and where it lives.
+    pub fn info(&self) -> &KeyInfo {
+        &self.shared.info
+    }
+
+    /// A receiver of health state changes.
+    pub fn subscribe_health(&self) -> watch::Receiver<HealthState> {
+        self.shared.health.subscribe()
+    }
+
+    /// The current health and counters.
+    pub fn health(&self) -> Health {
+        Health {
+            state: self.shared.health.borrow().clone(),
+            last_ok: *lock(&self.shared.last_ok),
+            signatures: self.shared.signatures.load(Ordering::Relaxed),
+            errors: self.shared.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these short locks leaves plain data behind: keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn run_worker(mut worker: Box<dyn Signer>, rx: Arc<Mutex<Receiver<Job>>>, shared: Arc<Shared>) {
+    loop {
+        // Only the receiving is under the lock; signing runs in parallel across workers.
+        let job = match lock(&rx).recv() {
+            Ok(job) => job,
+            Err(_) => return, // every Handle dropped
+        };
+        if job.reply.is_closed() || Instant::now() >= job.deadline {
+            continue; // the caller has gone or given up: don't spend the HSM on it
+        }
+        let result = worker.sign_digest(&job.digest);
+        match &result {
+            Ok(_) => {
+                shared.signatures.fetch_add(1, Ordering::Relaxed);
+                *lock(&shared.last_ok) = Some(SystemTime::now());
+                shared.health.send_if_modified(|state| {
+                    let changed = *state != HealthState::Healthy;
+                    *state = HealthState::Healthy;
+                    changed
+                });
+            }
+            Err(err) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                let reason = err.to_string();
+                tracing::warn!(signer = %shared.options.name, error = %reason, "signing failed");
+                shared.health.send_if_modified(|state| {
+                    let next = HealthState::Failing(reason);
+                    let changed = *state != next;
+                    *state = next;
+                    changed
+                });
+            }
+        }
+        let _ = job.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::ecdsa::SigningKey;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Slow {
+        key: SigningKey,
+        delay: Duration,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Signer for Slow {
+        fn sign_digest(&mut self, digest: &[u8; 32]) -> Result<Signature, SignerError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            soft::sign_prehash(&self.key, digest)
+        }
+    }
+
+    fn slow_handle(delay: Duration, opts: ActorOptions) -> (Handle, Arc<AtomicUsize>) {
+        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let info = KeyInfo {
+            backend: "soft",
+            location: "test".into(),
+            hardware_backed: false,
+            public_key: *key.verifying_key(),
+        };
+        let worker = Slow {
+            key,
+            delay,
+            calls: Arc::clone(&calls),
+        };
+        (
+            Handle::spawn(info, vec![Box::new(worker)], opts).unwrap(),
+            calls,
+        )
+    }
+
+    #[tokio::test]
+    async fn full_queue_answers_busy() {
+        let opts = ActorOptions {
+            queue_depth: 1,
+            timeout: Duration::from_secs(5),
+            name: "t".into(),
+        };
+        let (h, _) = slow_handle(Duration::from_millis(300), opts);
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move { h.sign(b"m").await }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut busy = 0;
+        for t in tasks {
+            if let Err(SignerError::Busy { .. }) = t.await.unwrap() {
+                busy += 1;
+            }
+        }
+        assert!(busy >= 1, "expected at least one busy answer");
+    }
+
+    #[tokio::test]
+    async fn late_reply_times_out_and_abandoned_jobs_are_skipped() {
+        let opts = ActorOptions {
+            queue_depth: 8,
+            timeout: Duration::from_millis(100),
+            name: "t".into(),
+        };
+        let (h, calls) = slow_handle(Duration::from_millis(250), opts);
+        let before = calls.load(Ordering::SeqCst); // the self-test
+        let first = h.sign(b"a");
+        let second = h.sign(b"b");
+        let (a, b) = tokio::join!(first, second);
+        assert!(matches!(a, Err(SignerError::Timeout(_))));
+        assert!(matches!(b, Err(SignerError::Timeout(_))));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // The second job's caller had gone by the time the worker was free: skipped.
+        assert_eq!(calls.load(Ordering::SeqCst) - before, 1);
+        assert_eq!(h.health().errors, 0);
+    }
+
+    #[tokio::test]
+    async fn signatures_are_low_s_and_verify() {
+        let (h, _) = slow_handle(Duration::ZERO, ActorOptions::default());
+        for i in 0..32 {
+            let msg = format!("key.{i}");
+            let sig = h.sign(msg.as_bytes()).await.unwrap();
+            assert!(sig.normalize_s().is_none());
+            h.public_key().verify(msg.as_bytes(), &sig).unwrap();
+        }
+        assert_eq!(h.health().signatures, 32);
+    }
+
+    #[test]
+    fn self_test_rejects_a_mismatched_public_key() {
+        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let other = SigningKey::from_slice(&[4u8; 32]).unwrap();
+        let info = KeyInfo {
+            backend: "soft",
+            location: "test".into(),
+            hardware_backed: false,
+            public_key: *other.verifying_key(),
+        };
+        let worker = Slow {
+            key,
+            delay: Duration::ZERO,
+            calls: Arc::new(AtomicUsize::new(0)),
+        };
+        let err = Handle::spawn(info, vec![Box::new(worker)], ActorOptions::default()).unwrap_err();
+        assert!(matches!(err, SignerError::SelfTest(_)));
+    }
+}

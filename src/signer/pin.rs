@@ -1,0 +1,161 @@
+//! Where a PIN comes from: a 0600 file, a systemd credential, an explicitly named environment
+//! variable, or (CLI only) an interactive prompt without echo.
+//!
+//! Owns reading and validating PIN sources. Blocking file I/O: call it at start-up or from a
+//! signer thread, never on the async runtime's hot path. PINs are returned as
+//! [`secrecy::SecretString`] and never appear in errors or logs.
+
+use std::io::IsTerminal as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// A configured source of a PIN. The PIN itself is never in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PinSource {
+    /// A file holding the PIN (trailing newline ignored); must be mode 0600 or stricter.
+    File(PathBuf),
+    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY/<name>`.
+    Credential(String),
+    /// An environment variable, named explicitly in the config.
+    Env(String),
+    /// Ask on the terminal (CLI only; the daemon refuses it).
+    Prompt,
+}
+
+impl std::fmt::Display for PinSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinSource::File(p) => write!(f, "file {}", p.display()),
+            PinSource::Credential(n) => write!(f, "systemd credential {n}"),
+            PinSource::Env(v) => write!(f, "environment variable {v}"),
+            PinSource::Prompt => write!(f, "terminal prompt"),
+        }
+    }
+}
+
+/// Why a PIN could not be read. Never carries the PIN.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("cannot read PIN file {path}: {source}")]
+    FileUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("PIN file {path} has mode {mode:04o}: make it readable by its owner only (chmod 600 {path})")]
+    FileTooOpen { path: PathBuf, mode: u32 },
+    #[error("PIN credential {name}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential=, or use a pin file)")]
+    NoCredentialsDirectory { name: String },
+    #[error("PIN credential name {name:?} is not a plain file name")]
+    BadCredentialName { name: String },
+    #[error("PIN environment variable {name} is not set or not UTF-8")]
+    EnvMissing { name: String },
+    #[error("no PIN source configured and standard input is not a terminal: set pin_file, pin_credential or pin_env")]
+    NoTerminal,
+    #[error("PIN prompt failed: {0}")]
+    Prompt(std::io::Error),
+    #[error("the PIN from {source_name} is empty")]
+    Empty { source_name: String },
+}
+
+/// Reads the PIN from `source`. `prompt_label` is shown when prompting.
+pub fn read_pin(source: &PinSource, prompt_label: &str) -> Result<SecretString, PinError> {
+    let text = match source {
+        PinSource::File(path) => read_private_file(path)?,
+        PinSource::Credential(name) => {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(PinError::BadCredentialName { name: name.clone() });
+            }
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                .ok_or_else(|| PinError::NoCredentialsDirectory { name: name.clone() })?;
+            // systemd makes credentials readable by the service only; don't second-guess
+            // its modes (they are 0400 under a read-only mount).
+            let path = Path::new(&dir).join(name);
+            read_file(&path)?
+        }
+        PinSource::Env(name) => {
+            std::env::var(name).map_err(|_| PinError::EnvMissing { name: name.clone() })?
+        }
+        PinSource::Prompt => {
+            if !std::io::stdin().is_terminal() {
+                return Err(PinError::NoTerminal);
+            }
+            rpassword::prompt_password(format!("{prompt_label}: ")).map_err(PinError::Prompt)?
+        }
+    };
+    let pin = zeroize::Zeroizing::new(text);
+    let trimmed = pin.trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        return Err(PinError::Empty {
+            source_name: source.to_string(),
+        });
+    }
+    Ok(SecretString::from(trimmed.to_string()))
+}
+
+fn read_private_file(path: &Path) -> Result<String, PinError> {
+    let meta = std::fs::metadata(path).map_err(|source| PinError::FileUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PinError::FileTooOpen {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    read_file(path)
+}
+
+fn read_file(path: &Path) -> Result<String, PinError> {
+    std::fs::read_to_string(path).map_err(|source| PinError::FileUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret as _;
+
+    #[test]
+    fn file_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "123456\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_pin(&PinSource::File(path.clone()), "PIN").unwrap_err();
+        assert!(matches!(err, PinError::FileTooOpen { mode: 0o644, .. }));
+        assert!(err.to_string().contains("chmod 600"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pin = read_pin(&PinSource::File(path), "PIN").unwrap();
+        assert_eq!(pin.expose_secret(), "123456");
+    }
+
+    #[test]
+    fn empty_pin_is_refused_and_errors_hold_no_pin() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            read_pin(&PinSource::File(path), "PIN"),
+            Err(PinError::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn credential_names_are_plain() {
+        for bad in ["", "../pin", "a/b", ".."] {
+            assert!(matches!(
+                read_pin(&PinSource::Credential(bad.into()), "PIN"),
+                Err(PinError::BadCredentialName { .. })
+            ));
+        }
+    }
+}
