@@ -23,7 +23,9 @@ use super::state::lock;
 pub(crate) fn peer_allowed(peer: SocketAddr) -> bool {
     match peer.ip() {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -78,137 +80,136 @@ struct ReplayBody {
     enabled: bool,
 }
 
-fn bad(message: &str, request_id: &str) -> Resp {
-    envelope(StatusCode::BAD_REQUEST, "bad_request", message, request_id)
+/// Why an admin request failed; every success is a 200 with a JSON body.
+enum AdminError {
+    Bad(String),
+    NotFound,
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8], request_id: &str) -> Result<T, Resp> {
-    serde_json::from_slice(body).map_err(|e| bad(&format!("bad admin JSON: {e}"), request_id))
-}
-
-/// An empty body counts as `{}` for endpoints whose fields are all optional.
-fn parse_opt<T: DeserializeOwned + Default>(body: &[u8], request_id: &str) -> Result<T, Resp> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        Ok(T::default())
-    } else {
-        parse(body, request_id)
+impl From<SimError> for AdminError {
+    fn from(e: SimError) -> Self {
+        AdminError::Bad(e.to_string())
     }
 }
 
-fn ok(v: Value) -> Resp {
-    json_response(StatusCode::OK, &v)
+type AdminResult = Result<Value, AdminError>;
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
+    serde_json::from_slice(body).map_err(|e| AdminError::Bad(format!("bad admin JSON: {e}")))
 }
 
-fn from_sim(e: SimError, request_id: &str) -> Resp {
-    bad(&e.to_string(), request_id)
+/// An empty body counts as `{}` for endpoints whose fields are all optional.
+fn parse_opt<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, AdminError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse(body)
+    }
 }
 
 pub(crate) fn handle(ctx: &Ctx, method: &Method, path: &str, body: &[u8], rid: &str) -> Resp {
+    match route(ctx, method, path, body) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(AdminError::Bad(m)) => envelope(StatusCode::BAD_REQUEST, "bad_request", &m, rid),
+        Err(AdminError::NotFound) => envelope(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "unknown admin route (see tm-auth-sim --help)",
+            rid,
+        ),
+    }
+}
+
+fn route(ctx: &Ctx, method: &Method, path: &str, body: &[u8]) -> AdminResult {
     let segs: Vec<&str> = path
         .trim_start_matches("/_sim")
         .split('/')
         .filter(|s| !s.is_empty())
         .collect();
-    let result = match (method, segs.as_slice()) {
-        (&Method::GET, ["state"]) => Ok(ok(lock(&ctx.state).snapshot())),
-        (&Method::GET, ["keys"]) => Ok(ok(json!({"keys": lock(&ctx.state).keys()}))),
-        (&Method::POST, ["keys"]) => register(ctx, body, rid),
-        (&Method::POST, ["keys", key_id, "revoke"]) => lock(&ctx.state)
-            .revoke_key(key_id)
-            .map(|info| ok(json!(info)))
-            .map_err(|e| from_sim(e, rid)),
-        (&Method::POST, ["ttl"]) => set_ttl(ctx, body, rid),
-        (&Method::POST, ["clock"]) => parse::<ClockBody>(body, rid).and_then(|b| {
+    match (method, segs.as_slice()) {
+        (&Method::GET, ["state"]) => Ok(lock(&ctx.state).snapshot()),
+        (&Method::GET, ["keys"]) => Ok(json!({"keys": lock(&ctx.state).keys()})),
+        (&Method::POST, ["keys"]) => register(ctx, body),
+        (&Method::POST, ["keys", key_id, "revoke"]) => {
+            Ok(json!(lock(&ctx.state).revoke_key(key_id)?))
+        }
+        (&Method::POST, ["ttl"]) => set_ttl(ctx, body),
+        (&Method::POST, ["clock"]) => {
+            let b: ClockBody = parse(body)?;
             let mut st = lock(&ctx.state);
-            st.set_clock_offset(b.offset_secs)
-                .map_err(|e| from_sim(e, rid))?;
-            Ok(ok(json!({"offset_secs": st.clock_offset(), "now": st.now_unix()})))
-        }),
-        (&Method::GET, ["faults"]) => Ok(ok(json!({"faults": lock(&ctx.state).faults.list()}))),
-        (&Method::POST, ["faults"]) => parse::<Value>(body, rid).and_then(|v| {
-            let spec = FaultSpec::from_json(&v).map_err(|e| from_sim(e, rid))?;
-            let id = lock(&ctx.state)
-                .faults
-                .add(spec)
-                .map_err(|e| from_sim(e, rid))?;
-            Ok(ok(json!({"id": id})))
-        }),
+            st.set_clock_offset(b.offset_secs)?;
+            Ok(json!({"offset_secs": st.clock_offset(), "now": st.now_unix()}))
+        }
+        (&Method::GET, ["faults"]) => Ok(json!({"faults": lock(&ctx.state).faults.list()})),
+        (&Method::POST, ["faults"]) => {
+            let spec = FaultSpec::from_json(&parse::<Value>(body)?)?;
+            let id = lock(&ctx.state).faults.add(spec)?;
+            Ok(json!({"id": id}))
+        }
         (&Method::DELETE, ["faults"]) => {
             lock(&ctx.state).faults.clear();
-            Ok(ok(json!({"cleared": true})))
+            Ok(json!({"cleared": true}))
         }
-        (&Method::POST, ["jwks", "rotate"]) => parse_opt::<RotateBody>(body, rid).and_then(|b| {
-            lock(&ctx.state)
-                .rotate_jwks(b.grace_secs.map(Duration::from_secs))
-                .map(|info| ok(json!(info)))
-                .map_err(|e| from_sim(e, rid))
-        }),
+        (&Method::POST, ["jwks", "rotate"]) => {
+            let b: RotateBody = parse_opt(body)?;
+            let info = lock(&ctx.state).rotate_jwks(b.grace_secs.map(Duration::from_secs))?;
+            Ok(json!(info))
+        }
         (&Method::POST, ["refresh-tokens", "revoke-all"]) => {
             let n = lock(&ctx.state).revoke_all_refresh();
-            Ok(ok(json!({"revoked_families": n})))
+            Ok(json!({"revoked_families": n}))
         }
-        (&Method::POST, ["foreign-key"]) => parse::<ForeignBody>(body, rid).map(|b| {
+        (&Method::POST, ["foreign-key"]) => {
+            let b: ForeignBody = parse(body)?;
             lock(&ctx.state).set_foreign(b.count, b.same_kid);
-            ok(json!({"count": b.count, "same_kid": b.same_kid}))
-        }),
-        (&Method::POST, ["replay"]) => parse::<ReplayBody>(body, rid).map(|b| {
+            Ok(json!({"count": b.count, "same_kid": b.same_kid}))
+        }
+        (&Method::POST, ["replay"]) => {
+            let b: ReplayBody = parse(body)?;
             lock(&ctx.state).set_reject_replay(b.enabled);
-            ok(json!({"enabled": b.enabled}))
-        }),
-        (&Method::GET, ["counters"]) => Ok(ok(json!(lock(&ctx.state).counters))),
+            Ok(json!({"enabled": b.enabled}))
+        }
+        (&Method::GET, ["counters"]) => Ok(json!(lock(&ctx.state).counters)),
         (&Method::DELETE, ["counters"]) | (&Method::POST, ["counters", "reset"]) => {
             lock(&ctx.state).counters = Default::default();
-            Ok(ok(json!({"reset": true})))
+            Ok(json!({"reset": true}))
         }
-        _ => Err(envelope(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "unknown admin route (see tm-auth-sim --help)",
-            rid,
-        )),
-    };
-    result.unwrap_or_else(|resp| resp)
+        _ => Err(AdminError::NotFound),
+    }
 }
 
-fn register(ctx: &Ctx, body: &[u8], rid: &str) -> Result<Resp, Resp> {
-    let b: RegisterBody = parse(body, rid)?;
+fn register(ctx: &Ctx, body: &[u8]) -> AdminResult {
+    let b: RegisterBody = parse(body)?;
     let text = match &b.public_key {
         Value::String(s) => s.clone(),
         Value::Object(_) => b.public_key.to_string(),
         _ => {
-            return Err(bad(
-                "`public_key` must be a PEM/hex string or a JWK/bundle object",
-                rid,
+            return Err(AdminError::Bad(
+                "`public_key` must be a PEM/hex string or a JWK/bundle object".into(),
             ))
         }
     };
-    let mut reg =
-        KeyRegistration::from_text(b.key_id.as_deref(), &text).map_err(|e| from_sim(e, rid))?;
+    let mut reg = KeyRegistration::from_text(b.key_id.as_deref(), &text)?;
     reg.org_id = b.org_id;
     reg.sub = b.sub;
     reg.uid = b.uid;
-    let info = lock(&ctx.state)
-        .register(reg)
-        .map_err(|e| from_sim(e, rid))?;
-    Ok(ok(json!(info)))
+    Ok(json!(lock(&ctx.state).register(reg)?))
 }
 
-fn set_ttl(ctx: &Ctx, body: &[u8], rid: &str) -> Result<Resp, Resp> {
-    let b: TtlBody = parse(body, rid)?;
+fn set_ttl(ctx: &Ctx, body: &[u8]) -> AdminResult {
+    let b: TtlBody = parse(body)?;
     let mut st = lock(&ctx.state);
     if let Some(s) = b.access_secs {
-        st.set_access_ttl(Duration::from_secs(s))
-            .map_err(|e| from_sim(e, rid))?;
+        st.set_access_ttl(Duration::from_secs(s))?;
     }
     if let Some(s) = b.refresh_secs {
-        st.set_refresh_ttl(Duration::from_secs(s))
-            .map_err(|e| from_sim(e, rid))?;
+        st.set_refresh_ttl(Duration::from_secs(s))?;
     }
     let snap = st.snapshot();
-    Ok(ok(json!({
+    Ok(json!({
         "access_ttl_secs": snap["access_ttl_secs"],
         "refresh_ttl_secs": snap["refresh_ttl_secs"],
-    })))
+    }))
 }
 
 #[cfg(test)]
@@ -217,7 +218,12 @@ mod tests {
 
     #[test]
     fn only_loopback_peers_are_allowed() {
-        let allowed = ["127.0.0.1:1", "127.8.9.10:2", "[::1]:3", "[::ffff:127.0.0.1]:4"];
+        let allowed = [
+            "127.0.0.1:1",
+            "127.8.9.10:2",
+            "[::1]:3",
+            "[::ffff:127.0.0.1]:4",
+        ];
         for a in allowed {
             assert!(peer_allowed(a.parse().unwrap()), "{a}");
         }

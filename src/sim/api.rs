@@ -66,7 +66,12 @@ pub(crate) async fn handle(
         }
         Err(reject) => {
             lock(&ctx.state).counters.reject(reject.counter());
-            envelope(reject.status(), reject.kind(), &reject.message(), request_id)
+            envelope(
+                reject.status(),
+                reject.kind(),
+                &reject.message(),
+                request_id,
+            )
         }
     })
 }

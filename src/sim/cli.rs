@@ -105,7 +105,12 @@ pub struct SimArgs {
 
     /// Offset of the simulator's clock from the wall clock in seconds (negative: behind).
     /// Moves the timestamp window, token times and the Date header.
-    #[arg(long, value_name = "SECS", default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub clock_offset: i64,
 
     /// Allowed distance of a request timestamp from the simulator's clock, in seconds.
@@ -199,7 +204,10 @@ mod tests {
             split_key_spec(&format!("{id}=/a/b.pem")),
             (Some(id), Path::new("/a/b.pem"))
         );
-        assert_eq!(split_key_spec("/x=y/b.json"), (None, Path::new("/x=y/b.json")));
+        assert_eq!(
+            split_key_spec("/x=y/b.json"),
+            (None, Path::new("/x=y/b.json"))
+        );
     }
 
     #[test]

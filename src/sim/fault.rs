@@ -121,9 +121,9 @@ impl FaultSpec {
             }
         }
         match self.trigger {
-            FaultTrigger::Rate(r) if !(0.0..=1.0).contains(&r) => Err(SimError::Fault(format!(
-                "rate {r} is not within 0..=1"
-            ))),
+            FaultTrigger::Rate(r) if !(0.0..=1.0).contains(&r) => {
+                Err(SimError::Fault(format!("rate {r} is not within 0..=1")))
+            }
             FaultTrigger::Count(0) => Err(SimError::Fault("count must be at least 1".into())),
             _ => Ok(()),
         }

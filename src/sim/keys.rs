@@ -32,7 +32,10 @@ impl std::fmt::Debug for KeyRegistration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyRegistration")
             .field("key_id", &self.key_id)
-            .field("public_key", &jose::public_key_compressed_hex(&self.public_key))
+            .field(
+                "public_key",
+                &jose::public_key_compressed_hex(&self.public_key),
+            )
             .field("org_id", &self.org_id)
             .finish()
     }

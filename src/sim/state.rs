@@ -452,8 +452,14 @@ mod tests {
         let first = mint(&mut st);
         let second = st.refresh(&first.refresh_token).unwrap();
         let third = st.refresh(&second.refresh_token).unwrap();
-        assert_eq!(st.refresh(&first.refresh_token).err(), Some(Reject::RefreshReused));
-        assert_eq!(st.refresh(&third.refresh_token).err(), Some(Reject::RefreshRevoked));
+        assert_eq!(
+            st.refresh(&first.refresh_token).err(),
+            Some(Reject::RefreshReused)
+        );
+        assert_eq!(
+            st.refresh(&third.refresh_token).err(),
+            Some(Reject::RefreshRevoked)
+        );
         // Another family is unaffected.
         let other = mint(&mut st);
         assert!(st.refresh(&other.refresh_token).is_ok());
@@ -470,14 +476,18 @@ mod tests {
         st.set_refresh_ttl(Duration::from_secs(5)).unwrap();
         let t = mint(&mut st);
         st.set_clock_offset(10).unwrap();
-        assert_eq!(st.refresh(&t.refresh_token).err(), Some(Reject::RefreshExpired));
+        assert_eq!(
+            st.refresh(&t.refresh_token).err(),
+            Some(Reject::RefreshExpired)
+        );
     }
 
     #[test]
     fn org_claims_and_expiry_format() {
         let mut st = state();
         let t = mint(&mut st);
-        let (_, claims) = verify_jwt(&st.keyset.current().verifying_key(), &t.access_token).unwrap();
+        let (_, claims) =
+            verify_jwt(&st.keyset.current().verifying_key(), &t.access_token).unwrap();
         assert_eq!(claims["tm"]["organization_id"], "org-1");
         assert_eq!(claims["tm.organization_id"], "org-1");
         let exp = claims["exp"].as_i64().unwrap();
@@ -495,7 +505,10 @@ mod tests {
             timestamp: now - 31,
             signature: [0; 64],
         };
-        assert_eq!(st.precheck_mint(&req).err(), Some(Reject::TimestampOutOfWindow));
+        assert_eq!(
+            st.precheck_mint(&req).err(),
+            Some(Reject::TimestampOutOfWindow)
+        );
         req.timestamp = now + 29;
         assert!(st.precheck_mint(&req).is_ok());
         st.set_reject_replay(true);
