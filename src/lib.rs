@@ -8,4 +8,5 @@
 
 pub mod jose;
 pub mod signer;
+pub mod systemd_notify;
 pub mod token;
