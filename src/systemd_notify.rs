@@ -38,9 +38,7 @@ pub const MAX_STATUS_LEN: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
     /// `NOTIFY_SOCKET` is neither an absolute path nor `@abstract-name`.
-    #[error(
-        "NOTIFY_SOCKET={0:?} is neither an absolute path nor an abstract socket name (@name)"
-    )]
+    #[error("NOTIFY_SOCKET={0:?} is neither an absolute path nor an abstract socket name (@name)")]
     BadAddress(String),
     /// `WATCHDOG_USEC` is not a positive integer.
     #[error("WATCHDOG_USEC={0:?} is not a positive number of microseconds")]
@@ -151,7 +149,10 @@ impl Notifier {
 
     /// `READY=1` and a status line in one datagram.
     pub fn ready_with_status(&self, status: &str) -> Result<(), NotifyError> {
-        self.send("READY=1", &format!("READY=1\n{}", status_assignment(status)))
+        self.send(
+            "READY=1",
+            &format!("READY=1\n{}", status_assignment(status)),
+        )
     }
 
     /// `STATUS=…`: the one line `systemctl status` shows. Newlines and other control
@@ -422,7 +423,11 @@ mod tests {
         let after = monotonic_usec().unwrap();
         let (first, second) = msg.split_once('\n').unwrap();
         assert_eq!(first, "RELOADING=1");
-        let us: u64 = second.strip_prefix("MONOTONIC_USEC=").unwrap().parse().unwrap();
+        let us: u64 = second
+            .strip_prefix("MONOTONIC_USEC=")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(before <= us && us <= after, "{before} <= {us} <= {after}");
         assert_eq!(reloading_message(None), "RELOADING=1");
     }
@@ -434,7 +439,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let b = monotonic_usec().unwrap();
         let elapsed = t0.elapsed().as_micros() as u64;
-        assert!(b - a >= 20_000 && b - a <= elapsed + 1_000, "{a} {b} {elapsed}");
+        assert!(
+            b - a >= 20_000 && b - a <= elapsed + 1_000,
+            "{a} {b} {elapsed}"
+        );
         assert_eq!(
             parse_instant_debug("Instant { tv_sec: 12, tv_nsec: 345678 }"),
             Some(12_000_345)
@@ -448,7 +456,11 @@ mod tests {
 
     #[test]
     fn sends_to_an_abstract_socket() {
-        let name = format!("tm-agent-notify-test-{}-{:?}", std::process::id(), Instant::now());
+        let name = format!(
+            "tm-agent-notify-test-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        );
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let rx = UnixDatagram::bind_addr(&addr).unwrap();
         rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -596,7 +608,10 @@ mod tests {
             }
             .to_string()
         };
-        assert_eq!(line("prod", Some(54 * 60 + 59), None, None), "prod: token valid 54m");
+        assert_eq!(
+            line("prod", Some(54 * 60 + 59), None, None),
+            "prod: token valid 54m"
+        );
         assert_eq!(
             line("uat", None, Some("auth API unreachable"), Some(8)),
             "uat: auth API unreachable, retrying in 8s"
@@ -606,7 +621,10 @@ mod tests {
             "prod: auth API returned 503, retrying in 1m30s (token valid 10m)"
         );
         assert_eq!(line("dev", None, None, None), "dev: no token yet");
-        assert_eq!(line("dev", None, None, Some(1)), "dev: no token yet, retrying in 1s");
+        assert_eq!(
+            line("dev", None, None, Some(1)),
+            "dev: no token yet, retrying in 1s"
+        );
         let joined = join_status([
             StatusLine {
                 profile: "prod",
