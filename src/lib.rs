@@ -9,4 +9,5 @@
 pub mod jose;
 pub mod signer;
 pub mod sim;
+pub mod systemd_notify;
 pub mod token;
