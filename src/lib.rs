@@ -9,4 +9,5 @@
 pub mod auth_api;
 pub mod jose;
 pub mod signer;
+pub mod sim;
 pub mod token;
