@@ -38,6 +38,8 @@ pub const UAT_JWKS_URL: &str = "https://api.uat.truemarkets.co/.well-known/jwks.
 
 /// The largest response body accepted; real ones are a few KiB.
 const MAX_BODY: usize = 256 * 1024;
+/// Half the `Date` header's resolution plus a round trip's worth of slack.
+const DATE_UNCERTAINTY_MS: i64 = 600;
 /// Server messages are cut to this many characters before they reach logs or status.
 const MAX_MESSAGE: usize = 300;
 
@@ -372,9 +374,14 @@ impl ServerClock {
         shift(SystemTime::now(), self.offset_ms().unwrap_or(0))
     }
 
-    /// Converts a server-clock time to the local clock.
+    /// Converts a server-clock time (such as a token's expiry) to the local clock, erring
+    /// early: `Date` only has whole seconds, so the offset may be up to half a second (plus
+    /// the round trip) too small, and an expiry must never be placed after the real one.
     pub fn to_local(&self, server_time: SystemTime) -> SystemTime {
-        shift(server_time, -self.offset_ms().unwrap_or(0))
+        match self.offset_ms() {
+            Some(offset) => shift(server_time, -(offset + DATE_UNCERTAINTY_MS)),
+            None => server_time,
+        }
     }
 
     /// Records a `Date` header received at local time `received`.
@@ -882,9 +889,10 @@ mod tests {
         // Midpoint of the Date second: 40.5 s - 0.25 s.
         assert_eq!(clock.offset_ms(), Some(40_250));
         let server = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        // Expiries convert conservatively (half a second early, plus slack).
         assert_eq!(
             clock.to_local(server),
-            server - Duration::from_millis(40_250)
+            server - Duration::from_millis(40_250 + 600)
         );
     }
 

@@ -398,6 +398,7 @@ impl Manager {
             refresh_token: None,
             keys: jwt::KeySet::default(),
             keys_fetched: None,
+            last_kid_refetch: None,
             failures: 0,
             next_attempt: None,
             expiry: None,
@@ -412,8 +413,9 @@ impl Manager {
     /// The current token if it is valid for at least `min_ttl` (default: valid at all);
     /// otherwise waits (at most `renew_timeout`) for one shared renewal.
     ///
-    /// A fresh token is returned even when its whole lifetime is shorter than `min_ttl`: no
-    /// renewal could do better. Never returns an expired token.
+    /// A `min_ttl` beyond 90% of a token's whole lifetime is capped there (no renewal could
+    /// do better), and a token renewed after the call began is returned even if it falls
+    /// short of `min_ttl`. Never returns an expired token.
     pub async fn token(&self, min_ttl: Option<Duration>) -> Result<Arc<AccessToken>, TokenError> {
         let need = min_ttl.unwrap_or_default();
         if let Some(tok) = self.usable(need) {
@@ -430,12 +432,10 @@ impl Manager {
         if remaining.is_zero() {
             return None;
         }
-        // Asking for more than a fresh token lasts would renew on every call: no renewal
-        // can do better than the token we have.
-        if remaining >= need || need >= tok.lifetime() {
-            return Some(tok);
-        }
-        None
+        // No renewal can beat a fresh token's lifetime: a larger ask is capped at 90% of
+        // it, so such callers cause at most one renewal per tenth of a token's life.
+        let need = need.min(tok.lifetime().mul_f64(0.9));
+        (remaining >= need).then_some(tok)
     }
 
     async fn renew_and_wait(&self, need: Duration) -> Result<Arc<AccessToken>, TokenError> {
@@ -612,6 +612,8 @@ struct Worker<A: Api> {
     refresh_token: Option<SecretString>,
     keys: jwt::KeySet,
     keys_fetched: Option<Instant>,
+    /// The last refetch caused by an unknown `kid` (rate-limited).
+    last_kid_refetch: Option<Instant>,
     failures: u32,
     /// The next scheduled refresh or, while backing off, retry.
     next_attempt: Option<Instant>,
@@ -862,14 +864,19 @@ impl<A: Api> Worker<A> {
         kind: Kind,
     ) -> Result<(Arc<AccessToken>, Kind), Failure> {
         let parsed = jwt::parse(&pair.access_token)?;
-        let keys_stale = self
+        let stale = self
             .keys_fetched
             .is_none_or(|t| t.elapsed() >= self.shared.settings.jwks_max_age);
-        let unknown_kid = !self.keys.contains(&parsed.kid);
-        let may_refetch = self
-            .keys_fetched
-            .is_none_or(|t| t.elapsed() >= self.shared.settings.jwks_min_refetch);
-        if keys_stale || unknown_kid && may_refetch {
+        // An unknown kid (e.g. after a key rotation) refetches, but at most once per
+        // `jwks_min_refetch`, so a stream of forged tokens cannot hammer the JWKS.
+        let unknown = !self.keys.contains(&parsed.kid)
+            && self
+                .last_kid_refetch
+                .is_none_or(|t| t.elapsed() >= self.shared.settings.jwks_min_refetch);
+        if stale || unknown {
+            if unknown && !stale {
+                self.last_kid_refetch = Some(Instant::now());
+            }
             match self.api.jwks().await {
                 Ok(jwks) => {
                     self.keys = jwt::KeySet::from_jwks(&jwks.keys);
