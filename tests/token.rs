@@ -183,8 +183,11 @@ fn hammer(
     })
 }
 
+/// (seconds since start, `mint` | `refresh` | `withdrawn`, the token published).
+type Timeline = Arc<Mutex<Vec<(f64, String, Option<Arc<AccessToken>>)>>>;
+
 /// Records every published token (with the event that produced it) until stopped.
-fn record(rig: &Rig) -> Arc<Mutex<Vec<(f64, String, Option<Arc<AccessToken>>)>>> {
+fn record(rig: &Rig) -> Timeline {
     let log = Arc::new(Mutex::new(Vec::new()));
     let mut rx = rig.manager.subscribe();
     let manager = rig.manager.clone();
@@ -236,6 +239,39 @@ async fn first_mint_over_http_and_https() {
         assert!(Arc::ptr_eq(&t, &again));
         assert_eq!(rig.sim.handle.counters().requests.mint, 1);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_without_the_simulator_ca_is_refused() {
+    let sim = SimFixture::start().await;
+    let key = TestKey::random();
+    sim.register(&key);
+    let base = format!("{}/v1/auth", sim.handle.https_url());
+    let client = auth_api::Client::new(&ApiSettings::custom(base)).unwrap();
+    let err = client.jwks().await.unwrap_err();
+    assert_eq!(err.code(), "transport", "{err}");
+    assert_eq!(sim.handle.counters().requests.jwks, 0);
+    // The error envelope and the request id come through typed.
+    let plain = format!("{}/v1/auth", sim.handle.http_url());
+    let client = auth_api::Client::new(&ApiSettings::custom(plain)).unwrap();
+    let body = tm_agent::jose::ChallengeBody {
+        key_id: key.key_id.clone(),
+        timestamp: sim_fixture::unix_now(),
+        signature: key.sign(sim_fixture::unix_now() - 1000),
+    };
+    match client.mint(&body).await.unwrap_err() {
+        auth_api::ApiError::Unauthorized {
+            message,
+            request_id,
+        } => {
+            assert_eq!(message, "invalid signature");
+            assert!(request_id.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    let jwks = client.jwks().await.unwrap();
+    assert_eq!(jwks.keys.len(), 1);
+    assert!(client.clock().offset_ms().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

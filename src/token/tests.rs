@@ -497,3 +497,39 @@ async fn issuer_is_enforced_when_configured() {
     assert!(m.wait_ready(Duration::from_millis(500)).await.is_err());
     assert_eq!(m.status().last_error_code.as_deref(), Some("invalid_token"));
 }
+
+#[tokio::test]
+async fn rate_limit_retry_after_is_honoured() {
+    let fake = Fake::new(Duration::from_secs(30));
+    fake.with(|s| {
+        s.script.push(ApiError::RateLimited {
+            retry_after: Some(Duration::from_secs(1)),
+        })
+    });
+    let (m, _cancel) = start(&fake, settings());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // backoff_max is 400 ms here, but the server asked for 1 s.
+    assert_eq!(fake.n.mint_calls.load(Ordering::SeqCst), 1);
+    let st = m.status();
+    assert_eq!(st.last_error_code.as_deref(), Some("rate_limited"));
+    let t = m.wait_ready(Duration::from_secs(2)).await.unwrap();
+    assert!(t.expires_at > SystemTime::now());
+    assert_eq!(fake.n.mint_calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn renewal_waits_are_bounded_by_renew_timeout() {
+    let fake = Fake::new(Duration::from_secs(30));
+    fake.with(|s| s.latency = Duration::from_secs(5));
+    let (m, _cancel) = start(
+        &fake,
+        TokenSettings {
+            renew_timeout: Duration::from_millis(300),
+            ..settings()
+        },
+    );
+    let t0 = Instant::now();
+    let err = m.token(None).await.unwrap_err();
+    assert_eq!(err.wire_code(), "timeout");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+}
