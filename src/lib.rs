@@ -6,6 +6,7 @@
 //! protocol.
 #![forbid(unsafe_code)]
 
+pub mod auth_api;
 pub mod jose;
 pub mod signer;
 pub mod sim;
