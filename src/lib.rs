@@ -6,6 +6,11 @@
 //! protocol.
 #![forbid(unsafe_code)]
 
+pub mod authz;
+pub mod error;
 pub mod jose;
+pub mod protocol;
+pub mod server;
 pub mod signer;
+pub mod systemd;
 pub mod token;
