@@ -111,6 +111,9 @@ struct Conn {
     in_flight: Arc<Semaphore>,
     /// Cancelled to end this connection's `watch` streams.
     streams: CancellationToken,
+    /// Cancelled when the client is gone: pending requests are dropped, so their signer
+    /// jobs are skipped. (Shutdown does not cancel these: they finish.)
+    requests: CancellationToken,
     /// The server's shutdown token (to tell `watch` streams why they end).
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -158,6 +161,7 @@ pub(super) async fn run(
         replies: Some(tx),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
         streams: cancel.child_token(),
+        requests: CancellationToken::new(),
         shutdown,
         tracker,
         token_audited: false,
@@ -280,7 +284,17 @@ impl Conn {
                     None => return end,
                 },
                 read = rd.read(lines.spare()), if reading => match read {
-                    Ok(0) => reading = false,
+                    Ok(0) => {
+                        reading = false;
+                        // EOF is also what a half-close (`shutdown(SHUT_WR)`, socat, nc -N)
+                        // looks like, and those clients still read their replies. A peer that
+                        // closed completely shows as hung up for writing: drop its requests.
+                        let busy = self.in_flight.available_permits() < settings.max_in_flight;
+                        if busy && peer_hung_up(&wr) {
+                            self.requests.cancel();
+                            end = "client vanished";
+                        }
+                    }
                     Ok(n) => lines.filled(n),
                     Err(_) => {
                         reading = false;
@@ -330,7 +344,35 @@ impl Conn {
     /// The client is gone or stuck: drop everything.
     fn abort(&mut self, why: &'static str) -> &'static str {
         self.stop_taking_requests();
+        self.requests.cancel();
         why
+    }
+
+    /// Runs a request that waits, as its own task: its reply line goes to the connection
+    /// task; if the client goes away first, the work is dropped (and audited as such).
+    fn spawn_request(
+        &self,
+        permit: OwnedSemaphorePermit,
+        replies: mpsc::Sender<Vec<u8>>,
+        audit: Option<(Op, String)>,
+        work: impl std::future::Future<Output = Vec<u8>> + Send + 'static,
+    ) {
+        let cancel = self.requests.clone();
+        let peer = Arc::clone(&self.peer);
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    if let Some((op, profile)) = audit {
+                        peer.audit(op, Some(&profile), "cancelled");
+                    }
+                }
+                line = work => {
+                    let _ = replies.send(line).await;
+                }
+            }
+            drop(permit);
+        });
     }
 
     fn handle_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
@@ -492,7 +534,8 @@ impl Conn {
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
         let audit_first = !std::mem::replace(&mut self.token_audited, true);
-        self.tracker.spawn(async move {
+        let audit = audit_first.then(|| (Op::Token, name.clone()));
+        self.spawn_request(permit, replies, audit, async move {
             let mut line = Vec::new();
             match tokens.token(min_ttl).await {
                 Ok(token) => {
@@ -509,8 +552,7 @@ impl Conn {
                     write_err(&mut line, Some(id), &wire);
                 }
             }
-            let _ = replies.send(line).await;
-            drop(permit);
+            line
         });
     }
 
@@ -541,7 +583,7 @@ impl Conn {
         let now = unix_secs(profile.tokens.server_now());
         let timestamp = timestamp.unwrap_or(now);
         let skew = timestamp.saturating_sub(now);
-        if skew.abs() > protocol::TIMESTAMP_WINDOW_SECS {
+        if skew.unsigned_abs() > protocol::TIMESTAMP_WINDOW_SECS.unsigned_abs() {
             let err = WireError::bad_request(format!(
                 "timestamp {timestamp} is {skew:+} s from the Auth API's clock as the agent \
                  knows it; the API accepts ±{} s: omit `timestamp` and the agent picks it",
@@ -556,7 +598,8 @@ impl Conn {
         let key_id = profile.key_id.clone();
         let name = name.to_owned();
         let peer = Arc::clone(&self.peer);
-        self.tracker.spawn(async move {
+        let audit = Some((Op::SignChallenge, name.clone()));
+        self.spawn_request(permit, replies, audit, async move {
             let mut line = Vec::new();
             match signer.sign_challenge(&key_id, timestamp).await {
                 Ok(body) => {
@@ -576,8 +619,7 @@ impl Conn {
                     write_err(&mut line, Some(id), &wire);
                 }
             }
-            let _ = replies.send(line).await;
-            drop(permit);
+            line
         });
     }
 
@@ -590,7 +632,8 @@ impl Conn {
         let signer = self.profile(index).signer.clone();
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
-        self.tracker.spawn(async move {
+        let audit = Some((Op::Stamp, name.clone()));
+        self.spawn_request(permit, replies, audit, async move {
             let mut line = Vec::new();
             match signer.stamp(payload.as_bytes()).await {
                 Ok(stamp) => {
@@ -610,8 +653,7 @@ impl Conn {
                     write_err(&mut line, Some(id), &wire);
                 }
             }
-            let _ = replies.send(line).await;
-            drop(permit);
+            line
         });
     }
 
@@ -684,6 +726,18 @@ impl Conn {
             counters: state.counters.snapshot(),
         };
         write_ok(out, id, None, &to_json(&result));
+    }
+}
+
+/// True if the peer has closed its end completely (EPOLLHUP), as opposed to only its write
+/// side. Polls once; never waits.
+fn peer_hung_up(wr: &tokio::net::unix::OwnedWriteHalf) -> bool {
+    let ready = std::pin::pin!(wr.ready(tokio::io::Interest::WRITABLE));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(ready, &mut cx) {
+        std::task::Poll::Ready(Ok(ready)) => ready.is_write_closed(),
+        std::task::Poll::Ready(Err(_)) => true,
+        std::task::Poll::Pending => false,
     }
 }
 
