@@ -6,6 +6,7 @@
 //! protocol.
 #![forbid(unsafe_code)]
 
+pub mod auth_api;
 pub mod authz;
 pub mod client;
 // `cli/mod.rs` belongs to the CLI branch; until it lands, the client and bench commands are
@@ -19,5 +20,6 @@ pub mod jose;
 pub mod protocol;
 pub mod server;
 pub mod signer;
+pub mod sim;
 pub mod systemd;
 pub mod token;
