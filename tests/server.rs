@@ -3,6 +3,9 @@
 //! caps, shutdown, audit records, and the CLI commands as library calls.
 
 mod common;
+#[path = "common/sim.rs"]
+#[allow(dead_code)]
+mod sim_fixture;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
@@ -16,6 +19,7 @@ use tm_agent::client::{exit, ClientError, WatchEvent};
 use tm_agent::jose;
 use tm_agent::protocol::ErrorCode;
 use tm_agent::server::ServerSettings;
+use tokio_util::sync::CancellationToken;
 
 /// A raw protocol connection (std, blocking, with a read timeout).
 struct Raw {
@@ -975,4 +979,98 @@ fn bench_runs_against_the_agent_and_the_echo_baseline() {
             );
         }
     }
+}
+
+/// The whole path with the real token manager: agent → `token::Manager` → `auth_api` →
+/// the Auth API simulator (3 s tokens), in real time.
+#[test]
+fn real_manager_and_simulator_token_watch_and_sign() {
+    use tm_agent::auth_api::{self, ApiSettings};
+    use tm_agent::sim::{SimConfig, DEFAULT_ISSUER};
+    use tm_agent::token::{Manager, TokenSettings};
+
+    let sim = sim_fixture::BackgroundSim::start(SimConfig {
+        access_ttl: Duration::from_secs(3),
+        ..SimConfig::default()
+    });
+    let key = sim_fixture::TestKey::random();
+    sim.handle.register_key(key.registration()).unwrap();
+    let api = ApiSettings::custom(format!("{}/v1/auth", sim.handle.http_url()));
+    let token_settings = TokenSettings {
+        issuer: Some(DEFAULT_ISSUER.to_string()),
+        renew_timeout: Duration::from_secs(5),
+        ..TokenSettings::new(key.key_id.clone())
+    };
+    let cancel = CancellationToken::new();
+    let mut builder = TestAgent::builder().profiles(&[]);
+    {
+        let api = api.clone();
+        let cancel = cancel.clone();
+        builder.custom.push(common::agent::CustomProfile {
+            name: "live".into(),
+            key: key.signing_key.clone(),
+            key_id: key.key_id.clone(),
+            tokens: Box::new(move |signer| {
+                let client = auth_api::Client::new(&api).unwrap();
+                std::sync::Arc::new(Manager::start(token_settings, signer, client, cancel))
+            }),
+        });
+    }
+    let agent = builder.start();
+    let mut c = agent.client();
+    // The first mint happens at start; the first request may wait for it.
+    let first = c.token("live", None).unwrap();
+    assert_eq!(first.access_token.split('.').count(), 3, "a JWT");
+    assert_eq!(
+        c.token("live", None).unwrap().access_token,
+        first.access_token
+    );
+
+    // Rotations arrive on a watch stream (refresh at ~2/3 of 3 s).
+    let mut watch = agent.client().watch("live").unwrap();
+    let mut seen = vec![];
+    let started = Instant::now();
+    while seen.len() < 3 {
+        match watch.next() {
+            Some(Ok(WatchEvent::Token(t))) => {
+                if seen.last() != Some(&t.access_token) {
+                    seen.push(t.access_token);
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "no rotation");
+    }
+    assert_ne!(seen[1], seen[2]);
+
+    // The agent's signed challenge is accepted by the simulator's independent verifier.
+    let body = c.sign_challenge("live", None).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pair = rt
+        .block_on(async {
+            let client = auth_api::Client::new(&api).unwrap();
+            client
+                .mint(&jose::ChallengeBody {
+                    key_id: body.key_id.clone(),
+                    timestamp: body.timestamp,
+                    signature: body.signature.clone(),
+                })
+                .await
+        })
+        .unwrap();
+    assert!(!pair.access_token.is_empty());
+
+    let status = c.status(Some("live")).unwrap();
+    let p = &status.profiles[0];
+    assert!(p.token.valid, "{p:?}");
+    assert!(
+        p.token.expires_at.is_some() && p.token.next_refresh.is_some(),
+        "{p:?}"
+    );
+    // A min_ttl above the lifetime still gets a token (no renewal could do better).
+    c.token("live", Some(60)).unwrap();
+    cancel.cancel();
 }

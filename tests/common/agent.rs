@@ -173,6 +173,20 @@ pub struct AgentBuilder {
     pub token_lifetime: Duration,
     /// Every signature takes at least this long (simulates an HSM).
     pub sign_delay: Duration,
+    /// Profiles with a token source of their own (e.g. a real `token::Manager`), built on
+    /// the agent's runtime from the profile's signer.
+    pub custom: Vec<CustomProfile>,
+}
+
+/// Makes a profile's token source from its signer, on the agent's runtime.
+pub type TokenFactory = Box<dyn FnOnce(Handle) -> Arc<dyn TokenSource> + Send>;
+
+/// A profile with its own key, key_id and token source.
+pub struct CustomProfile {
+    pub name: String,
+    pub key: SigningKey,
+    pub key_id: String,
+    pub tokens: TokenFactory,
 }
 
 /// A soft signer that takes its time, like an HSM.
@@ -201,6 +215,7 @@ impl Default for AgentBuilder {
             dir_mode: 0o700,
             token_lifetime: Duration::from_secs(900),
             sign_delay: Duration::ZERO,
+            custom: Vec::new(),
         }
     }
 }
@@ -305,13 +320,13 @@ impl AgentBuilder {
             ));
         }
         let rules = Rules::compile(&self.rules).unwrap();
-        let state = State::new(profiles, rules, self.settings).unwrap();
+        let settings = self.settings;
+        let custom = self.custom;
         let shutdown = CancellationToken::new();
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (done_tx, done) = std::sync::mpsc::channel();
         {
-            let state = Arc::clone(&state);
             let shutdown = shutdown.clone();
             let socket = socket.clone();
             let mode = self.socket_mode;
@@ -327,6 +342,17 @@ impl AgentBuilder {
                     .build()
                     .unwrap();
                 let result = runtime.block_on(async move {
+                    for c in custom {
+                        let (info, workers) = soft::open(c.key, format!("key of {}", c.name), 1);
+                        let handle = Handle::spawn(info, workers, ActorOptions::default()).unwrap();
+                        profiles.push(Profile {
+                            name: c.name,
+                            key_id: c.key_id,
+                            signer: handle.clone(),
+                            tokens: (c.tokens)(handle),
+                        });
+                    }
+                    let state = State::new(profiles, rules, settings).unwrap();
                     let listener = Listener::bind(&SocketSettings {
                         path: socket,
                         mode,
@@ -339,13 +365,13 @@ impl AgentBuilder {
                             return Ok(());
                         }
                     };
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(Ok(Arc::clone(&state)));
                     server::serve(listener, state, shutdown).await
                 });
                 let _ = done_tx.send(result);
             });
         }
-        ready_rx.recv().unwrap().expect("listener");
+        let state = ready_rx.recv().unwrap().expect("listener");
         TestAgent {
             dir,
             socket,
