@@ -4,7 +4,6 @@
 
 mod common;
 #[path = "common/sim.rs"]
-#[allow(dead_code)]
 mod sim_fixture;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -50,10 +49,14 @@ impl Raw {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
     }
 
-    /// True if the server closed the connection (EOF) within the read timeout.
+    /// True if the server closed the connection (EOF, or a reset because our unread
+    /// bytes were still queued at its end) within the read timeout.
     fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(self.reader.read_to_end(&mut rest), Ok(_))
+        match self.reader.read_to_end(&mut rest) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 
     fn call(&mut self, request: Value) -> Value {
