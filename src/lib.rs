@@ -7,8 +7,19 @@
 #![forbid(unsafe_code)]
 
 pub mod auth_api;
+pub mod authz;
+pub mod client;
+// `cli/mod.rs` belongs to the CLI branch; until it lands, the client and bench commands are
+// declared here (at merge: `pub mod client; pub mod bench;` in cli/mod.rs instead).
+pub mod cli {
+    pub mod bench;
+    pub mod client;
+}
+pub mod error;
 pub mod jose;
+pub mod protocol;
+pub mod server;
 pub mod signer;
 pub mod sim;
-pub mod systemd_notify;
+pub mod systemd;
 pub mod token;

@@ -1,0 +1,3 @@
+//! Shared test fixtures.
+
+pub mod agent;
