@@ -1094,12 +1094,26 @@ impl KeyShared {
         }
     }
 
-    fn record_failure(&self, error: &SignerError) -> Duration {
+    /// Counts a failure and returns the error to report, with the time of the next attempt.
+    fn record_failure(&self, error: &SignerError) -> SignerError {
         let mut rec = lock(&self.recovery);
         rec.failures = rec.failures.saturating_add(1);
         rec.last_attempt = Some(Instant::now());
-        rec.last_error = error.to_string();
-        backoff_delay(rec.failures)
+        rec.last_error = self.describe(error);
+        SignerError::Unavailable(format!(
+            "{}; next attempt in {} ms",
+            rec.last_error,
+            backoff_delay(rec.failures).as_millis()
+        ))
+    }
+
+    /// An error as the reason of an `Unavailable`: says which key, without repeating the
+    /// "signer unavailable" prefix.
+    fn describe(&self, error: &SignerError) -> String {
+        match error {
+            SignerError::Unavailable(reason) => reason.clone(),
+            other => format!("{}: {other}", self.location),
+        }
     }
 }
 
@@ -1147,8 +1161,7 @@ impl Pkcs11Signer {
             }
             self.pending = fault;
             return Err(SignerError::Unavailable(format!(
-                "{}: {}; next attempt in {} ms",
-                shared.location,
+                "{}; next attempt in {} ms",
                 rec.last_error,
                 wait.as_millis()
             )));
@@ -1174,7 +1187,7 @@ impl Pkcs11Signer {
                     _ => {}
                 }
                 rec.failures = rec.failures.saturating_add(1);
-                rec.last_error = error.to_string();
+                rec.last_error = shared.describe(&error);
                 // Next time start from the top of the ladder.
                 self.pending = Fault::TokenGone;
                 let wait = backoff_delay(rec.failures);
@@ -1192,9 +1205,9 @@ impl Pkcs11Signer {
                     | SignerError::Pin(_)
                     | SignerError::NotP256(_)
                     | SignerError::SelfTest(_)) => e,
-                    other => SignerError::Unavailable(format!(
-                        "{}: {other}; next attempt in {} ms",
-                        shared.location,
+                    _ => SignerError::Unavailable(format!(
+                        "{}; next attempt in {} ms",
+                        rec.last_error,
                         wait.as_millis()
                     )),
                 })
@@ -1240,16 +1253,11 @@ impl Signer for Pkcs11Signer {
                     }
                     let error = trouble.into_error();
                     if retried {
-                        let wait = self.shared.record_failure(&error);
                         if let Some(conn) = self.conn.take() {
                             self.shared.discard(conn, fault);
                         }
                         self.pending = Fault::TokenGone;
-                        return Err(SignerError::Unavailable(format!(
-                            "{}: {error}; next attempt in {} ms",
-                            self.shared.location,
-                            wait.as_millis()
-                        )));
+                        return Err(self.shared.record_failure(&error));
                     }
                     retried = true;
                     tracing::warn!(key = %self.shared.location, worker = self.index, error = %error, "PKCS#11 signing failed; reopening and retrying once");
