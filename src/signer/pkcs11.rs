@@ -664,6 +664,13 @@ fn ensure_login(
             let tries_left = after
                 .as_ref()
                 .and_then(|t| t.user_pin_final_try().then_some(1));
+            if after.as_ref().is_some_and(|t| t.user_pin_count_low()) {
+                tracing::warn!(
+                    token = %settings.token_description(),
+                    "the token reports a low PIN retry count (CKF_USER_PIN_COUNT_LOW): fix the \
+                     PIN source before anything tries again"
+                );
+            }
             Err(Trouble::Other(SignerError::WrongPin { tries_left }))
         }
         Err(e) => Err(e.into()),
@@ -1083,13 +1090,18 @@ impl KeyShared {
         }
     }
 
-    /// Closes a session that is known to be alive and of the current module generation.
+    /// Closes a session that is known to be alive, of the current module generation and
+    /// of the current epoch; any other is forgotten, because its handle number may already
+    /// belong to another session.
     fn discard(&self, conn: Conn, fault: Fault) {
         if matches!(fault, Fault::SessionGone | Fault::TokenGone) {
             return;
         }
         let state = read_lock(&self.module.state);
-        if state.initialized && state.generation == conn.generation {
+        if state.initialized
+            && state.generation == conn.generation
+            && self.epoch.load(Ordering::Acquire) == conn.epoch
+        {
             let _ = conn.session.close();
         }
     }
