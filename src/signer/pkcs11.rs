@@ -17,12 +17,15 @@
 //!   [`public`].
 //!
 //! Threading: each [`Pkcs11Signer`] is owned by one actor thread and owns its `Session`
-//! (`Send`, not `Sync`). Workers of one key share a [`KeyShared`] whose recovery mutex
-//! serializes reconnects, logins and back-off bookkeeping. Every PKCS#11 call that uses a
-//! session holds the module's `state` read lock; a re-initialization takes the write lock,
-//! so `C_Finalize` never runs under another thread's call. Lock order: key recovery mutex,
-//! then module state lock, then module login mutex; no lock is held across a wait for
-//! another key's lock. Everything here blocks: never call it on the async runtime.
+//! (`Send`, not `Sync`). Workers of one key share a `KeyShared` whose recovery mutex
+//! serializes reconnects and back-off bookkeeping. Signing holds the module's `state` read
+//! lock, so workers sign in parallel; the write lock is taken to open sessions (start-up,
+//! reconnects, key management), to log in, and to re-initialize, so `C_Finalize` never runs
+//! under another thread's call and a session number the module hands out again is taken
+//! away from its previous (dead) holder before that holder can use it: two threads never
+//! share a session. Lock order: key recovery mutex, then module state lock, then module
+//! login mutex; no lock is held across a wait for another key's lock. Everything here
+//! blocks: never call it on the async runtime.
 //!
 //! What SoftHSM 2.6 does when its token directory disappears (measured, see
 //! `tests/pkcs11.rs`): `C_SignInit` answers `CKR_OBJECT_HANDLE_INVALID`, `C_GetTokenInfo`
@@ -33,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{
     Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
@@ -461,11 +464,49 @@ struct Module {
     login: Mutex<()>,
 }
 
-#[derive(Debug)]
 struct ModuleState {
     /// Bumped by every `C_Finalize`: sessions and object handles of older generations are dead.
     generation: u64,
     initialized: bool,
+    /// Session handle number -> the "dead" flag of the connection that got it last.
+    /// PKCS#11 lets a module hand a number out again once the session it named has died
+    /// (SoftHSM 2.6 happens to count up and never does; others may). When a new session
+    /// gets a number, its previous holder is marked dead before it can use the number
+    /// again, so two workers never share a session after sessions were closed under us
+    /// (modules are not required to survive two threads in one session).
+    handles: HashMap<u64, Arc<AtomicBool>>,
+}
+
+impl ModuleState {
+    /// Opens a session. Takes `&mut self`, i.e. the module's write lock, so that no call
+    /// runs on a stale handle while its number changes hands.
+    fn open_session(
+        &mut self,
+        ctx: &Pkcs11,
+        slot: Slot,
+        read_write: bool,
+        close_on_drop: bool,
+    ) -> Result<(Session, Arc<AtomicBool>), CkError> {
+        let session = match (read_write, close_on_drop) {
+            (false, false) => ctx.open_ro_session_no_drop(slot)?,
+            (true, false) => ctx.open_rw_session_no_drop(slot)?,
+            (false, true) => ctx.open_ro_session(slot)?,
+            (true, true) => ctx.open_rw_session(slot)?,
+        };
+        let dead = Arc::new(AtomicBool::new(false));
+        // CK_SESSION_HANDLE is a C unsigned long: u64 here, u32 on some targets.
+        #[allow(clippy::useless_conversion)]
+        let number = u64::from(session.handle());
+        if let Some(previous) = self.handles.insert(number, Arc::clone(&dead)) {
+            if !previous.swap(true, Ordering::AcqRel) && Arc::strong_count(&previous) > 1 {
+                tracing::debug!(
+                    handle = number,
+                    "session number handed out again: its previous holder is retired"
+                );
+            }
+        }
+        Ok((session, dead))
+    }
 }
 
 impl Module {
@@ -498,6 +539,7 @@ impl Module {
             state: RwLock::new(ModuleState {
                 generation: 0,
                 initialized: true,
+                handles: HashMap::new(),
             }),
             login: Mutex::new(()),
         });
@@ -505,25 +547,16 @@ impl Module {
         Ok(module)
     }
 
-    /// A read guard on the initialized module, initializing it again if an earlier
-    /// re-initialization failed half-way.
-    fn read(&self) -> Result<RwLockReadGuard<'_, ModuleState>, SignerError> {
-        for _ in 0..3 {
-            let state = read_lock(&self.state);
-            if state.initialized {
-                return Ok(state);
-            }
-            drop(state);
-            let mut state = write_lock(&self.state);
-            if !state.initialized {
-                initialize(&self.ctx, &self.path)?;
-                state.initialized = true;
-            }
+    /// The write guard on the initialized module, initializing it again if an earlier
+    /// re-initialization failed half-way. Held while sessions are opened (see
+    /// [`ModuleState::handles`]): briefly stops all signing on the module.
+    fn write(&self) -> Result<RwLockWriteGuard<'_, ModuleState>, SignerError> {
+        let mut state = write_lock(&self.state);
+        if !state.initialized {
+            initialize(&self.ctx, &self.path)?;
+            state.initialized = true;
         }
-        Err(SignerError::Unavailable(format!(
-            "PKCS#11 module {} keeps being re-initialized",
-            self.path.display()
-        )))
+        Ok(state)
     }
 
     fn generation(&self) -> u64 {
@@ -543,6 +576,8 @@ impl Module {
             }
             state.initialized = false;
             state.generation += 1;
+            // Every session died; the generation check retires their connections.
+            state.handles.clear();
         }
         tracing::warn!(
             module = %self.path.display(),
@@ -916,10 +951,6 @@ struct KeyShared {
     location: String,
     /// Set by the first connection; every reconnection must find the same key.
     public_key: OnceLock<VerifyingKey>,
-    /// Bumped by the first worker that finds its session handle dead: sessions of older
-    /// epochs are abandoned (not closed) by their workers before their next call, so that no
-    /// worker keeps using a stale handle that the module may have handed to a sibling.
-    epoch: AtomicU64,
     /// The PIN, read once from its source, kept for logging in again after a recovery.
     pin: Mutex<Option<SecretString>>,
     recovery: Mutex<Recovery>,
@@ -973,27 +1004,38 @@ struct Conn {
     session: Session,
     key: ObjectHandle,
     generation: u64,
-    epoch: u64,
+    /// Set when the module handed this session's number to a new session: this one is dead.
+    dead: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn usable(&self, state: &ModuleState) -> bool {
+        state.initialized
+            && state.generation == self.generation
+            && !self.dead.load(Ordering::Acquire)
+    }
 }
 
 enum Attempt {
-    /// The module was re-initialized, or a sibling found its session dead, since this
-    /// session was opened.
+    /// The module was re-initialized, or handed this session's number to a new session,
+    /// since this session was opened.
     Stale,
     Failed(Trouble),
 }
 
 impl KeyShared {
     /// Opens a session (or revives `reuse`), logs in if needed, finds and checks the key.
+    /// Runs under the module's write lock: reconnections are rare, and this way no other
+    /// call runs while session numbers change hands.
     fn connect(&self, reuse: Option<Conn>) -> Result<Conn, Trouble> {
-        let state = self.module.read()?;
-        let session = match reuse {
-            Some(conn) if conn.generation == state.generation => conn.session,
+        let mut state = self.module.write()?;
+        let (session, dead) = match reuse {
+            Some(conn) if conn.usable(&state) => (conn.session, conn.dead),
             _ => {
                 let slot = find_token(&self.module.ctx, &self.settings)?;
-                // Closed explicitly (see `discard`), never by drop: a dead handle may
-                // already name another session.
-                self.module.ctx.open_ro_session_no_drop(slot)?
+                // Closed explicitly (see `discard`), never by drop: a dead handle's number
+                // may already name another session.
+                state.open_session(&self.module.ctx, slot, false, false)?
             }
         };
         match self.connect_in(&session) {
@@ -1001,7 +1043,7 @@ impl KeyShared {
                 session,
                 key,
                 generation: state.generation,
-                epoch: self.epoch.load(Ordering::Acquire),
+                dead,
             }),
             Err(trouble) => {
                 if matches!(
@@ -1034,10 +1076,7 @@ impl KeyShared {
 
     fn sign_with(&self, conn: &Conn, digest: &[u8; 32]) -> Result<Signature, Attempt> {
         let state = read_lock(&self.module.state);
-        if !state.initialized
-            || state.generation != conn.generation
-            || self.epoch.load(Ordering::Acquire) != conn.epoch
-        {
+        if !conn.usable(&state) {
             return Err(Attempt::Stale);
         }
         let raw = conn
@@ -1048,21 +1087,15 @@ impl KeyShared {
         parse_signature(&raw).map_err(|e| Attempt::Failed(Trouble::Other(e)))
     }
 
-    /// Reconnects after `fault`: re-initializes the module when the token is in trouble or
-    /// cannot be found, reuses the old session when it is alive.
+    /// Reconnects after `fault`, climbing a ladder: reuse the old session when it should be
+    /// alive (login or key handle lost), else a fresh session; a fresh session again if the
+    /// one tried died meanwhile (sessions closed under us while we reconnect); re-initialize
+    /// the module when the token is in trouble or cannot be found (at most once).
     fn reconnect(&self, old: Option<Conn>, fault: Fault) -> Result<Conn, SignerError> {
         let seen = old
             .as_ref()
             .map(|c| c.generation)
             .unwrap_or_else(|| self.module.generation());
-        if fault == Fault::SessionGone
-            && old
-                .as_ref()
-                .is_some_and(|c| c.epoch == self.epoch.load(Ordering::Acquire))
-        {
-            // The first to notice: the siblings' handles are suspect too.
-            self.epoch.fetch_add(1, Ordering::AcqRel);
-        }
         let mut reuse = match fault {
             Fault::NotLoggedIn | Fault::KeyGone => old,
             // A dead handle is forgotten, neither used nor closed.
@@ -1073,35 +1106,38 @@ impl KeyShared {
             self.module.reinit(seen)?;
             reinitialized = true;
         }
+        let mut fresh_sessions_lost = 0;
         loop {
             let generation = self.module.generation();
-            match self.connect(reuse.take()) {
+            let reusing = reuse.is_some();
+            let trouble = match self.connect(reuse.take()) {
                 Ok(conn) => return Ok(conn),
-                Err(trouble)
-                    if !reinitialized
-                        && matches!(trouble.fault(), Fault::TokenGone | Fault::KeyGone) =>
-                {
+                Err(trouble) => trouble,
+            };
+            match trouble.fault() {
+                // The session we hoped to keep is dead too: take a fresh one.
+                Fault::SessionGone | Fault::NotLoggedIn if reusing => {}
+                Fault::SessionGone | Fault::NotLoggedIn if fresh_sessions_lost < 1 => {
+                    fresh_sessions_lost += 1;
+                }
+                Fault::TokenGone | Fault::KeyGone if !reinitialized => {
                     tracing::debug!(key = %self.location, error = %trouble_text(&trouble), "reconnect failed; re-initializing the module");
                     self.module.reinit(generation)?;
                     reinitialized = true;
                 }
-                Err(trouble) => return Err(trouble.into_error()),
+                _ => return Err(trouble.into_error()),
             }
         }
     }
 
-    /// Closes a session that is known to be alive, of the current module generation and
-    /// of the current epoch; any other is forgotten, because its handle number may already
-    /// belong to another session.
+    /// Closes a session that is known to be alive and still ours; any other is forgotten,
+    /// because its handle number may already belong to another session.
     fn discard(&self, conn: Conn, fault: Fault) {
         if matches!(fault, Fault::SessionGone | Fault::TokenGone) {
             return;
         }
         let state = read_lock(&self.module.state);
-        if state.initialized
-            && state.generation == conn.generation
-            && self.epoch.load(Ordering::Acquire) == conn.epoch
-        {
+        if conn.usable(&state) {
             let _ = conn.session.close();
         }
     }
@@ -1245,9 +1281,9 @@ impl Signer for Pkcs11Signer {
             match self.shared.sign_with(conn, digest) {
                 Ok(sig) => return Ok(sig),
                 Err(Attempt::Stale) => {
-                    // Another worker re-initialized the module or found its session dead:
-                    // abandon this session (its handle may be reused already) and reconnect,
-                    // without spending the retry: it is not a failure of ours.
+                    // The module was re-initialized, or gave this session's number to a new
+                    // session: this one is dead. Forget it (never close: the number is someone
+                    // else's now) and reconnect, without spending the retry.
                     self.conn = None;
                     self.pending = Fault::SessionGone;
                     stale_rounds += 1;
@@ -1308,7 +1344,6 @@ pub fn open(
         settings: settings.clone(),
         location: settings.location(),
         public_key: OnceLock::new(),
-        epoch: AtomicU64::new(0),
         pin: Mutex::new(None),
         recovery: Mutex::new(Recovery::default()),
     });
@@ -1386,14 +1421,13 @@ fn with_admin<T>(
     f: impl FnOnce(&Admin<'_>) -> Result<T, Trouble>,
 ) -> Result<T, SignerError> {
     let module = Module::get(&settings.module)?;
-    let _state = module.read()?;
+    // Held for the whole call (key management is rare): the session opens and closes
+    // under it, so its number never coexists with a stale holder in use.
+    let mut state = module.write()?;
     let slot = find_token(&module.ctx, settings).map_err(Trouble::into_error)?;
-    let session = if read_write {
-        module.ctx.open_rw_session(slot)
-    } else {
-        module.ctx.open_ro_session(slot)
-    }
-    .map_err(ck_error)?;
+    let (session, _dead) = state
+        .open_session(&module.ctx, slot, read_write, true)
+        .map_err(ck_error)?;
     let admin = Admin {
         module: &module,
         settings,

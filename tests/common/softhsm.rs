@@ -210,7 +210,8 @@ pub fn isolated(name: &str, body: impl FnOnce(&SoftHsm)) {
     println!("--- child stdout ---\n{stdout}\n--- child stderr ---\n{stderr}");
     assert!(
         out.status.success(),
-        "isolated test {name} failed in its child process"
+        "isolated test {name} failed in its child process ({})",
+        out.status
     );
     assert!(
         stdout.contains("test result: ok. 1 passed"),
