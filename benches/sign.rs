@@ -23,7 +23,7 @@ use cryptoki::types::AuthPin;
 use tm_agent::signer::pkcs11;
 use tm_agent::signer::{ActorOptions, Handle};
 
-/// Concurrent requests per measured iteration through the `Handle`.
+/// Concurrent clients through the `Handle` (signatures per measured iteration).
 const BATCH: usize = 64;
 const LABEL: &str = "bench-key";
 
@@ -91,20 +91,23 @@ fn main() {
         let h = handle(&hsm, sessions);
         group.throughput(Throughput::Elements(BATCH as u64));
         group.bench_function(format!("handle/{sessions}_sessions"), |b| {
+            // BATCH clients, each with one request in flight at a time, `iters` requests
+            // each: one measured iteration is BATCH signatures under steady load.
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let start = Instant::now();
-                    for _ in 0..iters {
-                        let mut tasks = tokio::task::JoinSet::new();
-                        for i in 0..BATCH {
-                            let h = h.clone();
-                            tasks.spawn(async move {
-                                h.sign(format!("bench.{i}").as_bytes()).await.unwrap()
-                            });
-                        }
-                        while let Some(done) = tasks.join_next().await {
-                            done.unwrap();
-                        }
+                    let mut clients = tokio::task::JoinSet::new();
+                    for i in 0..BATCH {
+                        let h = h.clone();
+                        clients.spawn(async move {
+                            let message = format!("bench.{i}");
+                            for _ in 0..iters {
+                                h.sign(message.as_bytes()).await.unwrap();
+                            }
+                        });
+                    }
+                    while let Some(done) = clients.join_next().await {
+                        done.unwrap();
                     }
                     start.elapsed()
                 })
