@@ -13,6 +13,7 @@
 //!   the token vanished) and retries once; after that it backs off exponentially, refusing
 //!   fast with `Unavailable` until the back-off has passed. A wrong or locked PIN is never
 //!   retried: the fault is remembered and every later request fails with it, without `C_Login`;
+//!   and no login is attempted when the token reports `CKF_USER_PIN_FINAL_TRY` (or locked);
 //! - the key management functions behind `tm-agent key`: [`generate`], [`import`], [`list`],
 //!   [`public`].
 //!
