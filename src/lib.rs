@@ -8,13 +8,8 @@
 
 pub mod auth_api;
 pub mod authz;
+pub mod cli;
 pub mod client;
-// `cli/mod.rs` belongs to the CLI branch; until it lands, the client and bench commands are
-// declared here (at merge: `pub mod client; pub mod bench;` in cli/mod.rs instead).
-pub mod cli {
-    pub mod bench;
-    pub mod client;
-}
 pub mod error;
 pub mod jose;
 pub mod protocol;
