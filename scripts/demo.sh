@@ -39,7 +39,7 @@ key_args=(--module "$module" --token-label tm-demo --pin-file "$work/pin")
 
 step "tm-agent key generate (P-256, sensitive, non-extractable)"
 "$bin/tm-agent" key generate "${key_args[@]}" --label tm-demo-key
-"$bin/tm-agent" key public "${key_args[@]}" --key-label tm-demo-key | tee "$work/public.pem"
+"$bin/tm-agent" key public "${key_args[@]}" --key-label tm-demo-key >"$work/public.pem"
 
 key_id=$(python3 -c 'import uuid; print(uuid.uuid4())')
 step "tm-auth-sim over HTTPS on 127.0.0.1, key_id $key_id registered"
@@ -53,36 +53,46 @@ echo "simulator at $https_url"
 
 cat >"$work/config.toml" <<EOF
 [agent]
-socket = "$work/agent.sock"
-socket_mode = "0660"
 log_level = "info"
+
+[socket]
+path = "$work/agent.sock"
+mode = 0o660
 
 [keys.demo]
 backend = "pkcs11"
 module = "$module"
 token_label = "tm-demo"
 key_label = "tm-demo-key"
-pin_file = "$work/pin"
+pin = { file = "$work/pin" }
 sessions = 2
 
 [profiles.default]
 key = "demo"
 key_id = "$key_id"
-environment = "custom"
 base_url = "$https_url/v1/auth"
 ca_file = "$work/sim-ca.pem"
 
 [[access]]
 uid = $(id -u)
-ops = ["*"]
-profiles = ["*"]
+ops = "*"
+profiles = "*"
 EOF
 
 step "tm-agent run"
 "$bin/tm-agent" run --config "$work/config.toml" >"$work/agent.log" 2>&1 &
 pids+=($!)
 export TM_AGENT_SOCK=$work/agent.sock
-for _ in $(seq 100); do "$bin/tm-agent" ping >/dev/null 2>&1 && break; sleep 0.1; done
+agent_pid=$!
+for _ in $(seq 100); do
+  "$bin/tm-agent" ping >/dev/null 2>&1 && break
+  if ! kill -0 "$agent_pid" 2>/dev/null; then
+    echo "the agent exited; its log:" >&2
+    cat "$work/agent.log" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
 
 step "tm-agent status"
 "$bin/tm-agent" status

@@ -10,6 +10,7 @@ pub mod auth_api;
 pub mod authz;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod error;
 pub mod jose;
 pub mod protocol;
