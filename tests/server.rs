@@ -1077,36 +1077,3 @@ fn real_manager_and_simulator_token_watch_and_sign() {
     c.token("live", Some(60)).unwrap();
     cancel.cancel();
 }
-
-/// The load generator at full size against an in-process agent: 32 connections, 5 s, with
-/// the echo baseline. Run with
-/// `cargo test --release --test server bench_full -- --ignored --nocapture`.
-#[test]
-#[ignore = "a 12 s load test; run in release mode by hand"]
-fn bench_full() {
-    let agent = TestAgent::start_default();
-    for op in [
-        tm_agent::cli::bench::BenchOp::Token,
-        tm_agent::cli::bench::BenchOp::Ping,
-    ] {
-        let args = tm_agent::cli::bench::BenchArgs {
-            socket: Some(agent.socket.clone()),
-            profile: Some("prod".into()),
-            op,
-            connections: 32,
-            duration: 5,
-            warmup: 1,
-            no_baseline: op != tm_agent::cli::bench::BenchOp::Token,
-            ..tm_agent::cli::bench::BenchArgs::default()
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
-            .unwrap();
-        let report = rt.block_on(tm_agent::cli::bench::bench(&args)).unwrap();
-        let mut out = Vec::new();
-        tm_agent::cli::bench::print_report(&mut out, &report, &args).unwrap();
-        println!("{}", String::from_utf8(out).unwrap());
-    }
-}
