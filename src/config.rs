@@ -278,9 +278,10 @@ impl Config {
         }
     }
 
-    /// Parses TOML text (types only; see [`Config::validate`]).
+    /// Parses TOML text (types only; see [`Config::validate`]). The error names the line
+    /// and column but never quotes the file: a PIN pasted into it must not reach a log.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| describe_toml_error(text, &e))
     }
 
     /// Every problem apart from user and group names, one sentence each saying what to
@@ -297,8 +298,11 @@ impl Config {
         if a.sign_queue_depth == 0 {
             problems.push("agent.sign_queue_depth must be at least 1".into());
         }
-        if a.sign_timeout_ms == 0 {
-            problems.push("agent.sign_timeout_ms must be at least 1".into());
+        if !(1..=600_000).contains(&a.sign_timeout_ms) {
+            problems.push("agent.sign_timeout_ms must be between 1 and 600000 (10 min)".into());
+        }
+        if a.shutdown_grace_secs > 3600 {
+            problems.push("agent.shutdown_grace_secs must be at most 3600".into());
         }
         if self.socket.mode & 0o007 != 0 || self.socket.mode > 0o777 {
             problems.push(format!(
@@ -388,6 +392,20 @@ impl Config {
             }
         }
         problems
+    }
+}
+
+/// `line L, column C: message`, from a TOML error, without the source snippet that its
+/// `Display` would print.
+pub fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    match err.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", err.message())
+        }
+        None => err.message().to_string(),
     }
 }
 
@@ -499,6 +517,21 @@ profiles = ["nope"]
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(problems.len() >= 9, "{problems:#?}");
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_file() {
+        for (line, pasted) in [
+            ("pin = \"987654\"", "987654"),
+            ("pin = 987654", "987654"),
+            ("pin = { file = \"/p\" } 987654", "987654"),
+        ] {
+            let text = MINIMAL.replace("pin = { file = \"/etc/tm-agent/pin\" }", line);
+            let err = Config::parse(&text).unwrap_err();
+            assert!(!err.contains(pasted), "{line}: {err}");
+            assert!(err.starts_with("line "), "{line}: {err}");
+            assert!(err.contains("never the PIN itself") || err.contains("column"), "{err}");
+        }
     }
 
     #[test]

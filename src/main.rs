@@ -1,6 +1,8 @@
 //! The `tm-agent` binary: parses the command line and hands over to `tm_agent::cli`, which
 //! sets up logging and the runtime each command needs and maps failures to exit codes.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser as _;

@@ -1,5 +1,7 @@
 //! `tm-auth-sim`: the True Markets Auth API simulator (see `tm_agent::sim` and `--help`).
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 

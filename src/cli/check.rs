@@ -14,7 +14,7 @@ use clap::Args;
 use crate::auth_api::{self, ApiError};
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::jose::Jwk;
-use crate::signer::{Handle, SignerError};
+use crate::signer::Handle;
 use crate::token::jwt;
 
 /// `tm-agent check` options.
@@ -34,7 +34,7 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
         Ok(loaded) => loaded,
         Err(e) => {
             let _ = writeln!(out, "config   FAIL  {e}");
-            return super::run::EXIT_CONFIG;
+            return super::EXIT_CONFIG;
         }
     };
     let config = loaded.config;
@@ -71,7 +71,7 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
             }
             Ok(Err(e)) => {
                 let _ = writeln!(out, "key      FAIL  {name}: {e}");
-                code = worst(code, pin_or_failure(&e));
+                code = worst(code, super::signer_exit_code(&e));
             }
             Err(e) => {
                 let _ = writeln!(out, "key      FAIL  {name}: {e}");
@@ -175,15 +175,6 @@ async fn mint_once(
         .expires_at
         .duration_since(SystemTime::now())
         .unwrap_or_default())
-}
-
-fn pin_or_failure(e: &SignerError) -> u8 {
-    match e {
-        SignerError::WrongPin { .. } | SignerError::PinLocked | SignerError::Pin(_) => {
-            super::run::EXIT_PIN
-        }
-        _ => super::EXIT_FAILURE,
-    }
 }
 
 /// Keeps the first specific failure code.

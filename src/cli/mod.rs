@@ -26,8 +26,11 @@ use crate::signer::SignerError;
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code of a command line that clap rejects (clap's own convention).
 pub const EXIT_USAGE: u8 = 2;
-/// Exit code when the PIN is wrong, locked, or cannot be read.
-pub const EXIT_PIN: u8 = run::EXIT_PIN;
+/// Exit code when the PIN is wrong, locked, or cannot be read (the systemd unit's
+/// `RestartPreventExitStatus=` keeps restarts from burning PIN tries).
+pub const EXIT_PIN: u8 = 77;
+/// Exit code when the configuration is unusable (not restarted by systemd either).
+pub const EXIT_CONFIG: u8 = 78;
 
 /// tm-agent: keeps the True Markets API key in an HSM, signs with it, and hands out fresh
 /// access tokens to the processes on this machine.
@@ -119,16 +122,26 @@ fn fail(err: &anyhow::Error) -> u8 {
     exit_code(err)
 }
 
-/// The exit code for a failure: [`EXIT_PIN`] for PIN problems, [`EXIT_FAILURE`] otherwise.
+/// The exit code for a failure: [`EXIT_PIN`] for PIN problems, [`EXIT_CONFIG`] for an
+/// unusable config file, [`EXIT_FAILURE`] otherwise. The one mapping for every command.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
-        if let Some(SignerError::WrongPin { .. } | SignerError::PinLocked | SignerError::Pin(_)) =
-            cause.downcast_ref::<SignerError>()
-        {
-            return EXIT_PIN;
+        if let Some(e) = cause.downcast_ref::<SignerError>() {
+            return signer_exit_code(e);
+        }
+        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return EXIT_CONFIG;
         }
     }
     EXIT_FAILURE
+}
+
+/// [`EXIT_PIN`] for a wrong, locked or unreadable PIN, else [`EXIT_FAILURE`].
+pub fn signer_exit_code(err: &SignerError) -> u8 {
+    match err {
+        SignerError::WrongPin { .. } | SignerError::PinLocked | SignerError::Pin(_) => EXIT_PIN,
+        _ => EXIT_FAILURE,
+    }
 }
 
 /// Prints `error: …` and every cause below it, one per line, to `out`.

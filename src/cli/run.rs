@@ -24,18 +24,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use super::logging::{self, FilterHandle};
+use super::{exit_code, EXIT_CONFIG};
 use crate::auth_api;
 use crate::config::{Config, KeyConfig, LogFormat, ReadyWhen, DEFAULT_CONFIG};
 use crate::server::{self, listener::Listener, Profile, State};
 use crate::signer::{self, Handle, SignerError};
 use crate::systemd::notify::{join_status, Notifier, StatusLine};
 use crate::token::Manager;
-
-/// Exit code when the PIN is wrong, locked or unreadable (the unit's
-/// `RestartPreventExitStatus=` keeps systemd from burning PIN tries on restarts).
-pub const EXIT_PIN: u8 = 77;
-/// Exit code when the configuration is unusable (also not restarted by systemd).
-pub const EXIT_CONFIG: u8 = 78;
 
 /// `tm-agent run` options.
 #[derive(Debug, Clone, Args)]
@@ -102,21 +97,6 @@ pub fn main(args: RunArgs) -> u8 {
             exit_code(&err)
         }
     }
-}
-
-/// The exit code of a failed start: PIN problems and config problems have their own.
-fn exit_code(err: &anyhow::Error) -> u8 {
-    for cause in err.chain() {
-        if let Some(SignerError::WrongPin { .. } | SignerError::PinLocked | SignerError::Pin(_)) =
-            cause.downcast_ref::<SignerError>()
-        {
-            return EXIT_PIN;
-        }
-        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
-            return EXIT_CONFIG;
-        }
-    }
-    super::EXIT_FAILURE
 }
 
 struct Daemon {
@@ -334,7 +314,9 @@ async fn watchdog(notifier: Notifier, handles: BTreeMap<String, Handle>) {
 }
 
 /// Sends `READY=1` once every profile is ready, then keeps `STATUS=` current: on every
-/// token change and at least every 30 s (the "valid 54m" figure ages).
+/// token change and at least every 30 s (the "valid 54m" figure ages); every second while
+/// some profile is not ready or failing, since a failed renewal is not a token change and
+/// the error and its "retrying in" figure would otherwise show up to 30 s late.
 async fn report_status(notifier: Notifier, profiles: Arc<Vec<RunningProfile>>, started: Instant) {
     let mut receivers: Vec<_> = profiles.iter().map(|p| p.manager.subscribe()).collect();
     let mut ready = false;
@@ -359,10 +341,14 @@ async fn report_status(notifier: Notifier, profiles: Arc<Vec<RunningProfile>>, s
         } else {
             let _ = notifier.status(&text);
         }
+        let failing = profiles
+            .iter()
+            .any(|p| p.manager.status().consecutive_failures > 0);
+        let period = if all_ready && !failing { 30 } else { 1 };
         let changes = any_changed(&mut receivers);
         tokio::select! {
             _ = changes => {}
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(period)) => {}
         }
     }
 }

@@ -13,8 +13,12 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// A configured source of a PIN. The PIN itself is never in the config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+///
+/// In TOML: `{ file = "/etc/tm-agent/pin" }`, `{ credential = "pin" }`, `{ env = "NAME" }`
+/// or `"prompt"`. Deserialization never quotes a rejected value back: someone who wrote the
+/// PIN itself into the config must not find it echoed in an error, a log or the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PinSource {
     /// A file holding the PIN (trailing newline ignored); must be mode 0600 or stricter.
     File(PathBuf),
@@ -37,6 +41,79 @@ impl std::fmt::Display for PinSource {
     }
 }
 
+const PIN_SHAPE: &str = "pin must name where the PIN is, never the PIN itself: \
+    { credential = \"pin\" }, { file = \"/etc/tm-agent/pin\" }, { env = \"NAME\" } or \"prompt\"";
+
+impl<'de> Deserialize<'de> for PinSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PinSourceVisitor)
+    }
+}
+
+struct PinSourceVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PinSourceVisitor {
+    type Value = PinSource;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(PIN_SHAPE)
+    }
+
+    // Every rejection below uses `custom` with fixed text: serde's default messages would
+    // quote the value, which may be the PIN.
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PinSource, E> {
+        if v == "prompt" {
+            Ok(PinSource::Prompt)
+        } else {
+            Err(E::custom(PIN_SHAPE))
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<PinSource, A::Error> {
+        use serde::de::Error as _;
+        let mut found: Option<PinSource> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let source = match key.as_str() {
+                "file" => PinSource::File(map.next_value::<PathBuf>()?),
+                "credential" => PinSource::Credential(map.next_value::<String>()?),
+                "env" => PinSource::Env(map.next_value::<String>()?),
+                _ => {
+                    // Skip the value unread so that it cannot end up in the message.
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    return Err(A::Error::custom(PIN_SHAPE));
+                }
+            };
+            if found.replace(source).is_some() {
+                return Err(A::Error::custom(
+                    "pin: give exactly one of file, credential or env",
+                ));
+            }
+        }
+        found.ok_or_else(|| A::Error::custom(PIN_SHAPE))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<PinSource, E> {
+        Err(E::custom(PIN_SHAPE))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<PinSource, E> {
+        Err(E::custom(PIN_SHAPE))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<PinSource, E> {
+        Err(E::custom(PIN_SHAPE))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<PinSource, E> {
+        Err(E::custom(PIN_SHAPE))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<PinSource, A::Error> {
+        use serde::de::Error as _;
+        Err(A::Error::custom(PIN_SHAPE))
+    }
+}
+
 /// Why a PIN could not be read. Never carries the PIN.
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -47,6 +124,8 @@ pub enum PinError {
     },
     #[error("PIN file {path} has mode {mode:04o}: make it readable by its owner only (chmod 600 {path})")]
     FileTooOpen { path: PathBuf, mode: u32 },
+    #[error("PIN file {path} belongs to uid {owner}: it must belong to root or to the user tm-agent runs as (chown it)")]
+    FileOwner { path: PathBuf, owner: u32 },
     #[error("PIN credential {name}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential=, or use a pin file)")]
     NoCredentialsDirectory { name: String },
     #[error("PIN credential name {name:?} is not a plain file name")]
@@ -97,10 +176,15 @@ pub fn read_pin(source: &PinSource, prompt_label: &str) -> Result<SecretString, 
 }
 
 fn read_private_file(path: &Path) -> Result<String, PinError> {
-    let meta = std::fs::metadata(path).map_err(|source| PinError::FileUnreadable {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let unreadable = |source| PinError::FileUnreadable {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    // Check the file we opened, not the path again: no window for a swap in between.
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(PinError::FileTooOpen {
@@ -108,7 +192,16 @@ fn read_private_file(path: &Path) -> Result<String, PinError> {
             mode,
         });
     }
-    read_file(path)
+    let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if meta.uid() != 0 && Some(meta.uid()) != euid {
+        return Err(PinError::FileOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(unreadable)?;
+    Ok(text)
 }
 
 fn read_file(path: &Path) -> Result<String, PinError> {
@@ -147,6 +240,31 @@ mod tests {
             read_pin(&PinSource::File(path), "PIN"),
             Err(PinError::Empty { .. })
         ));
+    }
+
+    #[test]
+    fn a_pin_written_into_the_config_is_never_echoed() {
+        #[derive(Debug, Deserialize)]
+        struct K {
+            #[allow(dead_code)]
+            pin: PinSource,
+        }
+        for bad in [
+            r#"pin = "987654""#,
+            "pin = 987654",
+            r#"pin = { value = "987654" }"#,
+            r#"pin = ["987654"]"#,
+        ] {
+            let err = toml::from_str::<K>(bad).unwrap_err();
+            let text = format!("{} {:?}", err.message(), err.message());
+            assert!(!text.contains("987654"), "{bad}: {text}");
+            assert!(text.contains("never the PIN itself"), "{bad}: {text}");
+        }
+        let ok: K = toml::from_str(r#"pin = { credential = "pin" }"#).unwrap();
+        assert_eq!(ok.pin, PinSource::Credential("pin".into()));
+        let ok: K = toml::from_str(r#"pin = "prompt""#).unwrap();
+        assert_eq!(ok.pin, PinSource::Prompt);
+        assert!(toml::from_str::<K>(r#"pin = { file = "/a", env = "B" }"#).is_err());
     }
 
     #[test]
