@@ -1062,6 +1062,9 @@ fn serve(mut stream: TcpStream, card: &mut Card) -> std::io::Result<()> {
         stream.read_exact(&mut len)?;
         let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
         stream.read_exact(&mut msg)?;
+        if card.trace && msg.len() == 1 {
+            eprintln!("virtual_piv: vpcd control {:#04x}", msg[0]);
+        }
         let reply = match msg.as_slice() {
             [0x00] | [0x01] | [0x02] => {
                 // Power off, power on, reset: the volatile state is gone; no answer.
