@@ -6,6 +6,7 @@
 //! protocol.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod jose;
 pub mod signer;
 pub mod sim;

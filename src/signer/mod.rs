@@ -1,6 +1,6 @@
 //! Signers: the private-key math, behind an async [`Handle`].
 //!
-//! Owns the [`Signer`] trait that each backend (`pkcs11`, [`piv`], [`soft`]) implements, and
+//! Owns the [`Signer`] trait that each backend ([`pkcs11`], [`piv`], [`soft`]) implements, and
 //! the actor that runs them: one or more named OS threads, each owning one backend worker
 //! (e.g. a PKCS#11 session), fed by one bounded queue. The async side ([`Handle`]) hashes the
 //! message on the host, enqueues the digest with a oneshot reply, answers `Busy` when the
@@ -12,6 +12,7 @@
 
 pub mod pin;
 pub mod piv;
+pub mod pkcs11;
 pub mod soft;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +84,9 @@ pub enum SignerError {
     },
     #[error("key not found: {0}")]
     KeyNotFound(String),
+    /// Key management refused to overwrite: the label or id is taken.
+    #[error("key already exists: {0}")]
+    KeyExists(String),
     #[error("key is not ECDSA P-256: {0}")]
     NotP256(String),
     #[error("signer self-test failed: {0}")]

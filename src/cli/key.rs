@@ -1,0 +1,710 @@
+//! `tm-agent key …`: key management and one-off signing without the daemon.
+//!
+//! Owns the `key` subcommands and how their backend settings are assembled: from flags, or
+//! from a config file's `[keys.NAME]` table (`--config FILE --key NAME`) with flags
+//! overriding it. `generate`, `import` and `list` need the `pkcs11` backend; `public`,
+//! `sign-challenge` and `stamp` also work on a software key file (`--backend soft
+//! --key-file FILE`, for development and migration only).
+//!
+//! The PKCS#11 module is, in order: `--module`, the config's `module`,
+//! `$TM_AGENT_PKCS11_MODULE`, then SoftHSM's module if it is installed.
+//! The PIN comes from `--pin-file`, `--pin-credential` or `--pin-env` (or the config);
+//! without any, the user is prompted (no echo) when standard input is a terminal, and the
+//! command fails otherwise. PINs never come from the command line itself.
+//!
+//! Signing goes through the same [`Handle`] as the daemon (with its self-test). Blocking
+//! work runs in `spawn_blocking`. Machine-readable output goes to standard output, advice to
+//! standard error.
+
+use std::io::{IsTerminal as _, Read as _};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Subcommand, ValueEnum};
+use p256::ecdsa::VerifyingKey;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::blocking;
+use crate::jose;
+use crate::signer::pin::PinSource;
+use crate::signer::pkcs11::{self, KeyEntry, Pkcs11Settings};
+use crate::signer::{soft, ActorOptions, Handle};
+
+/// Environment variable naming the PKCS#11 module when `--module` is not given.
+pub const MODULE_ENV: &str = "TM_AGENT_PKCS11_MODULE";
+
+/// Where SoftHSM's module is looked for when nothing else names a module.
+pub const SOFTHSM_MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+];
+
+/// `tm-agent key`: options that select the key, then the subcommand.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(subcommand)]
+    pub command: KeyCommand,
+}
+
+/// Which kind of key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// A key inside a PKCS#11 token (HSM, SoftHSM).
+    Pkcs11,
+    /// A key in a file (website bundle JSON or PEM): development and migration only.
+    Soft,
+}
+
+/// Where the key is. Every option may come before or after the subcommand.
+#[derive(Debug, Default, Args)]
+pub struct BackendArgs {
+    /// Backend of the key [default: the config's, else pkcs11].
+    #[arg(long, global = true, value_enum)]
+    pub backend: Option<Backend>,
+    /// Read the key's settings from this tm-agent config file (use with --key).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The key's name in the config file: its [keys.NAME] table (use with --config).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub key: Option<String>,
+    /// PKCS#11 module [default: $TM_AGENT_PKCS11_MODULE, else SoftHSM's if installed].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub module: Option<PathBuf>,
+    /// Token label (tokens are found by label or serial, never by slot number).
+    #[arg(long, global = true, value_name = "LABEL")]
+    pub token_label: Option<String>,
+    /// Token serial number.
+    #[arg(long, global = true, value_name = "SERIAL")]
+    pub token_serial: Option<String>,
+    /// Label (CKA_LABEL) of the key to use.
+    #[arg(long, global = true, value_name = "LABEL")]
+    pub key_label: Option<String>,
+    /// Id (CKA_ID) of the key to use, in hex.
+    #[arg(long, global = true, value_name = "HEX")]
+    pub cka_id: Option<String>,
+    /// Read the user PIN from this file (mode 0600).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub pin_file: Option<PathBuf>,
+    /// Read the user PIN from this systemd credential.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub pin_credential: Option<String>,
+    /// Read the user PIN from this environment variable.
+    #[arg(long, global = true, value_name = "VAR")]
+    pub pin_env: Option<String>,
+    /// Sessions to open (only matters to the daemon; the CLI signs through one).
+    #[arg(long, global = true, value_name = "N")]
+    pub sessions: Option<usize>,
+    /// Key file for --backend soft: the website's key bundle or a PEM private key.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Output format of `key public`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublicFormat {
+    /// SubjectPublicKeyInfo PEM: what the API Keys page takes.
+    Pem,
+    /// JWK with its RFC 7638 thumbprint as `kid`.
+    Jwk,
+    /// Compressed SEC1 point in hex (33 bytes; Turnkey's publicKey).
+    Hex,
+}
+
+/// The `key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Generate a P-256 key pair inside the token; prints the public key (PEM) to register.
+    Generate {
+        /// Label (CKA_LABEL) of the new key; refused if any object has it already.
+        #[arg(long)]
+        label: String,
+        /// Id (CKA_ID) in hex [default: 16 random bytes].
+        #[arg(long, value_name = "HEX")]
+        id: Option<String>,
+    },
+    /// Import the website's API key bundle (JSON) into the token as a non-extractable key.
+    Import {
+        /// The bundle file downloaded from the API Keys page.
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+        /// Label (CKA_LABEL) of the key [default: the bundle's label, else tm-<key_id prefix>].
+        #[arg(long)]
+        label: Option<String>,
+        /// Id (CKA_ID) in hex [default: derived from the public key].
+        #[arg(long, value_name = "HEX")]
+        id: Option<String>,
+    },
+    /// List the keys in the token with their protection flags.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the key's public key.
+    Public {
+        #[arg(long, value_enum, default_value_t = PublicFormat::Pem)]
+        format: PublicFormat,
+    },
+    /// Sign the Auth API challenge and print the JSON body for POST /api-key/token.
+    SignChallenge {
+        /// The API key's key_id (UUID) as issued by True Markets.
+        #[arg(long, value_name = "UUID")]
+        key_id: String,
+        /// Unix seconds [default: now]; the API accepts ±30 s around its clock.
+        #[arg(long, allow_negative_numbers = true)]
+        timestamp: Option<i64>,
+    },
+    /// Print the Turnkey API stamp of the payload read from standard input (exact bytes).
+    /// Standard input carries the payload, so give the PIN with --pin-file or --pin-env.
+    Stamp,
+}
+
+/// Settings of the selected key.
+#[derive(Debug)]
+enum Selected {
+    Pkcs11(Pkcs11Settings),
+    Soft(PathBuf),
+}
+
+/// A `[keys.NAME]` table as far as this command needs it. Provisional until the config
+/// module lands: it reads `backend` and the backend's own settings, nothing else.
+enum ConfigKey {
+    Pkcs11(Pkcs11Settings),
+    Soft(PathBuf),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SoftKeyConfig {
+    key_file: PathBuf,
+}
+
+fn load_config_key(path: &Path, name: &str) -> anyhow::Result<ConfigKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let keys = doc
+        .get("keys")
+        .and_then(toml::Value::as_table)
+        .ok_or_else(|| anyhow!("{} has no [keys.*] tables", path.display()))?;
+    let mut entry = keys
+        .get(name)
+        .and_then(toml::Value::as_table)
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<&str> = keys.keys().map(String::as_str).collect();
+            anyhow!(
+                "{} has no [keys.{name}] (keys there: {})",
+                path.display(),
+                names.join(", ")
+            )
+        })?;
+    let backend = entry
+        .remove("backend")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .ok_or_else(|| anyhow!("[keys.{name}] has no backend = \"pkcs11\" or \"soft\""))?;
+    let context = || format!("[keys.{name}] in {}", path.display());
+    match backend.as_str() {
+        "pkcs11" => Ok(ConfigKey::Pkcs11(
+            toml::Value::Table(entry).try_into().with_context(context)?,
+        )),
+        "soft" => {
+            let soft: SoftKeyConfig = toml::Value::Table(entry).try_into().with_context(context)?;
+            Ok(ConfigKey::Soft(soft.key_file))
+        }
+        other => bail!(
+            "[keys.{name}] has backend = {other:?}: `tm-agent key` handles \"pkcs11\" and \"soft\""
+        ),
+    }
+}
+
+/// The module when neither the flags nor the config name one.
+fn default_module() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(MODULE_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    SOFTHSM_MODULES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow!(
+                "no PKCS#11 module given: pass --module PATH (your HSM vendor's PKCS#11 library) \
+                 or set {MODULE_ENV}"
+            )
+        })
+}
+
+impl BackendArgs {
+    fn pin_source(&self) -> anyhow::Result<Option<PinSource>> {
+        let given: Vec<PinSource> = [
+            self.pin_file.clone().map(PinSource::File),
+            self.pin_credential.clone().map(PinSource::Credential),
+            self.pin_env.clone().map(PinSource::Env),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match given.len() {
+            0 => Ok(None),
+            1 => Ok(given.into_iter().next()),
+            _ => bail!("give at most one of --pin-file, --pin-credential and --pin-env"),
+        }
+    }
+
+    fn select(&self) -> anyhow::Result<Selected> {
+        let from_config = match (&self.config, &self.key) {
+            (Some(path), Some(name)) => Some(load_config_key(path, name)?),
+            (None, None) => None,
+            _ => bail!("--config and --key go together: --config FILE --key NAME"),
+        };
+        let backend = self.backend.unwrap_or(match from_config {
+            Some(ConfigKey::Soft(_)) => Backend::Soft,
+            _ => Backend::Pkcs11,
+        });
+        match (backend, from_config) {
+            (Backend::Soft, config) => {
+                let file = match (&self.key_file, config) {
+                    (Some(file), _) => file.clone(),
+                    (None, Some(ConfigKey::Soft(file))) => file,
+                    _ => bail!("--backend soft needs --key-file FILE"),
+                };
+                Ok(Selected::Soft(file))
+            }
+            (Backend::Pkcs11, Some(ConfigKey::Soft(_))) => {
+                bail!("the config's key is a soft key, not pkcs11")
+            }
+            (Backend::Pkcs11, config) => {
+                let mut settings = match (config, &self.module) {
+                    (Some(ConfigKey::Pkcs11(s)), _) => s,
+                    (_, Some(module)) => Pkcs11Settings::new(module, PinSource::Prompt),
+                    _ => Pkcs11Settings::new(default_module()?, PinSource::Prompt),
+                };
+                if let Some(module) = &self.module {
+                    settings.module = module.clone();
+                }
+                if self.token_label.is_some() {
+                    settings.token_label = self.token_label.clone();
+                }
+                if self.token_serial.is_some() {
+                    settings.token_serial = self.token_serial.clone();
+                }
+                if self.key_label.is_some() {
+                    settings.key_label = self.key_label.clone();
+                }
+                if let Some(id) = &self.cka_id {
+                    settings.key_id = Some(pkcs11::parse_hex_id(id).map_err(|e| anyhow!(e))?);
+                }
+                if let Some(pin) = self.pin_source()? {
+                    settings.pin = pin;
+                }
+                if let Some(n) = self.sessions {
+                    settings.sessions = n;
+                }
+                settings.validate()?;
+                Ok(Selected::Pkcs11(settings))
+            }
+        }
+    }
+
+    fn pkcs11(&self, command: &str) -> anyhow::Result<Pkcs11Settings> {
+        match self.select()? {
+            Selected::Pkcs11(settings) => Ok(settings),
+            Selected::Soft(_) => {
+                bail!("`tm-agent key {command}` works on PKCS#11 tokens only (--backend pkcs11)")
+            }
+        }
+    }
+}
+
+/// Runs a `key` subcommand.
+pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
+    let backend = args.backend;
+    match args.command {
+        KeyCommand::Generate { label, id } => generate(&backend, label, id).await,
+        KeyCommand::Import { bundle, label, id } => import(&backend, bundle, label, id).await,
+        KeyCommand::List { json } => list(&backend, json).await,
+        KeyCommand::Public { format } => public(&backend, format).await,
+        KeyCommand::SignChallenge { key_id, timestamp } => {
+            sign_challenge(&backend, key_id, timestamp).await
+        }
+        KeyCommand::Stamp => stamp(&backend).await,
+    }
+}
+
+fn parse_id(id: Option<String>) -> anyhow::Result<Option<Vec<u8>>> {
+    id.map(|text| pkcs11::parse_hex_id(&text).map_err(|e| anyhow!(e)))
+        .transpose()
+}
+
+async fn generate(backend: &BackendArgs, label: String, id: Option<String>) -> anyhow::Result<()> {
+    let settings = backend.pkcs11("generate")?;
+    let id = parse_id(id)?;
+    let token = token_name(&settings);
+    let entry = blocking({
+        let label = label.clone();
+        move || pkcs11::generate(&settings, &label, id.as_deref())
+    })
+    .await?
+    .with_context(|| format!("cannot generate key {label:?}"))?;
+    let public = entry
+        .public_key
+        .ok_or_else(|| anyhow!("the token returned no public key"))?;
+    print!("{}", jose::public_key_pem(&public));
+    eprintln!(
+        "Generated P-256 key {label:?} (CKA_ID {}) in {token}: sensitive, never extractable.\n\
+         Register the public key above on the True Markets API Keys page, then sign with\n  \
+         tm-agent key sign-challenge --key-label {} --key-id <the key_id it gives you>",
+        entry.id_hex(),
+        shell_quote(&label),
+    );
+    Ok(())
+}
+
+async fn import(
+    backend: &BackendArgs,
+    bundle_path: PathBuf,
+    label: Option<String>,
+    id: Option<String>,
+) -> anyhow::Result<()> {
+    let settings = backend.pkcs11("import")?;
+    let id = parse_id(id)?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(&bundle_path)
+            .with_context(|| format!("cannot read the key bundle {}", bundle_path.display()))?,
+    );
+    let bundle = jose::parse_key_bundle(&text)
+        .with_context(|| format!("{} is not a usable key bundle", bundle_path.display()))?;
+    drop(text);
+    let label = label
+        .or_else(|| bundle.label.clone().filter(|l| !l.trim().is_empty()))
+        .unwrap_or_else(|| format!("tm-{}", bundle.key_id.chars().take(8).collect::<String>()));
+    let key_id = bundle.key_id.clone();
+    let token = token_name(&settings);
+    let entry = blocking({
+        let label = label.clone();
+        move || pkcs11::import(&settings, &bundle, &label, id.as_deref())
+    })
+    .await?
+    .with_context(|| format!("cannot import {} into {token}", bundle_path.display()))?;
+    println!(
+        "Imported API key {key_id} into {token} as key {label:?} (CKA_ID {}): sensitive, not \
+         extractable.",
+        entry.id_hex()
+    );
+    println!();
+    println!("The bundle file still holds the private key in plain text. Destroy it now:");
+    println!(
+        "  shred -u {}",
+        shell_quote(&bundle_path.display().to_string())
+    );
+    println!("and any other copy of it (downloads folder, backups, other machines).");
+    println!(
+        "The website generated this key, so it existed outside the HSM: if that matters, \
+         generate a new key inside the HSM (`tm-agent key generate`), register its public key \
+         on the API Keys page and revoke this one."
+    );
+    println!();
+    println!(
+        "Sign with: tm-agent key sign-challenge --key-label {} --key-id {key_id}",
+        shell_quote(&label)
+    );
+    Ok(())
+}
+
+async fn list(backend: &BackendArgs, json: bool) -> anyhow::Result<()> {
+    let settings = backend.pkcs11("list")?;
+    let token = token_name(&settings);
+    let entries = blocking(move || pkcs11::list(&settings))
+        .await?
+        .with_context(|| format!("cannot list the keys in {token}"))?;
+    if json {
+        let items: Vec<serde_json::Value> = entries.iter().map(entry_json).collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        eprintln!("{token} holds no keys");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<32} {:<10} {:<7} {:<9} {:<11} {:<17} {:<5} PUBLIC KEY (compressed)",
+        "LABEL", "ID", "TYPE", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "NEVER-EXTRACTABLE", "LOCAL"
+    );
+    for e in &entries {
+        println!(
+            "{:<24} {:<32} {:<10} {:<7} {:<9} {:<11} {:<17} {:<5} {}",
+            e.label,
+            e.id_hex(),
+            e.key_type,
+            yes_no(Some(e.has_private_key)),
+            yes_no(e.sensitive),
+            yes_no(e.extractable),
+            yes_no(e.never_extractable),
+            yes_no(e.local),
+            e.public_key
+                .as_ref()
+                .map(jose::public_key_compressed_hex)
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
+}
+
+fn yes_no(flag: Option<bool>) -> &'static str {
+    match flag {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
+fn entry_json(e: &KeyEntry) -> serde_json::Value {
+    serde_json::json!({
+        "label": e.label,
+        "id": e.id_hex(),
+        "key_type": e.key_type,
+        "has_private_key": e.has_private_key,
+        "sensitive": e.sensitive,
+        "extractable": e.extractable,
+        "always_sensitive": e.always_sensitive,
+        "never_extractable": e.never_extractable,
+        "local": e.local,
+        "can_sign": e.can_sign,
+        "public_key": e.public_key.as_ref().map(jose::public_key_compressed_hex),
+        "jwk_thumbprint": e.public_key.as_ref().map(|k| jose::Jwk::from_verifying_key(k).thumbprint()),
+    })
+}
+
+async fn public(backend: &BackendArgs, format: PublicFormat) -> anyhow::Result<()> {
+    let key: VerifyingKey = match backend.select()? {
+        Selected::Pkcs11(settings) => {
+            let what = settings.location();
+            blocking(move || pkcs11::public(&settings))
+                .await?
+                .with_context(|| format!("cannot read the public key of {what}"))?
+        }
+        Selected::Soft(path) => *blocking(move || soft::load_key(&path))
+            .await??
+            .verifying_key(),
+    };
+    match format {
+        PublicFormat::Pem => print!("{}", jose::public_key_pem(&key)),
+        PublicFormat::Jwk => {
+            let mut jwk = jose::Jwk::from_verifying_key(&key);
+            jwk.kid = Some(jwk.thumbprint());
+            jwk.alg = Some("ES256".into());
+            jwk.use_ = Some("sig".into());
+            println!("{}", serde_json::to_string_pretty(&jwk)?);
+        }
+        PublicFormat::Hex => println!("{}", jose::public_key_compressed_hex(&key)),
+    }
+    Ok(())
+}
+
+/// Opens the selected key behind a signer [`Handle`] (one worker; self-tested).
+async fn open_handle(backend: &BackendArgs) -> anyhow::Result<Handle> {
+    let options = ActorOptions {
+        name: "tm-agent-key".into(),
+        ..ActorOptions::default()
+    };
+    match backend.select()? {
+        Selected::Pkcs11(settings) => {
+            let what = settings.location();
+            blocking(move || {
+                let (info, workers) = pkcs11::open(&settings, 1)?;
+                Handle::spawn(info, workers, options)
+            })
+            .await?
+            .with_context(|| format!("cannot open {what}"))
+        }
+        Selected::Soft(path) => blocking(move || {
+            let key = soft::load_key(&path)?;
+            let (info, workers) = soft::open(key, format!("key file {}", path.display()), 1);
+            Handle::spawn(info, workers, options)
+        })
+        .await?
+        .context("cannot open the software key"),
+    }
+}
+
+/// Checks the 8-4-4-4-12 hex shape of an API key id.
+fn check_key_id(key_id: &str) -> anyhow::Result<()> {
+    let groups: Vec<&str> = key_id.split('-').collect();
+    let shaped = groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
+    if !shaped {
+        bail!(
+            "--key-id {key_id:?} is not a UUID: pass the API key's key_id as the API Keys page \
+             (or the key bundle) shows it"
+        );
+    }
+    Ok(())
+}
+
+async fn sign_challenge(
+    backend: &BackendArgs,
+    key_id: String,
+    timestamp: Option<i64>,
+) -> anyhow::Result<()> {
+    check_key_id(&key_id)?;
+    let timestamp = match timestamp {
+        Some(ts) => ts,
+        None => i64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .context("the system clock is before 1970")?
+                .as_secs(),
+        )?,
+    };
+    let handle = open_handle(backend).await?;
+    let body = handle
+        .sign_challenge(&key_id, timestamp)
+        .await
+        .context("cannot sign the challenge")?;
+    println!("{}", serde_json::to_string(&body)?);
+    Ok(())
+}
+
+async fn stamp(backend: &BackendArgs) -> anyhow::Result<()> {
+    let payload = blocking(|| {
+        let mut stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprintln!("reading the payload from standard input until end of file (Ctrl-D)…");
+        }
+        let mut payload = Vec::new();
+        stdin.read_to_end(&mut payload).map(|_| payload)
+    })
+    .await?
+    .context("cannot read the payload from standard input")?;
+    if payload.is_empty() {
+        bail!("no payload on standard input: pipe the Turnkey payload in, exactly as received");
+    }
+    let handle = open_handle(backend).await?;
+    let stamp = handle
+        .stamp(&payload)
+        .await
+        .context("cannot stamp the payload")?;
+    println!("{stamp}");
+    Ok(())
+}
+
+fn token_name(settings: &Pkcs11Settings) -> String {
+    match (&settings.token_label, &settings.token_serial) {
+        (Some(label), _) => format!("token {label:?}"),
+        (None, Some(serial)) => format!("token {serial}"),
+        (None, None) => "the token".into(),
+    }
+}
+
+/// Quotes `text` for a POSIX shell when it needs it.
+fn shell_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c));
+    if plain {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_must_be_uuids() {
+        check_key_id("6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b").unwrap();
+        assert!(check_key_id("6f1c2a3b").is_err());
+        assert!(check_key_id("6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4g").is_err());
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("/tmp/key.json"), "/tmp/key.json");
+        assert_eq!(shell_quote("/tmp/my key.json"), "'/tmp/my key.json'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn config_key_is_read_and_flags_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [keys.prod]
+            backend = "pkcs11"
+            module = "/opt/hsm/lib.so"
+            token_label = "prod"
+            key_label = "tm"
+            key_id = "0a0b"
+            pin = { credential = "hsm-pin" }
+            sessions = 2
+
+            [keys.dev]
+            backend = "soft"
+            key_file = "/tmp/dev.json"
+            "#,
+        )
+        .unwrap();
+        let args = BackendArgs {
+            config: Some(path.clone()),
+            key: Some("prod".into()),
+            key_label: Some("other".into()),
+            ..BackendArgs::default()
+        };
+        let Selected::Pkcs11(s) = args.select().unwrap() else {
+            panic!("pkcs11 expected")
+        };
+        assert_eq!(s.module, PathBuf::from("/opt/hsm/lib.so"));
+        assert_eq!(s.key_label.as_deref(), Some("other"));
+        assert_eq!(s.key_id, Some(vec![0x0a, 0x0b]));
+        assert_eq!(s.pin, PinSource::Credential("hsm-pin".into()));
+        assert_eq!(s.sessions, 2);
+        let args = BackendArgs {
+            config: Some(path.clone()),
+            key: Some("dev".into()),
+            ..BackendArgs::default()
+        };
+        assert!(matches!(args.select().unwrap(), Selected::Soft(_)));
+        let args = BackendArgs {
+            config: Some(path),
+            key: Some("nope".into()),
+            ..BackendArgs::default()
+        };
+        let err = args.select().unwrap_err().to_string();
+        assert!(err.contains("keys there: dev, prod") || err.contains("keys there: prod, dev"));
+    }
+
+    #[test]
+    fn at_most_one_pin_source() {
+        let args = BackendArgs {
+            module: Some("/x.so".into()),
+            pin_file: Some("/p".into()),
+            pin_env: Some("P".into()),
+            ..BackendArgs::default()
+        };
+        assert!(args.select().is_err());
+        let args = BackendArgs {
+            module: Some("/x.so".into()),
+            ..BackendArgs::default()
+        };
+        let Selected::Pkcs11(s) = args.select().unwrap() else {
+            panic!("pkcs11 expected")
+        };
+        assert_eq!(s.pin, PinSource::Prompt, "no source: prompt");
+    }
+}
