@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tm_agent::cli::{self, Cli};
+use tm_agent::signer::piv;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -30,12 +31,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to standard error; `--log` wins over `$RUST_LOG`, the default is warnings.
+/// Logs to standard error; `--log` wins over `$RUST_LOG`, the default is warnings. Whatever
+/// is asked for, the `yubikey` and `pcsc` crates stay at WARN: their TRACE output carries
+/// every APDU, PINs included (`piv::capped_log_filter`).
 fn init_tracing(filter: Option<&str>) {
-    let filter = match filter {
-        Some(f) => EnvFilter::new(f),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    let wanted = match filter {
+        Some(f) => f.to_string(),
+        None => std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_else(|_| "warn".into()),
     };
+    let filter = EnvFilter::try_new(piv::capped_log_filter(&wanted))
+        .unwrap_or_else(|_| EnvFilter::new(piv::capped_log_filter("warn")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

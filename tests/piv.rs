@@ -613,6 +613,140 @@ fn attest_list_and_touch_policy_warning() {
     check_challenge(&handle, &public_9a, 1);
 }
 
+const BIN: &str = env!("CARGO_BIN_EXE_tm-agent");
+
+/// Runs `tm-agent [--log FILTER] key --backend piv --serial … --pin-file … <args>`.
+fn cli(card: &VirtualCard, pin: &str, log: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    if let Some(filter) = log {
+        cmd.args(["--log", filter]);
+    }
+    cmd.args(["key", "--backend", "piv", "--serial", &SERIAL.to_string()])
+        .arg("--pin-file")
+        .arg(pin_file(card.dir(), pin))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tm-agent")
+}
+
+#[track_caller]
+fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "tm-agent failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cli_generate_list_sign_attest_on_the_yubikey() {
+    let _turn = setup();
+    let card = VirtualCard::start();
+    let out = cli(
+        &card,
+        PIN,
+        None,
+        &[
+            "generate",
+            "--default-mgm-key",
+            "--pin-policy",
+            "once",
+            "--touch-policy",
+            "never",
+        ],
+    );
+    let pem = succeeded(&out);
+    let public = VerifyingKey::from_public_key_pem(&pem).expect("PEM public key");
+    let advice = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        advice.contains("pin policy once, touch policy never"),
+        "{advice}"
+    );
+
+    let again = cli(&card, PIN, None, &["generate", "--default-mgm-key"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70";
+    let body = succeeded(&cli(
+        &card,
+        PIN,
+        Some("trace"),
+        &[
+            "sign-challenge",
+            "--key-id",
+            key_id,
+            "--timestamp",
+            "1767000000",
+        ],
+    ));
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    let sig = jose::decode_es256(body["signature"].as_str().expect("signature")).expect("raw");
+    public
+        .verify(format!("{key_id}.1767000000").as_bytes(), &sig)
+        .expect("verifies");
+
+    let hex = succeeded(&cli(&card, PIN, None, &["public", "--format", "hex"]));
+    assert_eq!(hex.trim(), jose::public_key_compressed_hex(&public));
+
+    let table = succeeded(&cli(&card, PIN, None, &["list"]));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("9c"))
+        .unwrap_or_else(|| panic!("no 9c row in:\n{table}"));
+    for word in ["ECCP256", "once", "never", "generated", "CN=tm-agent"] {
+        assert!(row.contains(word), "{row}");
+    }
+    let attestation = succeeded(&cli(&card, PIN, None, &["attest"]));
+    assert_eq!(attestation.matches("BEGIN CERTIFICATE").count(), 2);
+
+    // A wrong PIN: the PIN exit code and the tries left; one try spent.
+    let out = cli(
+        &card,
+        "999999",
+        None,
+        &["sign-challenge", "--key-id", key_id],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 tries left"));
+    assert_eq!(card.pin_tries(), 2);
+}
+
+#[test]
+fn cli_log_cap_holds_at_trace() {
+    let _turn = setup();
+    let card = VirtualCard::start();
+    succeeded(&cli(&card, PIN, None, &["generate", "--default-mgm-key"]));
+    for filter in ["trace", "trace,yubikey=trace,yubikey::apdu=trace"] {
+        let out = cli(&card, PIN, Some(filter), &["public"]);
+        succeeded(&out);
+        let out = cli(
+            &card,
+            PIN,
+            Some(filter),
+            &[
+                "sign-challenge",
+                "--key-id",
+                "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70",
+            ],
+        );
+        succeeded(&out);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("YubiKey PIV key opened"), "{log}");
+        for needle in [PIN_AS_DEBUG_BYTES, PIN, ">>> "] {
+            assert!(
+                !log.contains(needle),
+                "--log {filter}: stderr shows {needle:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn log_cap_keeps_the_pin_out_of_trace_logs() {
     let _turn = setup();
