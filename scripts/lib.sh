@@ -24,3 +24,91 @@ ensure_system_packages() {
     }
   fi
 }
+
+# The local stack used by the demo and the bench: a throw-away SoftHSM token with a fresh
+# P-256 key, tm-auth-sim over HTTPS on 127.0.0.1 with that key registered, and the agent.
+#   start_stack WORK BIN [ACCESS_TTL_SECS] [SESSIONS]
+# WORK: an empty private directory; BIN: the directory holding tm-agent and tm-auth-sim.
+# Sets: key_id, https_url, agent_pid, stack_pids (kill them on exit), and exports
+# SOFTHSM2_CONF and TM_AGENT_SOCK. Say what it does with STACK_VERBOSE=1.
+stack_say() { [ -n "${STACK_VERBOSE:-}" ] && printf '\n\033[1m== %s\033[0m\n' "$*"; return 0; }
+
+start_stack() {
+  local work=$1 bin=$2 ttl=${3:-60} sessions=${4:-2}
+  local module=/usr/lib/softhsm/libsofthsm2.so
+  stack_pids=()
+
+  stack_say "a throw-away SoftHSM token"
+  export SOFTHSM2_CONF=$work/softhsm2.conf
+  mkdir -p "$work/tokens"
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$work/tokens" >"$SOFTHSM2_CONF"
+  softhsm2-util --init-token --free --label tm-demo --so-pin 87654321 --pin 123456 >/dev/null
+  install -m 600 /dev/null "$work/pin"
+  echo 123456 >"$work/pin"
+  local key_args=(--module "$module" --token-label tm-demo --pin-file "$work/pin")
+
+  stack_say "tm-agent key generate (P-256, sensitive, non-extractable)"
+  "$bin/tm-agent" key generate "${key_args[@]}" --label tm-demo-key >"$work/generate.out"
+  [ -n "${STACK_VERBOSE:-}" ] && cat "$work/generate.out"
+  "$bin/tm-agent" key public "${key_args[@]}" --key-label tm-demo-key >"$work/public.pem"
+
+  key_id=$(python3 -c 'import uuid; print(uuid.uuid4())')
+  stack_say "tm-auth-sim over HTTPS on 127.0.0.1, key_id $key_id registered"
+  "$bin/tm-auth-sim" --http 127.0.0.1:0 --https 127.0.0.1:0 \
+    --cert-out "$work/sim-ca.pem" --ready-file "$work/sim.json" \
+    --access-ttl "$ttl" --register "$key_id=$work/public.pem" >"$work/sim.log" 2>&1 &
+  stack_pids+=($!)
+  local _
+  for _ in $(seq 100); do [ -s "$work/sim.json" ] && break; sleep 0.1; done
+  https_url=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["https"])' "$work/sim.json")
+  [ -n "${STACK_VERBOSE:-}" ] && echo "simulator at $https_url"
+
+  cat >"$work/config.toml" <<CONF
+[agent]
+log_level = "info"
+
+[socket]
+path = "$work/agent.sock"
+mode = 0o660
+
+[server]
+max_connections = 4096
+
+[keys.demo]
+backend = "pkcs11"
+module = "$module"
+token_label = "tm-demo"
+key_label = "tm-demo-key"
+pin = { file = "$work/pin" }
+sessions = $sessions
+
+[profiles.default]
+key = "demo"
+key_id = "$key_id"
+base_url = "$https_url/v1/auth"
+ca_file = "$work/sim-ca.pem"
+
+[[access]]
+uid = $(id -u)
+ops = "*"
+profiles = "*"
+CONF
+
+  stack_say "tm-agent run --config $work/config.toml"
+  "$bin/tm-agent" run --config "$work/config.toml" >"$work/agent.log" 2>&1 &
+  agent_pid=$!
+  stack_pids+=($agent_pid)
+  export TM_AGENT_SOCK=$work/agent.sock
+  for _ in $(seq 100); do
+    "$bin/tm-agent" ping >/dev/null 2>&1 && return 0
+    if ! kill -0 "$agent_pid" 2>/dev/null; then
+      echo "the agent exited; its log:" >&2
+      cat "$work/agent.log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "the agent did not answer within 10 s; its log:" >&2
+  cat "$work/agent.log" >&2
+  return 1
+}

@@ -1,10 +1,15 @@
-//! The configuration file: serde model, every default in one place, and `validate()` that
-//! reports every problem at once.
+//! The configuration file: the serde model of `/etc/tm-agent/config.toml` and `validate()`,
+//! which reports every problem at once.
 //!
-//! Owns the TOML shape documented in `systemd/config.example.toml`. Parsing and validation
-//! are pure (no hardware, no network); the `check` command and `run` turn a validated
-//! [`Config`] into signers, token managers and the server. Loaded once at start and again on
-//! SIGHUP (only `[[access]]` and the log level are applied on reload).
+//! Owns the TOML shape documented in `systemd/config.example.toml`. Each table maps onto the
+//! settings type of the module that uses it (`[socket]` → `server::listener::SocketSettings`,
+//! `[server]` → `server::ServerSettings`, `[keys.NAME]` → the backend's settings,
+//! `[[access]]` → `authz::AccessRule`); a profile's optional tuning fields fall back to
+//! `auth_api::ApiSettings::default()` and `token::TokenSettings::default()`, so every default
+//! lives in exactly one place: the module that owns the setting.
+//!
+//! Parsing and validation are pure apart from reading the file and resolving user and group
+//! names (no hardware, no network). Loaded at start and again on SIGHUP.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,10 +17,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth_api::{ApiSettings, Environment};
+use crate::authz::{AccessRule, Rules, Selector};
+use crate::server::listener::SocketSettings;
+use crate::server::ServerSettings;
 use crate::signer::pin::PinSource;
+use crate::signer::piv::PivSettings;
+use crate::signer::pkcs11::Pkcs11Settings;
+use crate::signer::ActorOptions;
+use crate::token::TokenSettings;
 
-/// Default socket path (the systemd unit's `RuntimeDirectory=tm-agent`).
-pub const DEFAULT_SOCKET: &str = "/run/tm-agent/agent.sock";
+/// Where `tm-agent run` and `tm-agent check` look without `--config`.
+pub const DEFAULT_CONFIG: &str = "/etc/tm-agent/config.toml";
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,234 +37,200 @@ pub struct Config {
     #[serde(default)]
     pub agent: AgentConfig,
     #[serde(default)]
+    pub socket: SocketSettings,
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
     pub keys: BTreeMap<String, KeyConfig>,
     #[serde(default)]
     pub profiles: BTreeMap<String, ProfileConfig>,
     #[serde(default)]
-    pub access: Vec<crate::authz::AccessRule>,
+    pub access: Vec<AccessRule>,
 }
 
-/// `[agent]`: the socket, limits and logging.
+/// `[agent]`: logging, signer queues, shutdown.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Where to listen (ignored under systemd socket activation).
-    pub socket: PathBuf,
-    /// Socket file mode, octal as a string (`"0660"`).
-    pub socket_mode: String,
-    /// Group that owns the socket (clients join it). None: the agent's primary group.
-    pub socket_group: Option<String>,
-    /// Concurrent connections at most.
-    pub max_connections: usize,
-    /// Seconds a connection may sit idle between requests.
-    pub idle_timeout_secs: u64,
-    /// Seconds a client has to finish a line it has started.
-    pub line_timeout_secs: u64,
-    /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter directive).
+    /// A level (`info`) or a tracing filter (`info,audit=info`). Reloaded on SIGHUP.
     pub log_level: String,
-    /// `text` or `json`.
-    pub log_format: String,
+    /// `text` (for a terminal or journald) or `json` (for log shippers).
+    pub log_format: LogFormat,
+    /// Signing requests that may wait per key before callers get `busy`.
+    pub sign_queue_depth: usize,
+    /// Milliseconds a caller waits for a signature before `timeout`.
+    pub sign_timeout_ms: u64,
+    /// Seconds that shutdown waits for in-flight requests before giving up on them.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            socket: PathBuf::from(DEFAULT_SOCKET),
-            socket_mode: "0660".into(),
-            socket_group: None,
-            max_connections: 4096,
-            idle_timeout_secs: 3600,
-            line_timeout_secs: 10,
             log_level: "info".into(),
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
+            sign_queue_depth: ActorOptions::default().queue_depth,
+            sign_timeout_ms: ActorOptions::default().timeout.as_millis() as u64,
+            shutdown_grace_secs: 10,
         }
     }
 }
 
 impl AgentConfig {
-    /// The socket mode as a number (validated by [`Config::validate`]).
-    pub fn socket_mode_bits(&self) -> Option<u32> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).ok()
-    }
-}
-
-/// `[keys.NAME]`: where a private key lives.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
-pub enum KeyConfig {
-    /// A PKCS#11 HSM (or SoftHSM).
-    Pkcs11 {
-        /// Path of the PKCS#11 module (`.so`).
-        module: PathBuf,
-        #[serde(default)]
-        token_label: Option<String>,
-        #[serde(default)]
-        token_serial: Option<String>,
-        #[serde(default)]
-        key_label: Option<String>,
-        /// CKA_ID as hex.
-        #[serde(default)]
-        key_id: Option<String>,
-        #[serde(flatten)]
-        pin: PinConfig,
-        /// Worker threads, each with its own session.
-        #[serde(default = "default_sessions")]
-        sessions: usize,
-        #[serde(flatten)]
-        actor: ActorConfig,
-    },
-    /// A software key file (development and migration only).
-    Soft {
-        key_file: PathBuf,
-        #[serde(flatten)]
-        actor: ActorConfig,
-    },
-}
-
-fn default_sessions() -> usize {
-    1
-}
-
-/// Where the PIN comes from: exactly one of the three (never the PIN itself).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct PinConfig {
-    /// A file readable by its owner only (mode 0600 or stricter).
-    #[serde(default)]
-    pub pin_file: Option<PathBuf>,
-    /// A systemd credential name (`LoadCredential=pin:/etc/tm-agent/pin` → `"pin"`).
-    #[serde(default)]
-    pub pin_credential: Option<String>,
-    /// An environment variable, named explicitly.
-    #[serde(default)]
-    pub pin_env: Option<String>,
-}
-
-impl PinConfig {
-    /// The one configured source, or None when none is set. Several set is a validation error.
-    pub fn source(&self) -> Option<PinSource> {
-        if let Some(p) = &self.pin_file {
-            return Some(PinSource::File(p.clone()));
-        }
-        if let Some(c) = &self.pin_credential {
-            return Some(PinSource::Credential(c.clone()));
-        }
-        self.pin_env.clone().map(PinSource::Env)
-    }
-
-    fn count(&self) -> usize {
-        [
-            self.pin_file.is_some(),
-            self.pin_credential.is_some(),
-            self.pin_env.is_some(),
-        ]
-        .iter()
-        .filter(|set| **set)
-        .count()
-    }
-}
-
-/// Signer actor tuning, shared by every backend.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ActorConfig {
-    /// Requests that may wait for the signer before callers get `busy`.
-    #[serde(default = "default_queue_depth")]
-    pub queue_depth: usize,
-    /// Milliseconds a caller waits for a signature.
-    #[serde(default = "default_sign_timeout_ms")]
-    pub sign_timeout_ms: u64,
-}
-
-impl Default for ActorConfig {
-    fn default() -> Self {
-        ActorConfig {
-            queue_depth: default_queue_depth(),
-            sign_timeout_ms: default_sign_timeout_ms(),
-        }
-    }
-}
-
-fn default_queue_depth() -> usize {
-    256
-}
-fn default_sign_timeout_ms() -> u64 {
-    5000
-}
-
-impl ActorConfig {
-    pub fn options(&self, name: &str) -> crate::signer::ActorOptions {
-        crate::signer::ActorOptions {
-            queue_depth: self.queue_depth,
+    /// The actor options of the key called `name`.
+    pub fn actor_options(&self, name: &str) -> ActorOptions {
+        ActorOptions {
+            queue_depth: self.sign_queue_depth,
             timeout: Duration::from_millis(self.sign_timeout_ms),
             name: format!("signer-{name}"),
         }
     }
 }
 
-/// `[profiles.NAME]`: a key + key_id + environment, with its own access token.
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[keys.NAME]`: where a private key lives, by `backend`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum KeyConfig {
+    /// A PKCS#11 HSM (or SoftHSM).
+    Pkcs11(Pkcs11Settings),
+    /// A YubiKey PIV slot (through pcscd).
+    Piv(PivSettings),
+    /// A software key file: development and migration only.
+    Soft(SoftKeyConfig),
+}
+
+/// `backend = "soft"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoftKeyConfig {
+    /// The website's key bundle JSON, or a PEM private key.
+    pub key_file: PathBuf,
+}
+
+impl KeyConfig {
+    /// `pkcs11`, `piv`, `soft`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            KeyConfig::Pkcs11(_) => "pkcs11",
+            KeyConfig::Piv(_) => "piv",
+            KeyConfig::Soft(_) => "soft",
+        }
+    }
+}
+
+/// When a profile counts as ready (systemd's `READY=1` waits for every profile).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyWhen {
+    /// Once a verified access token is held (the default).
+    #[default]
+    Token,
+    /// Once the key answers (the signer's self-test passed).
+    Signer,
+}
+
+/// `[profiles.NAME]`: a key + its API key_id + an environment, with its own access token.
+/// Unset tuning fields take the defaults of `ApiSettings` and `TokenSettings`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileConfig {
     /// Name of a `[keys.NAME]` table.
     pub key: String,
-    /// The API key's id (UUID) issued when the public key was registered.
+    /// The API key's id (UUID), issued when the public key was registered.
     pub key_id: String,
-    /// `production`, `uat` or `custom` (then `base_url` is required).
-    #[serde(default = "default_environment")]
-    pub environment: String,
-    /// Auth API base URL, e.g. `https://127.0.0.1:8443/v1/auth` (custom only).
+    /// `production` or `uat`; leave out and set `base_url` for anything else.
+    #[serde(default)]
+    pub environment: Option<Environment>,
+    /// A custom Auth API base URL, e.g. the simulator's `https://127.0.0.1:8443/v1/auth`.
     #[serde(default)]
     pub base_url: Option<String>,
     /// JWKS URL; default: the base URL's host + `/.well-known/jwks.json`.
     #[serde(default)]
     pub jwks_url: Option<String>,
-    /// Extra CA certificate (PEM) to trust, e.g. the simulator's.
+    /// Extra CA certificates (PEM) to trust, e.g. a TLS-inspecting proxy's or the simulator's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// Expected `iss` of access tokens; unchecked when absent.
+    /// Seconds to connect (TCP + TLS).
+    #[serde(default)]
+    pub connect_timeout_secs: Option<f64>,
+    /// Seconds for a whole request.
+    #[serde(default)]
+    pub request_timeout_secs: Option<f64>,
+    /// Required `iss` of access tokens; unchecked when absent.
     #[serde(default)]
     pub issuer: Option<String>,
-    /// HTTP timeouts.
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-    /// Refresh at this fraction of the token's lifetime (0 < f < 1).
-    #[serde(default = "default_refresh_at")]
-    pub refresh_at: f64,
-    /// ± jitter around the refresh point, as a fraction of the lifetime.
-    #[serde(default = "default_refresh_jitter")]
-    pub refresh_jitter: f64,
-    /// Never refresh later than this many seconds before expiry.
-    #[serde(default = "default_refresh_before_expiry_secs")]
-    pub refresh_before_expiry_secs: u64,
-    /// `token` (default): READY once a token is held; `signer`: once the key answers.
-    #[serde(default = "default_ready_when")]
-    pub ready_when: String,
+    /// Refresh at this fraction of a token's lifetime.
+    #[serde(default)]
+    pub refresh_at_fraction: Option<f64>,
+    /// ± relative jitter of the refresh point.
+    #[serde(default)]
+    pub refresh_jitter: Option<f64>,
+    /// Refresh no later than this many seconds before expiry.
+    #[serde(default)]
+    pub refresh_before_expiry_secs: Option<f64>,
+    /// First and largest retry delay after failures, seconds.
+    #[serde(default)]
+    pub backoff_min_secs: Option<f64>,
+    #[serde(default)]
+    pub backoff_max_secs: Option<f64>,
+    /// Seconds a `token` request with `min_ttl` may wait for a renewal.
+    #[serde(default)]
+    pub renew_timeout_secs: Option<f64>,
+    /// When this profile counts as ready for systemd.
+    #[serde(default)]
+    pub ready_when: ReadyWhen,
 }
 
-fn default_environment() -> String {
-    "production".into()
-}
-fn default_connect_timeout_ms() -> u64 {
-    3000
-}
-fn default_request_timeout_ms() -> u64 {
-    10_000
-}
-fn default_refresh_at() -> f64 {
-    2.0 / 3.0
-}
-fn default_refresh_jitter() -> f64 {
-    0.1
-}
-fn default_refresh_before_expiry_secs() -> u64 {
-    120
-}
-fn default_ready_when() -> String {
-    "token".into()
+impl ProfileConfig {
+    /// The Auth API client settings.
+    pub fn api_settings(&self) -> ApiSettings {
+        let defaults = ApiSettings::default();
+        ApiSettings {
+            environment: self.environment,
+            base_url: self.base_url.clone(),
+            jwks_url: self.jwks_url.clone(),
+            ca_file: self.ca_file.clone(),
+            connect_timeout: secs_or(self.connect_timeout_secs, defaults.connect_timeout),
+            timeout: secs_or(self.request_timeout_secs, defaults.timeout),
+        }
+    }
+
+    /// The token manager settings.
+    pub fn token_settings(&self) -> TokenSettings {
+        let d = TokenSettings::new(self.key_id.clone());
+        TokenSettings {
+            refresh_at_fraction: self.refresh_at_fraction.unwrap_or(d.refresh_at_fraction),
+            jitter: self.refresh_jitter.unwrap_or(d.jitter),
+            refresh_before_expiry: secs_or(
+                self.refresh_before_expiry_secs,
+                d.refresh_before_expiry,
+            ),
+            backoff_min: secs_or(self.backoff_min_secs, d.backoff_min),
+            backoff_max: secs_or(self.backoff_max_secs, d.backoff_max),
+            renew_timeout: secs_or(self.renew_timeout_secs, d.renew_timeout),
+            issuer: self.issuer.clone(),
+            ..d
+        }
+    }
 }
 
-/// Every problem found in a config file, one per line.
+/// Seconds from the file, or the default. Bad values (negative, NaN) are reported by
+/// `validate`; here they fall back to the default so that nothing panics.
+fn secs_or(value: Option<f64>, default: Duration) -> Duration {
+    value
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(default)
+}
+
+/// Why a config file cannot be used. `Invalid` lists every problem.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -259,7 +238,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {message}")]
+    #[error("config file {path} is not valid TOML for tm-agent: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path} has {} problem(s):\n  - {}", .problems.len(), .problems.join("\n  - "))]
     Invalid {
@@ -268,9 +247,16 @@ pub enum ConfigError {
     },
 }
 
+/// A validated config and its compiled access rules.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub rules: Rules,
+}
+
 impl Config {
-    /// Reads, parses and validates `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads, parses and validates `path`, and compiles the access rules.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -279,106 +265,90 @@ impl Config {
             path: path.to_path_buf(),
             message,
         })?;
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
+        let mut problems = config.validate();
+        let rules = match Rules::compile(&config.access) {
+            Ok(rules) => Some(rules),
+            Err(e) => {
+                problems.extend(e.problems.into_iter().map(|p| format!("[[access]] {p}")));
+                None
+            }
+        };
+        match rules {
+            Some(rules) if problems.is_empty() => Ok(Loaded { config, rules }),
+            _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 problems,
-            })
+            }),
         }
     }
 
-    /// Parses TOML text (no validation beyond the types).
+    /// Parses TOML text (types only; see [`Config::validate`]).
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Every problem, each a sentence saying what to change. Empty when valid.
+    /// Every problem apart from user and group names, one sentence each saying what to
+    /// change. Empty when valid.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let a = &self.agent;
-        match a.socket_mode_bits() {
-            Some(bits) if bits & 0o007 != 0 => problems.push(format!(
-                "agent.socket_mode {} gives access to every user: use 0660 and a group",
-                a.socket_mode
-            )),
-            Some(bits) if bits > 0o777 => problems.push(format!(
-                "agent.socket_mode {} is not a permission mode",
-                a.socket_mode
-            )),
-            Some(_) => {}
-            None => problems.push(format!(
-                "agent.socket_mode {:?} is not an octal mode like \"0660\"",
-                a.socket_mode
-            )),
-        }
-        if a.max_connections == 0 {
-            problems.push("agent.max_connections must be at least 1".into());
-        }
-        if a.line_timeout_secs == 0 || a.idle_timeout_secs == 0 {
-            problems.push("agent.line_timeout_secs and agent.idle_timeout_secs must be > 0".into());
-        }
-        if !matches!(a.log_format.as_str(), "text" | "json") {
-            problems.push(format!(
-                "agent.log_format {:?}: use \"text\" or \"json\"",
-                a.log_format
-            ));
-        }
         if tracing_subscriber::EnvFilter::try_new(&a.log_level).is_err() {
             problems.push(format!(
-                "agent.log_level {:?} is not a log level or filter",
+                "agent.log_level {:?} is neither a level (info, debug, …) nor a tracing filter",
                 a.log_level
             ));
         }
-        if self.profiles.is_empty() {
-            problems.push("no [profiles.NAME] table: define at least one profile".into());
+        if a.sign_queue_depth == 0 {
+            problems.push("agent.sign_queue_depth must be at least 1".into());
+        }
+        if a.sign_timeout_ms == 0 {
+            problems.push("agent.sign_timeout_ms must be at least 1".into());
+        }
+        if self.socket.mode & 0o007 != 0 || self.socket.mode > 0o777 {
+            problems.push(format!(
+                "socket.mode {:o} must be a mode without access for others, like 0o660",
+                self.socket.mode
+            ));
         }
         for (name, key) in &self.keys {
             match key {
-                KeyConfig::Pkcs11 {
-                    token_label,
-                    token_serial,
-                    key_label,
-                    key_id,
-                    pin,
-                    sessions,
-                    actor,
-                    ..
-                } => {
-                    if token_label.is_none() && token_serial.is_none() {
+                KeyConfig::Pkcs11(settings) => {
+                    if let Err(e) = settings.validate() {
+                        problems.push(format!("keys.{name}: {e}"));
+                    }
+                    if settings.pin == PinSource::Prompt {
                         problems.push(format!(
-                            "keys.{name}: set token_label (or token_serial) to choose the token"
+                            "keys.{name}.pin: the daemon cannot prompt; use {{ credential = \"pin\" }}, \
+                             {{ file = \"/etc/tm-agent/pin\" }} or {{ env = \"NAME\" }}"
                         ));
                     }
-                    if key_label.is_none() && key_id.is_none() {
-                        problems.push(format!(
-                            "keys.{name}: set key_label and/or key_id to choose the key"
-                        ));
-                    }
-                    if let Some(id) = key_id {
-                        if hex::decode(id).is_err() {
-                            problems.push(format!("keys.{name}.key_id must be hex (CKA_ID)"));
-                        }
-                    }
-                    match pin.count() {
-                        0 => problems.push(format!(
-                            "keys.{name}: set one of pin_file, pin_credential or pin_env \
-                             (the PIN never goes in this file)"
-                        )),
-                        1 => {}
-                        _ => problems.push(format!(
-                            "keys.{name}: set only one of pin_file, pin_credential, pin_env"
-                        )),
-                    }
-                    if *sessions == 0 || *sessions > 64 {
-                        problems.push(format!("keys.{name}.sessions must be 1..=64"));
-                    }
-                    check_actor(name, actor, &mut problems);
                 }
-                KeyConfig::Soft { actor, .. } => check_actor(name, actor, &mut problems),
+                KeyConfig::Piv(settings) => {
+                    if let Err(e) = settings.validate() {
+                        problems.push(format!("keys.{name}: {e}"));
+                    }
+                    if settings.pin == PinSource::Prompt {
+                        problems.push(format!(
+                            "keys.{name}.pin: the daemon cannot prompt; use {{ credential = \"piv-pin\" }}, \
+                             {{ file = \"/etc/tm-agent/piv-pin\" }} or {{ env = \"NAME\" }}"
+                        ));
+                    }
+                }
+                KeyConfig::Soft(soft) => {
+                    if !soft.key_file.is_file() {
+                        problems.push(format!(
+                            "keys.{name}.key_file {} does not exist",
+                            soft.key_file.display()
+                        ));
+                    }
+                }
             }
+            if !self.profiles.values().any(|p| &p.key == name) {
+                problems.push(format!("keys.{name} is used by no profile"));
+            }
+        }
+        if self.profiles.is_empty() {
+            problems.push("no [profiles.NAME] table: define at least one profile".into());
         }
         for (name, p) in &self.profiles {
             if !self.keys.contains_key(&p.key) {
@@ -393,57 +363,46 @@ impl Config {
                     p.key_id
                 ));
             }
-            match p.environment.as_str() {
-                "production" | "uat" => {
-                    if p.base_url.is_some() {
-                        problems.push(format!(
-                            "profiles.{name}: base_url is only for environment = \"custom\""
-                        ));
+            for (field, value) in [
+                ("connect_timeout_secs", p.connect_timeout_secs),
+                ("request_timeout_secs", p.request_timeout_secs),
+                ("refresh_before_expiry_secs", p.refresh_before_expiry_secs),
+                ("backoff_min_secs", p.backoff_min_secs),
+                ("backoff_max_secs", p.backoff_max_secs),
+                ("renew_timeout_secs", p.renew_timeout_secs),
+            ] {
+                if let Some(v) = value {
+                    if !(v.is_finite() && v > 0.0) {
+                        problems.push(format!("profiles.{name}.{field} must be a positive number"));
                     }
                 }
-                "custom" => match &p.base_url {
-                    None => problems.push(format!(
-                        "profiles.{name}: environment \"custom\" needs base_url"
-                    )),
-                    Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
-                        problems.push(format!("profiles.{name}.base_url must be an http(s) URL"))
-                    }
-                    Some(_) => {}
-                },
-                other => problems.push(format!(
-                    "profiles.{name}.environment {other:?}: use production, uat or custom"
-                )),
             }
-            if !(p.refresh_at > 0.0 && p.refresh_at < 1.0) {
-                problems.push(format!("profiles.{name}.refresh_at must be between 0 and 1"));
+            if let Err(e) = p.api_settings().endpoints() {
+                problems.push(format!("profiles.{name}: {e}"));
             }
-            if !(0.0..0.5).contains(&p.refresh_jitter) {
-                problems.push(format!(
-                    "profiles.{name}.refresh_jitter must be in [0, 0.5)"
-                ));
+            if let Some(ca) = &p.ca_file {
+                if !ca.is_file() {
+                    problems.push(format!(
+                        "profiles.{name}.ca_file {} does not exist",
+                        ca.display()
+                    ));
+                }
             }
-            if !matches!(p.ready_when.as_str(), "token" | "signer") {
-                problems.push(format!(
-                    "profiles.{name}.ready_when {:?}: use \"token\" or \"signer\"",
-                    p.ready_when
-                ));
+            if let Err(list) = p.token_settings().validate() {
+                problems.extend(list.into_iter().map(|e| format!("profiles.{name}: {e}")));
             }
         }
         for (i, rule) in self.access.iter().enumerate() {
-            for problem in rule.problems(&self.profiles.keys().cloned().collect::<Vec<_>>()) {
-                problems.push(format!("access[{i}]: {problem}"));
+            if let Selector::List(names) = &rule.profiles {
+                for unknown in names.iter().filter(|n| !self.profiles.contains_key(*n)) {
+                    problems.push(format!(
+                        "[[access]] rule {}: profile {unknown:?} is not defined",
+                        i + 1
+                    ));
+                }
             }
         }
         problems
-    }
-}
-
-fn check_actor(name: &str, actor: &ActorConfig, problems: &mut Vec<String>) {
-    if actor.queue_depth == 0 {
-        problems.push(format!("keys.{name}.queue_depth must be at least 1"));
-    }
-    if actor.sign_timeout_ms == 0 {
-        problems.push(format!("keys.{name}.sign_timeout_ms must be > 0"));
     }
 }
 
@@ -455,4 +414,133 @@ pub fn is_uuid(s: &str) -> bool {
             .iter()
             .zip([8, 4, 4, 4, 12])
             .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[keys.prod]
+backend = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "t"
+key_label = "k"
+pin = { file = "/etc/tm-agent/pin" }
+
+[profiles.prod]
+key = "prod"
+key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"
+"#;
+
+    #[test]
+    fn the_shipped_example_parses_and_validates() {
+        let text = include_str!("../systemd/config.example.toml");
+        let config = Config::parse(text).expect("example parses");
+        let problems = config.validate();
+        assert!(problems.is_empty(), "{problems:#?}");
+        assert!(matches!(config.keys["prod"], KeyConfig::Pkcs11(_)));
+        assert_eq!(
+            config.socket.path,
+            PathBuf::from("/run/tm-agent/agent.sock")
+        );
+    }
+
+    #[test]
+    fn defaults_come_from_the_owning_modules() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let p = &config.profiles["prod"];
+        let t = p.token_settings();
+        let d = TokenSettings::default();
+        assert_eq!(t.refresh_at_fraction, d.refresh_at_fraction);
+        assert_eq!(t.backoff_max, d.backoff_max);
+        assert_eq!(t.key_id, p.key_id);
+        assert_eq!(p.api_settings().timeout, ApiSettings::default().timeout);
+        assert_eq!(config.server, ServerSettings::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_everywhere() {
+        for (table, extra) in [
+            ("[agent]", "colour = 1"),
+            ("[profiles.prod]", "refresh_at = 0.5"),
+            ("[keys.prod]", "pin_code = \"1234\""),
+            ("[socket]", "owner = \"x\""),
+        ] {
+            let text = MINIMAL.replace(table, &format!("{table}\n{extra}"));
+            let text = if text == MINIMAL {
+                format!("{MINIMAL}\n{table}\n{extra}\n")
+            } else {
+                text
+            };
+            assert!(Config::parse(&text).is_err(), "{table} {extra} accepted");
+        }
+    }
+
+    #[test]
+    fn validate_reports_every_problem_at_once() {
+        let text = r#"
+[agent]
+log_level = "loud=="
+[keys.a]
+backend = "pkcs11"
+module = "/m.so"
+pin = "prompt"
+[profiles.p]
+key = "missing"
+key_id = "not-a-uuid"
+base_url = "ftp://x"
+refresh_at_fraction = 1.5
+backoff_min_secs = -1
+[[access]]
+uid = 1000
+ops = ["token"]
+profiles = ["nope"]
+"#;
+        let problems = Config::parse(text).unwrap().validate();
+        let all = problems.join("\n");
+        for needle in [
+            "agent.log_level",
+            "keys.a",
+            "cannot prompt",
+            "names no [keys.missing]",
+            "not a UUID",
+            "base_url",
+            "backoff_min_secs",
+            "profile \"nope\"",
+            "used by no profile",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(problems.len() >= 9, "{problems:#?}");
+    }
+
+    #[test]
+    fn a_yubikey_key_parses_and_validates() {
+        let text = MINIMAL.replace(
+            "backend = \"pkcs11\"\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\nkey_label = \"k\"",
+            "backend = \"piv\"\nserial = 12345678\nslot = \"9a\"",
+        );
+        let config = Config::parse(&text).expect("piv key parses");
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let KeyConfig::Piv(piv) = &config.keys["prod"] else {
+            panic!("piv expected")
+        };
+        assert_eq!(piv.serial, Some(12345678));
+        assert_eq!(piv.slot, "9a");
+        assert_eq!(config.keys["prod"].backend(), "piv");
+        let bad = text.replace("slot = \"9a\"", "slot = \"9b\"\ntouch = 1");
+        assert!(Config::parse(&bad).is_err(), "unknown field accepted");
+        let bad = text.replace("slot = \"9a\"", "slot = \"f9\"");
+        let problems = Config::parse(&bad).unwrap().validate().join("\n");
+        assert!(problems.contains("keys.prod"), "{problems}");
+    }
+
+    #[test]
+    fn uuid_check() {
+        assert!(is_uuid("0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"));
+        assert!(!is_uuid("0b9b3f3e8d4c4c1e9f1a2b3c4d5e6f70"));
+        assert!(!is_uuid("0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f7g"));
+    }
 }

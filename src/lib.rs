@@ -6,8 +6,16 @@
 //! protocol.
 #![forbid(unsafe_code)]
 
+pub mod auth_api;
+pub mod authz;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
 pub mod jose;
+pub mod protocol;
+pub mod server;
 pub mod signer;
 pub mod sim;
+pub mod systemd;
 pub mod token;

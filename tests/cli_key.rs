@@ -372,7 +372,7 @@ fn wrong_pin_fails_with_the_pin_exit_code() {
             &wrong,
         ],
     );
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("wrong PIN"), "{err}");
     assert!(!err.contains("not-the-pin"), "the PIN never appears: {err}");
@@ -394,7 +394,7 @@ fn no_pin_source_and_no_terminal_is_a_clear_error() {
         &args(&["generate", "--label", "k"], &pin_args(&hsm)),
     ));
     let out = key(&hsm, &["list"]);
-    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(out.status.code(), Some(77));
     assert!(stderr(&out).contains("not a terminal"), "{}", stderr(&out));
 }
 

@@ -1,12 +1,22 @@
-//! The `tm-agent` command line, one file per subcommand group. Only `key` exists so far; the
-//! daemon (`run`), the client operations and `check` join the [`Command`] enum later.
+//! The `tm-agent` command line, one file per subcommand group: the daemon (`run`), `check`,
+//! key management (`key`), the client operations (`token`, `sign`, … in `client`) and the
+//! load generator (`bench`).
 //!
 //! Owns argument parsing (clap derive), what is printed, and the mapping of failures to exit
 //! codes. Uses `anyhow`; the library modules below keep their typed errors, which end up in
-//! the printed cause chain. Runs on the tokio runtime that `main` builds; blocking work
-//! (PKCS#11 calls, PIN prompts, reading stdin) goes through `spawn_blocking`.
+//! the printed cause chain. Each command builds the runtime it needs: the daemon its own
+//! (after taking systemd's socket), the client commands none (blocking socket I/O).
+//!
+//! Exit codes: 0 success; 1 failure; 2 usage; client commands 3–6 (see `proto/PROTOCOL.md`);
+//! 77 a PIN problem and 78 an unusable config (`run`, `check`, `key`: the systemd unit does
+//! not restart on these, so a wrong PIN is never retried by restarts).
 
+pub mod bench;
+pub mod check;
+pub mod client;
 pub mod key;
+pub mod logging;
+pub mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -17,33 +27,96 @@ pub const EXIT_FAILURE: u8 = 1;
 /// Exit code of a command line that clap rejects (clap's own convention).
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code when the PIN is wrong, locked, or cannot be read.
-pub const EXIT_PIN: u8 = 3;
+pub const EXIT_PIN: u8 = run::EXIT_PIN;
 
-/// tm-agent: keeps the True Markets API key in an HSM and signs with it.
+/// tm-agent: keeps the True Markets API key in an HSM, signs with it, and hands out fresh
+/// access tokens to the processes on this machine.
 #[derive(Debug, Parser)]
 #[command(name = "tm-agent", version, about, long_about = None)]
 pub struct Cli {
     /// Log filter in tracing's EnvFilter syntax (default: $RUST_LOG, else "warn"). Logs go
-    /// to standard error.
+    /// to standard error. `run` takes its level from the config file instead.
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// The subcommand groups.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent (the daemon): signers, token refresh, the Unix socket.
+    Run(run::RunArgs),
+    /// Validate a config file, then probe every key and every Auth API.
+    Check(check::CheckArgs),
     /// Manage and use the API key directly, without the daemon: generate, import, list,
     /// public, sign-challenge, stamp.
     Key(key::KeyArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
+    /// Load generator: N connections × an op against a running agent, with a bare
+    /// Unix-socket echo baseline.
+    Bench(bench::BenchArgs),
 }
 
-/// Runs the parsed command line.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Key(args) => key::run(args).await,
+/// Runs the parsed command line and returns the process exit code.
+pub fn main(cli: Cli) -> u8 {
+    if let Command::Run(args) = cli.command {
+        return run::main(args);
     }
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "warn".into());
+    if let Err(e) = logging::init(&filter, crate::config::LogFormat::Text) {
+        eprintln!("tm-agent: {e}");
+        return EXIT_USAGE;
+    }
+    match cli.command {
+        Command::Run(_) => unreachable_run(),
+        Command::Client(command) => u8::try_from(client::run(command)).unwrap_or(EXIT_FAILURE),
+        Command::Bench(args) => match bench::run(args) {
+            Ok(code) => u8::try_from(code).unwrap_or(EXIT_FAILURE),
+            Err(err) => fail(&err),
+        },
+        Command::Key(args) => on_runtime(async move { key::run(args).await.map(|()| 0) }),
+        Command::Check(args) => on_runtime(async move {
+            let mut out = std::io::stdout();
+            Ok(check::run(args, &mut out).await)
+        }),
+    }
+}
+
+fn unreachable_run() -> u8 {
+    // `run` returned above; kept as a value rather than a panic.
+    EXIT_FAILURE
+}
+
+/// Runs `work` on a fresh multi-threaded runtime; prints a failure and maps it to a code.
+fn on_runtime<F>(work: F) -> u8
+where
+    F: std::future::Future<Output = anyhow::Result<u8>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(code) => code,
+        Err(err) => fail(&err),
+    }
+}
+
+fn fail(err: &anyhow::Error) -> u8 {
+    print_error(err, &mut std::io::stderr());
+    exit_code(err)
 }
 
 /// The exit code for a failure: [`EXIT_PIN`] for PIN problems, [`EXIT_FAILURE`] otherwise.

@@ -1,14 +1,41 @@
 //! Access tokens per profile: mint, scheduled refresh, backoff, single-flight renewal, JWKS
-//! verification. (API skeleton: the implementation lands with issue #3.)
+//! verification.
 //!
-//! Owns: one background task per profile that holds the refresh token (never handed out)
-//! and publishes the current access token on a `watch` channel, so `token` requests are
-//! answered from memory.
+//! Owns: one background task per profile (a key + key_id + environment) that holds the
+//! refresh token (it never leaves that task), mints at start, refreshes at a jittered point
+//! of each token's life, falls back to minting when a refresh is refused, backs off with full
+//! jitter on transient failures, verifies every access token against the JWKS before
+//! publishing it on a `watch` channel, and keeps a [`TokenStatus`] record.
+//!
+//! Threading: [`Manager`] is a cheap, cloneable handle. [`Manager::token`] answers from the
+//! `watch` without touching I/O while the current token is valid for the asked `min_ttl`;
+//! otherwise it posts a renewal demand and waits for the task's next outcome, so any number
+//! of callers share one renewal (single-flight). The task sleeps until its next deadline
+//! (`sleep_until`) or a demand, never polls. The two std mutexes (status, demand) are held
+//! for a copy only, never across `.await`. Shutdown: cancel the `CancellationToken`.
+//!
+//! Clocks: challenge timestamps and JWT `exp` checks use the server clock (local + offset
+//! learned from `Date` headers, see [`auth_api::ServerClock`]); `expires_at` handed out is
+//! converted to the local clock; sleeping uses tokio's monotonic clock.
 
-use std::sync::Arc;
+pub mod jwt;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use rand::Rng as _;
+use secrecy::SecretString;
+use serde::Deserialize;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::auth_api::{self, secs, ApiError, ServerClock, TokenPair};
+use crate::jose;
+use crate::signer;
 
 /// An access token as handed to clients. `Debug` never shows the token.
 #[derive(Clone)]
@@ -19,6 +46,20 @@ pub struct AccessToken {
     pub expires_at: SystemTime,
     /// When the agent received it (local clock).
     pub received_at: SystemTime,
+}
+
+impl AccessToken {
+    /// Time left before expiry, zero if expired.
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at.duration_since(now).unwrap_or_default()
+    }
+
+    /// Whole life as received: what a fresh token can offer at best.
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.received_at)
+            .unwrap_or_default()
+    }
 }
 
 impl std::fmt::Debug for AccessToken {
@@ -55,41 +96,828 @@ pub struct TokenStatus {
     pub expires_at: Option<SystemTime>,
     pub last_mint: Option<SystemTime>,
     pub last_refresh: Option<SystemTime>,
+    /// The next scheduled attempt: a refresh, or a retry while backing off.
     pub next_refresh: Option<SystemTime>,
     pub consecutive_failures: u32,
-    /// A stable code such as `unauthorized`, `server_error`, `transport`.
+    /// A stable code such as `unauthorized`, `server_error`, `transport`, `invalid_token`,
+    /// `signer_error`.
     pub last_error_code: Option<String>,
     /// A human-readable, secret-free message.
     pub last_error: Option<String>,
     /// Server clock minus local clock, learned from `Date`.
     pub clock_offset_secs: i64,
+    /// When the last error happened.
+    pub last_error_at: Option<SystemTime>,
+    /// Successful mints and refreshes since start.
+    pub mints: u64,
+    pub refreshes: u64,
+    /// A renewal is in flight.
+    pub renewing: bool,
+}
+
+/// Token policy of one profile. Durations are seconds (integer or fractional) in config
+/// files; every field but `key_id` has a default (see [`TokenSettings::default`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// The API key's id (UUID), as issued when the public key was registered.
+    pub key_id: String,
+    /// Refresh at this fraction of a token's lifetime (default 0.66).
+    #[serde(default = "d_fraction")]
+    pub refresh_at_fraction: f64,
+    /// ± relative jitter on the refresh point (default 0.1 = ±10%).
+    #[serde(default = "d_jitter")]
+    pub jitter: f64,
+    /// Refresh no later than this before expiry (default 120 s; clamped to a third of the
+    /// lifetime for very short-lived tokens).
+    #[serde(default = "d_refresh_before", with = "secs")]
+    pub refresh_before_expiry: Duration,
+    /// First backoff step (default 0.5 s), doubled per consecutive failure...
+    #[serde(default = "d_backoff_min", with = "secs")]
+    pub backoff_min: Duration,
+    /// ...up to this (default 60 s). Delays are drawn uniformly below the step (full jitter).
+    #[serde(default = "d_backoff_max", with = "secs")]
+    pub backoff_max: Duration,
+    /// How long a `token` request may wait for a renewal (default 10 s).
+    #[serde(default = "d_renew_timeout", with = "secs")]
+    pub renew_timeout: Duration,
+    /// When set, access tokens must carry this `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// An unknown `kid` refetches the JWKS at most this often (default 10 s).
+    #[serde(default = "d_jwks_refetch", with = "secs")]
+    pub jwks_min_refetch: Duration,
+    /// The cached JWKS is refetched when older than this (default 3600 s), so removed keys
+    /// stop verifying.
+    #[serde(default = "d_jwks_max_age", with = "secs")]
+    pub jwks_max_age: Duration,
+}
+
+fn d_fraction() -> f64 {
+    0.66
+}
+fn d_jitter() -> f64 {
+    0.1
+}
+fn d_refresh_before() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_backoff_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn d_backoff_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_renew_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_jwks_refetch() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_jwks_max_age() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        TokenSettings {
+            key_id: String::new(),
+            refresh_at_fraction: d_fraction(),
+            jitter: d_jitter(),
+            refresh_before_expiry: d_refresh_before(),
+            backoff_min: d_backoff_min(),
+            backoff_max: d_backoff_max(),
+            renew_timeout: d_renew_timeout(),
+            issuer: None,
+            jwks_min_refetch: d_jwks_refetch(),
+            jwks_max_age: d_jwks_max_age(),
+        }
+    }
+}
+
+impl TokenSettings {
+    /// Defaults with this key_id.
+    pub fn new(key_id: impl Into<String>) -> Self {
+        TokenSettings {
+            key_id: key_id.into(),
+            ..TokenSettings::default()
+        }
+    }
+
+    /// Every problem with the settings, one message each.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.key_id.trim().is_empty() {
+            problems.push("key_id is empty: set the API key's id from the API Keys page".into());
+        }
+        if !(self.refresh_at_fraction > 0.0 && self.refresh_at_fraction < 1.0) {
+            problems.push(format!(
+                "refresh_at_fraction {} must be between 0 and 1 (exclusive)",
+                self.refresh_at_fraction
+            ));
+        }
+        if !(0.0..=0.5).contains(&self.jitter) {
+            problems.push(format!("jitter {} must be between 0 and 0.5", self.jitter));
+        }
+        if self.backoff_min.is_zero() {
+            problems.push("backoff_min must be above 0".into());
+        }
+        if self.backoff_max < self.backoff_min {
+            problems.push("backoff_max must be at least backoff_min".into());
+        }
+        if self.renew_timeout.is_zero() {
+            problems.push("renew_timeout must be above 0".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// When to refresh a token of `lifetime`, counted from its receipt. `unit` in [-1, 1] picks
+/// the jitter. The refresh happens at `fraction ± jitter` of the lifetime but never later
+/// than `refresh_before_expiry` before expiry; that margin is clamped to a third of the
+/// lifetime so that short-lived tokens (seconds, in tests) are not refreshed at once.
+pub(crate) fn refresh_delay(lifetime: Duration, s: &TokenSettings, unit: f64) -> Duration {
+    let factor = (s.refresh_at_fraction * (1.0 + s.jitter * unit.clamp(-1.0, 1.0))).clamp(0.0, 1.0);
+    let jittered = lifetime.mul_f64(factor);
+    let margin = s.refresh_before_expiry.min(lifetime / 3);
+    let latest = lifetime.saturating_sub(margin);
+    jittered
+        .min(latest)
+        .max(Duration::from_millis(100).min(latest))
+}
+
+/// Delay before retry number `failures` (1 = after the first failure): full jitter below
+/// `min(backoff_max, backoff_min * 2^(failures-1))`, `unit` in [0, 1]; never shorter than a
+/// server's `Retry-After` (itself capped at 10 min).
+pub(crate) fn backoff_delay(
+    failures: u32,
+    s: &TokenSettings,
+    unit: f64,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let step = s
+        .backoff_min
+        .checked_mul(1u32 << exp)
+        .unwrap_or(s.backoff_max)
+        .min(s.backoff_max);
+    let jittered = step
+        .mul_f64(unit.clamp(0.0, 1.0))
+        .max(Duration::from_millis(10));
+    let server = retry_after
+        .unwrap_or_default()
+        .min(Duration::from_secs(600));
+    jittered.max(server)
+}
+
+/// The Auth API as the manager needs it; implemented by [`auth_api::Client`] and by test
+/// fakes.
+pub(crate) trait Api: Send + Sync + 'static {
+    fn mint(
+        &self,
+        body: &jose::ChallengeBody,
+    ) -> impl Future<Output = Result<TokenPair, ApiError>> + Send;
+    fn refresh(
+        &self,
+        refresh_token: &SecretString,
+    ) -> impl Future<Output = Result<TokenPair, ApiError>> + Send;
+    fn jwks(&self) -> impl Future<Output = Result<auth_api::Jwks, ApiError>> + Send;
+    fn clock(&self) -> &ServerClock;
+}
+
+impl Api for auth_api::Client {
+    fn mint(
+        &self,
+        body: &jose::ChallengeBody,
+    ) -> impl Future<Output = Result<TokenPair, ApiError>> + Send {
+        auth_api::Client::mint(self, body)
+    }
+    fn refresh(
+        &self,
+        refresh_token: &SecretString,
+    ) -> impl Future<Output = Result<TokenPair, ApiError>> + Send {
+        auth_api::Client::refresh(self, refresh_token)
+    }
+    fn jwks(&self) -> impl Future<Output = Result<auth_api::Jwks, ApiError>> + Send {
+        auth_api::Client::jwks(self)
+    }
+    fn clock(&self) -> &ServerClock {
+        auth_api::Client::clock(self)
+    }
+}
+
+/// What the last renewal attempt came to; published to waiting callers.
+#[derive(Debug, Clone, Default)]
+struct Outcome {
+    seq: u64,
+    /// `(code, message)` of a failure.
+    error: Option<(String, String)>,
+    /// While backing off: when the next attempt runs.
+    retry_at: Option<Instant>,
+}
+
+/// A caller's wish for a renewal, merged across callers.
+#[derive(Debug, Clone, Copy)]
+struct Demand {
+    requested: Instant,
+    /// The token must be valid at least until this (local clock).
+    until: SystemTime,
+}
+
+struct Shared {
+    settings: TokenSettings,
+    clock: ServerClock,
+    current: watch::Sender<Option<Arc<AccessToken>>>,
+    outcomes: watch::Sender<Outcome>,
+    status: Mutex<TokenStatus>,
+    demand: Mutex<Option<Demand>>,
+    wake: Notify,
+    stopped: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data behind short locks: a panic elsewhere leaves it usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The handle of one profile's token manager. Cheap to clone.
 #[derive(Clone)]
 pub struct Manager {
     current: watch::Receiver<Option<Arc<AccessToken>>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("key_id", &self.shared.settings.key_id)
+            .finish()
+    }
 }
 
 impl Manager {
-    /// The current token if it is valid for at least `min_ttl` (default: valid at all);
-    /// otherwise waits for one shared renewal.
-    pub async fn token(&self, _min_ttl: Option<Duration>) -> Result<Arc<AccessToken>, TokenError> {
-        Err(TokenError::Unavailable("not implemented yet".into()))
+    /// Starts the profile's background task on the current tokio runtime; it mints at once.
+    /// `settings` should have passed [`TokenSettings::validate`]. The task stops when
+    /// `cancel` is cancelled; the current token is withdrawn then.
+    pub fn start(
+        settings: TokenSettings,
+        signer: signer::Handle,
+        api: auth_api::Client,
+        cancel: CancellationToken,
+    ) -> Manager {
+        Manager::start_with(settings, signer, api, cancel)
     }
 
-    /// Receives each new token (rotation) as it arrives.
+    pub(crate) fn start_with<A: Api>(
+        settings: TokenSettings,
+        signer: signer::Handle,
+        api: A,
+        cancel: CancellationToken,
+    ) -> Manager {
+        let (current_tx, current) = watch::channel(None);
+        let (outcomes, _) = watch::channel(Outcome::default());
+        let shared = Arc::new(Shared {
+            clock: api.clock().clone(),
+            settings,
+            current: current_tx,
+            outcomes,
+            status: Mutex::new(TokenStatus::default()),
+            demand: Mutex::new(None),
+            wake: Notify::new(),
+            stopped: AtomicBool::new(false),
+        });
+        let span = tracing::info_span!("token", key_id = %shared.settings.key_id);
+        let worker = Worker {
+            shared: Arc::clone(&shared),
+            api,
+            signer,
+            refresh_token: None,
+            keys: jwt::KeySet::default(),
+            keys_fetched: None,
+            last_kid_refetch: None,
+            failures: 0,
+            next_attempt: None,
+            expiry: None,
+            last_success: None,
+            seq: 0,
+            cancel,
+        };
+        tokio::spawn(worker.run().instrument(span));
+        Manager { current, shared }
+    }
+
+    /// The current token if it is valid for at least `min_ttl` (default: valid at all);
+    /// otherwise waits (at most `renew_timeout`) for one shared renewal.
+    ///
+    /// A `min_ttl` beyond 90% of a token's whole lifetime is capped there (no renewal could
+    /// do better), and a token renewed after the call began is returned even if it falls
+    /// short of `min_ttl`. Never returns an expired token.
+    pub async fn token(&self, min_ttl: Option<Duration>) -> Result<Arc<AccessToken>, TokenError> {
+        let need = min_ttl.unwrap_or_default();
+        if let Some(tok) = self.usable(need) {
+            return Ok(tok);
+        }
+        self.renew_and_wait(need).await
+    }
+
+    /// The current token if it serves a request for `need`, from memory.
+    fn usable(&self, need: Duration) -> Option<Arc<AccessToken>> {
+        let tok = self.current.borrow().clone()?;
+        let now = SystemTime::now();
+        let remaining = tok.remaining(now);
+        if remaining.is_zero() {
+            return None;
+        }
+        // No renewal can beat a fresh token's lifetime: a larger ask is capped at 90% of
+        // it, so such callers cause at most one renewal per tenth of a token's life.
+        let need = need.min(tok.lifetime().mul_f64(0.9));
+        (remaining >= need).then_some(tok)
+    }
+
+    async fn renew_and_wait(&self, need: Duration) -> Result<Arc<AccessToken>, TokenError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(TokenError::Unavailable(
+                "the token manager has stopped".into(),
+            ));
+        }
+        let timeout = self.shared.settings.renew_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut outcomes = self.shared.outcomes.subscribe();
+        if let Some(err) = self.hopeless(&outcomes.borrow_and_update(), deadline) {
+            return Err(err);
+        }
+        {
+            let mut demand = lock(&self.shared.demand);
+            let mine = Demand {
+                requested: Instant::now(),
+                until: SystemTime::now() + need,
+            };
+            *demand = Some(match *demand {
+                Some(d) => Demand {
+                    requested: d.requested.max(mine.requested),
+                    until: d.until.max(mine.until),
+                },
+                None => mine,
+            });
+        }
+        self.shared.wake.notify_one();
+        loop {
+            match tokio::time::timeout_at(deadline, outcomes.changed()).await {
+                Err(_) => return Err(TokenError::Timeout(timeout)),
+                Ok(Err(_)) => {
+                    return Err(TokenError::Unavailable(
+                        "the token manager has stopped".into(),
+                    ))
+                }
+                Ok(Ok(())) => {}
+            }
+            let outcome = outcomes.borrow_and_update().clone();
+            if let Some(tok) = self.usable(need) {
+                return Ok(tok);
+            }
+            if outcome.error.is_none() {
+                // A renewal finished after our demand: its token is the freshest there is.
+                if let Some(tok) = self.usable(Duration::ZERO) {
+                    return Ok(tok);
+                }
+            }
+            if let Some((code, message)) = outcome.error {
+                // Don't hold the caller through a series of retries: say what is wrong.
+                let next = outcome
+                    .retry_at
+                    .map(|at| {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        format!("; next attempt in {:.1} s", wait.as_secs_f64())
+                    })
+                    .unwrap_or_default();
+                return Err(TokenError::Unavailable(format!(
+                    "token renewal failed ({code}: {message}){next}"
+                )));
+            }
+        }
+    }
+
+    /// A failure whose next retry is beyond our deadline: say so now instead of timing out.
+    fn hopeless(&self, outcome: &Outcome, deadline: Instant) -> Option<TokenError> {
+        let (code, message) = outcome.error.as_ref()?;
+        let retry_at = outcome.retry_at?;
+        if retry_at <= deadline {
+            return None;
+        }
+        let wait = retry_at.saturating_duration_since(Instant::now());
+        Some(TokenError::Unavailable(format!(
+            "token renewal failing ({code}: {message}); next attempt in {:.1} s",
+            wait.as_secs_f64()
+        )))
+    }
+
+    /// Waits until the first token is there (or `timeout` passes).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<Arc<AccessToken>, TokenError> {
+        let mut rx = self.current.clone();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|t| t.is_some())).await;
+        if let Ok(Ok(tok)) = waited {
+            if let Some(tok) = tok.clone() {
+                return Ok(tok);
+            }
+        }
+        let status = self.status();
+        match (status.last_error_code, status.last_error) {
+            (Some(code), Some(msg)) => Err(TokenError::Unavailable(format!("{code}: {msg}"))),
+            _ => Err(TokenError::Timeout(timeout)),
+        }
+    }
+
+    /// Receives each new token (rotation) as it arrives; `None` when the token expired with
+    /// no replacement, or the manager stopped.
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<AccessToken>>> {
         self.current.clone()
     }
 
     /// A status snapshot.
     pub fn status(&self) -> TokenStatus {
-        TokenStatus::default()
+        let mut status = lock(&self.shared.status).clone();
+        let offset_ms = self.shared.clock.offset_ms().unwrap_or(0);
+        status.clock_offset_secs = (offset_ms as f64 / 1000.0).round() as i64;
+        status
     }
 
     /// The server's clock as learned from `Date` headers (local clock + offset).
     pub fn server_now(&self) -> SystemTime {
-        SystemTime::now()
+        self.shared.clock.server_now()
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &TokenSettings {
+        &self.shared.settings
     }
 }
+
+/// Why an attempt failed, secret-free.
+#[derive(Debug)]
+struct Failure {
+    code: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        let retry_after = match &e {
+            ApiError::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        };
+        Failure {
+            code: e.code(),
+            message: e.to_string(),
+            retry_after,
+        }
+    }
+}
+
+impl From<signer::SignerError> for Failure {
+    fn from(e: signer::SignerError) -> Self {
+        Failure {
+            code: "signer_error",
+            message: format!("cannot sign the challenge: {e}"),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<jwt::JwtError> for Failure {
+    fn from(e: jwt::JwtError) -> Self {
+        Failure {
+            code: "invalid_token",
+            message: e.to_string(),
+            retry_after: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Minted,
+    Refreshed,
+}
+
+/// The background task of one profile. Owns the refresh token.
+struct Worker<A: Api> {
+    shared: Arc<Shared>,
+    api: A,
+    signer: signer::Handle,
+    refresh_token: Option<SecretString>,
+    keys: jwt::KeySet,
+    keys_fetched: Option<Instant>,
+    /// The last refetch caused by an unknown `kid` (rate-limited).
+    last_kid_refetch: Option<Instant>,
+    failures: u32,
+    /// The next scheduled refresh or, while backing off, retry.
+    next_attempt: Option<Instant>,
+    /// When the current token expires (monotonic estimate), to withdraw it then.
+    expiry: Option<Instant>,
+    /// When the last good token was accepted.
+    last_success: Option<Instant>,
+    seq: u64,
+    cancel: CancellationToken,
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<A: Api> Worker<A> {
+    async fn run(mut self) {
+        let cancel = self.cancel.clone();
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = async {
+                self.attempt().await;
+                loop {
+                    let deadline = match (self.next_attempt, self.expiry) {
+                        (Some(a), Some(e)) => Some(a.min(e)),
+                        (a, e) => a.or(e),
+                    };
+                    tokio::select! {
+                        _ = sleep_until_opt(deadline) => self.on_deadline().await,
+                        _ = self.shared.wake.notified() => self.on_demand().await,
+                    }
+                }
+            } => {}
+        }
+        self.shared.stopped.store(true, Ordering::Release);
+        self.shared.current.send_replace(None);
+        self.shared.outcomes.send_modify(|o| {
+            o.seq += 1;
+            o.error = Some(("stopped".into(), "the token manager has stopped".into()));
+            o.retry_at = None;
+        });
+        tracing::info!("token manager stopped");
+    }
+
+    async fn on_deadline(&mut self) {
+        let now = Instant::now();
+        if self.expiry.is_some_and(|e| e <= now) {
+            self.expiry = None;
+            let expired = self
+                .shared
+                .current
+                .borrow()
+                .as_ref()
+                .is_some_and(|t| t.expires_at <= SystemTime::now());
+            if expired {
+                self.shared.current.send_replace(None);
+                tracing::warn!("access token expired with no replacement");
+            } else if let Some(t) = self.shared.current.borrow().as_ref() {
+                // The wall clock and the monotonic one disagree: look again later.
+                self.expiry = Some(now + t.remaining(SystemTime::now()));
+            }
+        }
+        if self.next_attempt.is_some_and(|a| a <= now) {
+            self.attempt().await;
+        }
+    }
+
+    async fn on_demand(&mut self) {
+        let Some(demand) = lock(&self.shared.demand).take() else {
+            return;
+        };
+        if self.last_success.is_some_and(|s| s >= demand.requested) {
+            return; // a token arrived after the demand was made
+        }
+        let satisfied = self
+            .shared
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|t| t.expires_at >= demand.until);
+        if satisfied {
+            return;
+        }
+        if self.failures > 0 && self.next_attempt.is_some_and(|a| a > Instant::now()) {
+            return; // backing off: the scheduled retry will serve the demand
+        }
+        tracing::debug!("renewal on demand");
+        self.attempt().await;
+    }
+
+    async fn attempt(&mut self) {
+        lock(&self.shared.status).renewing = true;
+        let result = self.renew().await;
+        let now = Instant::now();
+        let error = match result {
+            Ok((token, kind)) => {
+                self.failures = 0;
+                self.last_success = Some(now);
+                let lifetime = token.lifetime();
+                let unit = rand::thread_rng().gen_range(-1.0..=1.0);
+                let delay = refresh_delay(lifetime, &self.shared.settings, unit);
+                self.next_attempt = Some(now + delay);
+                self.expiry = Some(now + token.remaining(SystemTime::now()));
+                let next_refresh = SystemTime::now() + delay;
+                {
+                    let mut s = lock(&self.shared.status);
+                    s.renewing = false;
+                    s.expires_at = Some(token.expires_at);
+                    s.next_refresh = Some(next_refresh);
+                    s.consecutive_failures = 0;
+                    match kind {
+                        Kind::Minted => {
+                            s.last_mint = Some(token.received_at);
+                            s.mints += 1;
+                        }
+                        Kind::Refreshed => {
+                            s.last_refresh = Some(token.received_at);
+                            s.refreshes += 1;
+                        }
+                    }
+                }
+                tracing::info!(
+                    event = if kind == Kind::Minted {
+                        "minted"
+                    } else {
+                        "refreshed"
+                    },
+                    lifetime_s = lifetime.as_secs_f64(),
+                    refresh_in_s = delay.as_secs_f64(),
+                    "access token {}",
+                    if kind == Kind::Minted {
+                        "minted"
+                    } else {
+                        "refreshed"
+                    }
+                );
+                self.shared.current.send_replace(Some(token));
+                None
+            }
+            Err(failure) => {
+                self.failures = self.failures.saturating_add(1);
+                let unit = rand::thread_rng().gen_range(0.0..=1.0);
+                let delay = backoff_delay(
+                    self.failures,
+                    &self.shared.settings,
+                    unit,
+                    failure.retry_after,
+                );
+                self.next_attempt = Some(now + delay);
+                {
+                    let mut s = lock(&self.shared.status);
+                    s.renewing = false;
+                    s.consecutive_failures = self.failures;
+                    s.last_error_code = Some(failure.code.to_string());
+                    s.last_error = Some(failure.message.clone());
+                    s.last_error_at = Some(SystemTime::now());
+                    s.next_refresh = Some(SystemTime::now() + delay);
+                }
+                tracing::warn!(
+                    code = failure.code,
+                    error = %failure.message,
+                    failures = self.failures,
+                    retry_in_s = delay.as_secs_f64(),
+                    "token renewal failed"
+                );
+                Some((failure.code.to_string(), failure.message))
+            }
+        };
+        self.seq += 1;
+        let retry_at = error.as_ref().and(self.next_attempt);
+        self.shared.outcomes.send_replace(Outcome {
+            seq: self.seq,
+            error,
+            retry_at,
+        });
+    }
+
+    /// Refresh if we hold a refresh token, else (or when it is refused) mint.
+    async fn renew(&mut self) -> Result<(Arc<AccessToken>, Kind), Failure> {
+        if let Some(refresh_token) = self.refresh_token.take() {
+            match self.api.refresh(&refresh_token).await {
+                Ok(pair) => return self.accept(pair, Kind::Refreshed).await,
+                Err(e @ (ApiError::Unauthorized { .. } | ApiError::BadRequest { .. })) => {
+                    tracing::info!(
+                        code = e.code(),
+                        error = %e,
+                        "refresh token refused; minting with a fresh signature"
+                    );
+                }
+                Err(e) => {
+                    // Maybe never reached the server: the same refresh token may still work.
+                    self.refresh_token = Some(refresh_token);
+                    return Err(e.into());
+                }
+            }
+        }
+        self.mint().await
+    }
+
+    fn server_timestamp(&self) -> i64 {
+        let now = self.shared.clock.server_now();
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    async fn mint(&mut self) -> Result<(Arc<AccessToken>, Kind), Failure> {
+        let key_id = self.shared.settings.key_id.clone();
+        let mut resynced = false;
+        loop {
+            let timestamp = self.server_timestamp();
+            let body = self.signer.sign_challenge(&key_id, timestamp).await?;
+            match self.api.mint(&body).await {
+                Ok(pair) => return self.accept(pair, Kind::Minted).await,
+                Err(ApiError::Unauthorized {
+                    message,
+                    request_id,
+                }) if !resynced => {
+                    let offset_ms = self.shared.clock.offset_ms().unwrap_or(0);
+                    let moved = (self.server_timestamp() - timestamp).abs() > 25;
+                    if auth_api::mentions_clock(&message) || offset_ms.abs() > 25_000 || moved {
+                        resynced = true;
+                        tracing::warn!(
+                            clock_offset_ms = offset_ms,
+                            "mint refused for its timestamp; retrying once on the server clock from Date"
+                        );
+                        continue;
+                    }
+                    return Err(ApiError::Unauthorized {
+                        message,
+                        request_id,
+                    }
+                    .into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Verifies a received pair and turns it into the token to hand out. On success the
+    /// pair's refresh token becomes ours.
+    async fn accept(
+        &mut self,
+        pair: TokenPair,
+        kind: Kind,
+    ) -> Result<(Arc<AccessToken>, Kind), Failure> {
+        let parsed = jwt::parse(&pair.access_token)?;
+        let stale = self
+            .keys_fetched
+            .is_none_or(|t| t.elapsed() >= self.shared.settings.jwks_max_age);
+        // An unknown kid (e.g. after a key rotation) refetches, but at most once per
+        // `jwks_min_refetch`, so a stream of forged tokens cannot hammer the JWKS.
+        let unknown = !self.keys.contains(&parsed.kid)
+            && self
+                .last_kid_refetch
+                .is_none_or(|t| t.elapsed() >= self.shared.settings.jwks_min_refetch);
+        if stale || unknown {
+            if unknown && !stale {
+                self.last_kid_refetch = Some(Instant::now());
+            }
+            match self.api.jwks().await {
+                Ok(jwks) => {
+                    self.keys = jwt::KeySet::from_jwks(&jwks.keys);
+                    self.keys_fetched = Some(Instant::now());
+                    tracing::info!(keys = self.keys.len(), "JWKS fetched");
+                }
+                Err(e) => {
+                    // The pair came from the API over TLS; only its check is pending.
+                    self.refresh_token = Some(pair.refresh_token);
+                    let mut failure = Failure::from(e);
+                    failure.message = format!("cannot fetch the JWKS: {}", failure.message);
+                    return Err(failure);
+                }
+            }
+        }
+        let clock = &self.shared.clock;
+        self.keys.verify(
+            &parsed,
+            clock.server_now(),
+            self.shared.settings.issuer.as_deref(),
+        )?;
+        let received_at = SystemTime::now();
+        let expires_at = clock.to_local(pair.expires_at.min(parsed.exp));
+        if expires_at <= received_at {
+            return Err(Failure {
+                code: "invalid_token",
+                message: "access token arrived already expired (expires_in in the past)".into(),
+                retry_after: None,
+            });
+        }
+        self.refresh_token = Some(pair.refresh_token);
+        Ok((
+            Arc::new(AccessToken {
+                token: pair.access_token,
+                expires_at,
+                received_at,
+            }),
+            kind,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,6 +5,7 @@
 //! Threading: plain functions; each test owns its fixture.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod softhsm;
 
 /// Decodes base64url without padding; written here on purpose instead of using `jose` or

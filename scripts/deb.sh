@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the Debian package of tm-agent and lists its contents.
+#
+#   scripts/deb.sh        # -> target/debian/tm-agent_<version>-1_<arch>.deb
+#
+# Installs cargo-deb (from crates.io) when missing, and dpkg-dev when dpkg-shlibdeps is
+# missing (root only). A release build of the tm-agent binary: minutes on a small machine,
+# hence not part of scripts/test.sh; tests/systemd_units.rs checks the asset list instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "== installing cargo-deb"
+  cargo install cargo-deb --locked
+fi
+if ! command -v dpkg-shlibdeps >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "== installing dpkg-dev (dpkg-shlibdeps computes the library dependencies)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev >/dev/null
+  else
+    echo "dpkg-shlibdeps missing: apt-get install dpkg-dev" >&2
+    exit 1
+  fi
+fi
+
+echo "== cargo build --release --bin tm-agent"
+# Only the agent ships (tm-auth-sim is a test tool), so only it is built.
+cargo build --release --locked --bin tm-agent
+echo "== cargo deb"
+deb=$(cargo deb --no-build --locked | tail -n 1)
+echo "== $deb"
+dpkg-deb --info "$deb"
+dpkg-deb --contents "$deb"

@@ -1,0 +1,999 @@
+//! HTTP client of the True Markets Auth API (see `reference/auth-api.md`).
+//!
+//! Owns: the endpoint URLs of an environment (production, UAT or a custom base URL; the JWKS
+//! sits at the host root, not under `/v1/auth`), the reqwest client (rustls, optional extra
+//! CA, connect and total timeouts, `User-Agent: tm-agent/<version>`), the three calls
+//! (`mint`, `refresh`, `jwks`), the mapping of HTTP outcomes to typed [`ApiError`]s with
+//! stable [`ApiError::code`]s, and the server clock offset learned from every response's
+//! `Date` header ([`ServerClock`]).
+//!
+//! Threading: [`Client`] is cheap to clone and safe to share between tasks; the clock offset
+//! lives in atomics. Nothing here retries or sleeps: the token manager owns policy.
+//!
+//! Secrets: token bodies are read into a zeroized buffer and go straight into
+//! [`TokenPair`], whose `Debug` is redacted; error messages never contain the response body
+//! and server-provided messages are scrubbed of anything that looks like a JWT.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, DATE, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::jose;
+
+/// Production Auth API base URL.
+pub const PRODUCTION_BASE_URL: &str = "https://api.truemarkets.co/v1/auth";
+/// Production JWKS (at the host root).
+pub const PRODUCTION_JWKS_URL: &str = "https://api.truemarkets.co/.well-known/jwks.json";
+/// UAT (sandbox) Auth API base URL.
+pub const UAT_BASE_URL: &str = "https://api.uat.truemarkets.co/v1/auth";
+/// UAT JWKS (by analogy with production).
+pub const UAT_JWKS_URL: &str = "https://api.uat.truemarkets.co/.well-known/jwks.json";
+
+/// The largest response body accepted; real ones are a few KiB.
+const MAX_BODY: usize = 256 * 1024;
+/// Half the `Date` header's resolution plus a round trip's worth of slack.
+const DATE_UNCERTAINTY_MS: i64 = 600;
+/// Server messages are cut to this many characters before they reach logs or status.
+const MAX_MESSAGE: usize = 300;
+
+/// A named Auth API environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Production,
+    Uat,
+}
+
+/// Where and how to reach the Auth API. Durations are in seconds (integer or fractional).
+///
+/// Either `environment` or `base_url` (not both); with neither, production.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// `production` or `uat`.
+    #[serde(default)]
+    pub environment: Option<Environment>,
+    /// A custom base URL such as `https://auth.example/v1/auth` (simulator, staging).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The JWKS URL; default: the base URL's scheme and authority + `/.well-known/jwks.json`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// A PEM file with extra CA certificates to trust (added to the built-in roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// TCP + TLS connect timeout.
+    #[serde(default = "default_connect_timeout", with = "secs")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout (connect, send, response, body).
+    #[serde(default = "default_timeout", with = "secs")]
+    pub timeout: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            environment: None,
+            base_url: None,
+            jwks_url: None,
+            ca_file: None,
+            connect_timeout: default_connect_timeout(),
+            timeout: default_timeout(),
+        }
+    }
+}
+
+impl ApiSettings {
+    /// Settings for a custom base URL (e.g. a simulator) with the default JWKS location.
+    pub fn custom(base_url: impl Into<String>) -> Self {
+        ApiSettings {
+            base_url: Some(base_url.into()),
+            ..ApiSettings::default()
+        }
+    }
+
+    /// The resolved endpoint URLs, or what is wrong with the settings.
+    pub fn endpoints(&self) -> Result<Endpoints, ApiError> {
+        let (base, default_jwks) = match (&self.environment, &self.base_url) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::Config(
+                    "set either `environment` or `base_url`, not both".into(),
+                ))
+            }
+            (Some(Environment::Uat), None) => (UAT_BASE_URL.to_string(), Some(UAT_JWKS_URL)),
+            (Some(Environment::Production), None) | (None, None) => {
+                (PRODUCTION_BASE_URL.to_string(), Some(PRODUCTION_JWKS_URL))
+            }
+            (None, Some(base)) => (base.clone(), None),
+        };
+        let base = parse_http_url("base_url", &base)?;
+        let jwks = match (&self.jwks_url, default_jwks) {
+            (Some(url), _) => parse_http_url("jwks_url", url)?,
+            (None, Some(url)) => parse_http_url("jwks_url", url)?,
+            (None, None) => derive_jwks_url(&base)?,
+        };
+        let join = |suffix: &str| {
+            let text = format!("{}/{suffix}", base.as_str().trim_end_matches('/'));
+            parse_http_url("base_url", &text)
+        };
+        Ok(Endpoints {
+            mint: join("api-key/token")?,
+            refresh: join("token/refresh")?,
+            jwks,
+        })
+    }
+}
+
+/// The three URLs the agent calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub mint: Url,
+    pub refresh: Url,
+    pub jwks: Url,
+}
+
+fn parse_http_url(what: &str, text: &str) -> Result<Url, ApiError> {
+    let url = Url::parse(text)
+        .map_err(|e| ApiError::Config(format!("{what} {text:?} is not a URL: {e}")))?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err(ApiError::Config(format!(
+            "{what} {text:?} must be an https:// (or, for tests, http://) URL"
+        )));
+    }
+    if url.host_str().is_none() {
+        return Err(ApiError::Config(format!("{what} {text:?} has no host")));
+    }
+    Ok(url)
+}
+
+fn derive_jwks_url(base: &Url) -> Result<Url, ApiError> {
+    let mut url = base.clone();
+    url.set_path("/.well-known/jwks.json");
+    url.set_query(None);
+    url.set_fragment(None);
+    Ok(url)
+}
+
+/// Durations as seconds in config files: an integer or a fraction (`0.5`).
+pub mod secs {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{secs} is not a valid duration in seconds (must be finite and >= 0)"
+            ))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(value.as_secs_f64())
+    }
+}
+
+/// What went wrong talking to the Auth API. Messages never contain tokens or signatures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error(
+        "Auth API rejected the request as malformed (HTTP {status}): {message}{}",
+        rid(request_id)
+    )]
+    BadRequest {
+        status: u16,
+        message: String,
+        request_id: Option<String>,
+    },
+    #[error(
+        "Auth API refused the credentials (HTTP 401): {message}{}{}",
+        rid(request_id),
+        unauthorized_hint(message)
+    )]
+    Unauthorized {
+        message: String,
+        request_id: Option<String>,
+    },
+    #[error("Auth API rate limit (HTTP 429){}", retry_hint(*retry_after))]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("Auth API server error (HTTP {status}): {message}")]
+    Server { status: u16, message: String },
+    #[error("cannot reach the Auth API ({kind}): {detail}")]
+    Transport { kind: TransportKind, detail: String },
+    #[error("unexpected Auth API response: {0}")]
+    Protocol(String),
+    #[error("Auth API settings: {0}")]
+    Config(String),
+}
+
+/// The flavour of a transport failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Connect,
+    Timeout,
+    /// Reset, closed mid-response, TLS failure after connect, ...
+    Other,
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Connect => "connect",
+            TransportKind::Timeout => "timeout",
+            TransportKind::Other => "connection",
+        })
+    }
+}
+
+fn rid(request_id: &Option<String>) -> String {
+    request_id
+        .as_deref()
+        .map(|r| format!(" (request_id {r})"))
+        .unwrap_or_default()
+}
+
+fn retry_hint(retry_after: Option<Duration>) -> String {
+    retry_after
+        .map(|d| format!("; retry after {} s", d.as_secs_f64().ceil()))
+        .unwrap_or_default()
+}
+
+fn unauthorized_hint(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("key") && (m.contains("unknown") || m.contains("not found")) {
+        "; key_id unknown to the API: was the public key registered for this environment?"
+    } else if mentions_clock(&m) {
+        "; the timestamp was outside the API's window: check the clock (tm-agent resyncs from the Date header)"
+    } else {
+        ""
+    }
+}
+
+/// Whether a 401 message points at the challenge timestamp rather than the key.
+pub fn mentions_clock(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["timestamp", "clock", "window", "skew", "expired challenge"]
+        .iter()
+        .any(|w| m.contains(w))
+}
+
+impl ApiError {
+    /// A stable code for status and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "bad_request",
+            ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Server { .. } => "server_error",
+            ApiError::Transport { .. } => "transport",
+            ApiError::Protocol(_) => "protocol",
+            ApiError::Config(_) => "config",
+        }
+    }
+
+    /// Transient: worth retrying the same request after a backoff.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ApiError::RateLimited { .. } | ApiError::Server { .. } | ApiError::Transport { .. }
+        )
+    }
+
+    fn from_reqwest(err: reqwest::Error) -> ApiError {
+        let kind = if err.is_timeout() {
+            TransportKind::Timeout
+        } else if err.is_connect() {
+            TransportKind::Connect
+        } else {
+            TransportKind::Other
+        };
+        // The chain names the URL and the OS/TLS cause; neither holds a secret.
+        let mut detail = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            detail.push_str(": ");
+            detail.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        ApiError::Transport { kind, detail }
+    }
+}
+
+/// A fresh access/refresh pair. `Debug` shows neither token.
+pub struct TokenPair {
+    /// The JWT for `Authorization: Bearer`.
+    pub access_token: Arc<str>,
+    /// Rotating: only the newest one is good. Never leaves the token manager.
+    pub refresh_token: SecretString,
+    /// `expires_in` (an RFC 3339 time despite its name), as the server stated it.
+    pub expires_at: SystemTime,
+    /// Always `Bearer` in practice.
+    pub token_type: String,
+}
+
+impl std::fmt::Debug for TokenPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenPair")
+            .field("access_token", &"<redacted>")
+            .field("refresh_token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("token_type", &self.token_type)
+            .finish()
+    }
+}
+
+/// The JWKS document: the EC P-256 keys in it. Keys of other types are skipped, not errors.
+#[derive(Debug, Clone, Default)]
+pub struct Jwks {
+    pub keys: Vec<jose::Jwk>,
+    /// Entries that were not EC JWKs (e.g. RSA): counted for diagnostics.
+    pub skipped: usize,
+}
+
+/// The server's clock as learned from `Date` headers: server time minus local time.
+///
+/// Shared by clones of a [`Client`]; lock-free. `Date` has 1 s resolution, so the offset is
+/// estimated at the middle of that second and is good to about ±0.5 s plus latency.
+#[derive(Debug, Clone, Default)]
+pub struct ServerClock {
+    inner: Arc<ClockInner>,
+}
+
+#[derive(Debug, Default)]
+struct ClockInner {
+    offset_ms: AtomicI64,
+    known: AtomicBool,
+}
+
+impl ServerClock {
+    /// Server minus local clock in milliseconds, once any response has carried a `Date`.
+    pub fn offset_ms(&self) -> Option<i64> {
+        self.inner
+            .known
+            .load(Ordering::Acquire)
+            .then(|| self.inner.offset_ms.load(Ordering::Acquire))
+    }
+
+    /// Local clock + offset (the local clock until a `Date` has been seen).
+    pub fn server_now(&self) -> SystemTime {
+        shift(SystemTime::now(), self.offset_ms().unwrap_or(0))
+    }
+
+    /// Converts a server-clock time (such as a token's expiry) to the local clock, erring
+    /// early: `Date` only has whole seconds, so the offset may be up to half a second (plus
+    /// the round trip) too small, and an expiry must never be placed after the real one.
+    pub fn to_local(&self, server_time: SystemTime) -> SystemTime {
+        match self.offset_ms() {
+            Some(offset) => shift(server_time, -(offset + DATE_UNCERTAINTY_MS)),
+            None => server_time,
+        }
+    }
+
+    /// Records a `Date` header received at local time `received`.
+    pub fn observe(&self, date: SystemTime, received: SystemTime) {
+        let date_ms = signed_ms(date) + 500;
+        self.set_offset_ms(date_ms - signed_ms(received));
+    }
+
+    /// Sets the offset directly (tests, or a config override).
+    pub fn set_offset_ms(&self, offset_ms: i64) {
+        self.inner.offset_ms.store(offset_ms, Ordering::Release);
+        self.inner.known.store(true, Ordering::Release);
+    }
+
+    fn observe_headers(&self, headers: &HeaderMap) {
+        let received = SystemTime::now();
+        if let Some(date) = headers
+            .get(DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+        {
+            self.observe(date, received);
+        }
+    }
+}
+
+/// Milliseconds since the epoch, negative before it.
+fn signed_ms(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// `t` moved by `ms` milliseconds (either direction).
+pub fn shift(t: SystemTime, ms: i64) -> SystemTime {
+    let d = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        t.checked_add(d).unwrap_or(t)
+    } else {
+        t.checked_sub(d).unwrap_or(t)
+    }
+}
+
+/// The Auth API client. Cheap to clone; share one per environment.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    endpoints: Endpoints,
+    clock: ServerClock,
+}
+
+impl Client {
+    /// Builds the client: resolves URLs, loads the extra CA, sets timeouts and User-Agent.
+    pub fn new(settings: &ApiSettings) -> Result<Client, ApiError> {
+        let endpoints = settings.endpoints()?;
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .user_agent(concat!("tm-agent/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.timeout)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                ApiError::Config(format!("cannot read ca_file {}: {e}", path.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ApiError::Config(format!("ca_file {} is not PEM: {e}", path.display()))
+            })?;
+            if certs.is_empty() {
+                return Err(ApiError::Config(format!(
+                    "ca_file {} holds no certificate",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if is_loopback(&endpoints.mint) {
+            // A proxy from the environment must never see loopback test traffic.
+            builder = builder.no_proxy();
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ApiError::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            endpoints,
+            clock: ServerClock::default(),
+        })
+    }
+
+    /// The URLs in use.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The server clock learned from this client's responses.
+    pub fn clock(&self) -> &ServerClock {
+        &self.clock
+    }
+
+    /// `POST {base}/api-key/token` with a signed challenge.
+    pub async fn mint(&self, body: &jose::ChallengeBody) -> Result<TokenPair, ApiError> {
+        let json = Zeroizing::new(
+            serde_json::to_vec(body).map_err(|e| ApiError::Protocol(e.to_string()))?,
+        );
+        let bytes = self
+            .post(self.endpoints.mint.clone(), json.to_vec())
+            .await?;
+        parse_pair(&bytes)
+    }
+
+    /// `POST {base}/token/refresh`. The old refresh token must not be used again after this.
+    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<TokenPair, ApiError> {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            refresh_token: &'a str,
+        }
+        let json = Zeroizing::new(
+            serde_json::to_vec(&Body {
+                refresh_token: refresh_token.expose_secret(),
+            })
+            .map_err(|e| ApiError::Protocol(e.to_string()))?,
+        );
+        let bytes = self
+            .post(self.endpoints.refresh.clone(), json.to_vec())
+            .await?;
+        parse_pair(&bytes)
+    }
+
+    /// `GET` the JWKS.
+    pub async fn jwks(&self) -> Result<Jwks, ApiError> {
+        let req = self
+            .http
+            .get(self.endpoints.jwks.clone())
+            .header(ACCEPT, "application/json");
+        let bytes = self.send(req).await?;
+        parse_jwks(&bytes)
+    }
+
+    async fn post(&self, url: Url, body: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        let req = self
+            .http
+            .post(url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json")
+            .body(body);
+        self.send(req).await
+    }
+
+    /// Sends, learns the clock, reads the body (capped, zeroized) and maps non-2xx to errors.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        let mut resp = req.send().await.map_err(ApiError::from_reqwest)?;
+        self.clock.observe_headers(resp.headers());
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let mut body = Zeroizing::new(Vec::new());
+        while let Some(chunk) = resp.chunk().await.map_err(ApiError::from_reqwest)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(ApiError::Protocol(format!(
+                    "HTTP {} response body larger than {MAX_BODY} bytes",
+                    status.as_u16()
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(error_from_response(status, retry_after, &body))
+        }
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `Retry-After`: delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+/// Maps a non-2xx response to an error. The body is read only for the error envelope.
+fn error_from_response(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> ApiError {
+    let envelope: Option<Envelope> = serde_json::from_slice(body).ok();
+    let (message, request_id) = match envelope {
+        Some(env) => {
+            let text = match (env.message, env.kind) {
+                (Some(m), _) => m,
+                (None, Some(k)) => k,
+                (None, None) => status_text(status),
+            };
+            (scrub(&text), env.request_id.map(|r| scrub(&r)))
+        }
+        None => (status_text(status), None),
+    };
+    match status.as_u16() {
+        401 | 403 => ApiError::Unauthorized {
+            message,
+            request_id,
+        },
+        429 => ApiError::RateLimited { retry_after },
+        s if s >= 500 => ApiError::Server { status: s, message },
+        s => ApiError::BadRequest {
+            status: s,
+            message,
+            request_id,
+        },
+    }
+}
+
+fn status_text(status: StatusCode) -> String {
+    status
+        .canonical_reason()
+        .unwrap_or("no error message")
+        .to_string()
+}
+
+/// Cuts a server-provided message and masks anything that looks like a JWT.
+pub fn scrub(text: &str) -> String {
+    let masked: Vec<String> = text
+        .split(' ')
+        .map(|word| {
+            if word.contains("eyJ") || word.matches('.').count() >= 2 && word.len() > 40 {
+                "<redacted>".to_string()
+            } else {
+                word.to_string()
+            }
+        })
+        .collect();
+    let joined = masked.join(" ");
+    let mut out: String = joined
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_MESSAGE)
+        .collect();
+    if joined.chars().count() > MAX_MESSAGE {
+        out.push('…');
+    }
+    out
+}
+
+/// Describes a serde error by position only: its text may quote the (secret) input.
+fn json_error(what: &str, e: &serde_json::Error) -> ApiError {
+    ApiError::Protocol(format!(
+        "{what} is not the expected JSON ({:?} error at line {} column {})",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ExpiresIn {
+    /// What the API sends: an RFC 3339 time.
+    Time(String),
+    /// Tolerated in case the API ever follows OAuth and sends seconds.
+    Seconds(u64),
+}
+
+fn parse_pair(body: &[u8]) -> Result<TokenPair, ApiError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        access_token: String,
+        refresh_token: String,
+        expires_in: ExpiresIn,
+        #[serde(default)]
+        token_type: Option<String>,
+    }
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| json_error("token response", &e))?;
+    let expires_at = match raw.expires_in {
+        ExpiresIn::Time(text) => parse_rfc3339(&text)?,
+        ExpiresIn::Seconds(secs) => SystemTime::now() + Duration::from_secs(secs),
+    };
+    if raw.access_token.is_empty() || raw.refresh_token.is_empty() {
+        return Err(ApiError::Protocol(
+            "token response has an empty token".into(),
+        ));
+    }
+    let token_type = raw.token_type.unwrap_or_else(|| "Bearer".into());
+    if !token_type.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::Protocol(format!(
+            "token_type {:?} is not Bearer",
+            scrub(&token_type)
+        )));
+    }
+    Ok(TokenPair {
+        access_token: Arc::from(raw.access_token),
+        refresh_token: SecretString::from(raw.refresh_token),
+        expires_at,
+        token_type,
+    })
+}
+
+/// Parses an RFC 3339 date-time (`expires_in`).
+pub fn parse_rfc3339(text: &str) -> Result<SystemTime, ApiError> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|_| {
+            ApiError::Protocol(format!(
+                "expires_in {:?} is not an RFC 3339 time",
+                scrub(text)
+            ))
+        })
+}
+
+fn parse_jwks(body: &[u8]) -> Result<Jwks, ApiError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        keys: Vec<serde_json::Value>,
+    }
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| json_error("JWKS", &e))?;
+    let mut jwks = Jwks::default();
+    for value in raw.keys {
+        match serde_json::from_value::<jose::Jwk>(value) {
+            Ok(jwk) => jwks.keys.push(jwk),
+            Err(_) => jwks.skipped += 1,
+        }
+    }
+    Ok(jwks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn environment_urls() {
+        let prod = ApiSettings::default().endpoints().unwrap();
+        assert_eq!(
+            prod.mint.as_str(),
+            "https://api.truemarkets.co/v1/auth/api-key/token"
+        );
+        assert_eq!(
+            prod.refresh.as_str(),
+            "https://api.truemarkets.co/v1/auth/token/refresh"
+        );
+        assert_eq!(
+            prod.jwks.as_str(),
+            "https://api.truemarkets.co/.well-known/jwks.json"
+        );
+        let uat = ApiSettings {
+            environment: Some(Environment::Uat),
+            ..ApiSettings::default()
+        }
+        .endpoints()
+        .unwrap();
+        assert_eq!(
+            uat.mint.as_str(),
+            "https://api.uat.truemarkets.co/v1/auth/api-key/token"
+        );
+        assert_eq!(
+            uat.jwks.as_str(),
+            "https://api.uat.truemarkets.co/.well-known/jwks.json"
+        );
+    }
+
+    #[test]
+    fn custom_base_derives_jwks_at_host_root() {
+        let ep = ApiSettings::custom("http://127.0.0.1:8443/v1/auth/")
+            .endpoints()
+            .unwrap();
+        assert_eq!(
+            ep.mint.as_str(),
+            "http://127.0.0.1:8443/v1/auth/api-key/token"
+        );
+        assert_eq!(
+            ep.refresh.as_str(),
+            "http://127.0.0.1:8443/v1/auth/token/refresh"
+        );
+        assert_eq!(
+            ep.jwks.as_str(),
+            "http://127.0.0.1:8443/.well-known/jwks.json"
+        );
+        let custom = ApiSettings {
+            jwks_url: Some("https://keys.example/jwks".into()),
+            ..ApiSettings::custom("https://auth.example/v1/auth")
+        };
+        assert_eq!(
+            custom.endpoints().unwrap().jwks.as_str(),
+            "https://keys.example/jwks"
+        );
+        let both = ApiSettings {
+            environment: Some(Environment::Production),
+            ..ApiSettings::custom("https://auth.example")
+        };
+        assert!(matches!(both.endpoints(), Err(ApiError::Config(_))));
+        assert!(ApiSettings::custom("ftp://x/y").endpoints().is_err());
+    }
+
+    #[test]
+    fn settings_deserialize_with_seconds_and_reject_unknown_fields() {
+        let s: ApiSettings =
+            toml::from_str("environment = \"uat\"\nconnect_timeout = 1.5\ntimeout = 20\n").unwrap();
+        assert_eq!(s.environment, Some(Environment::Uat));
+        assert_eq!(s.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(s.timeout, Duration::from_secs(20));
+        assert!(toml::from_str::<ApiSettings>("bogus = 1").is_err());
+        assert!(toml::from_str::<ApiSettings>("timeout = -1").is_err());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn pair_parsing_is_strict_about_expires_in_and_redacts() {
+        let body = br#"{"access_token":"eyJa.b.c","refresh_token":"eyJr.s.t","expires_in":"2030-01-02T03:04:05Z","token_type":"Bearer"}"#;
+        let pair = parse_pair(body).unwrap();
+        assert_eq!(
+            pair.expires_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_553_445)
+        );
+        let dbg = format!("{pair:?}");
+        assert!(!dbg.contains("eyJ"), "{dbg}");
+        let bad =
+            br#"{"access_token":"eyJsecret.x.y","refresh_token":"r","expires_in":"tomorrow"}"#;
+        let err = parse_pair(bad).unwrap_err();
+        assert_eq!(err.code(), "protocol");
+        // A type error must not quote the token it choked on.
+        let wrong = br#"{"access_token":7,"refresh_token":"eyJsecret.x.y","expires_in":"x"}"#;
+        let err = parse_pair(wrong).unwrap_err();
+        assert!(!err.to_string().contains("eyJ"), "{err}");
+    }
+
+    #[test]
+    fn error_envelope_mapping() {
+        let body =
+            br#"{"type":"unauthenticated","message":"invalid signature","request_id":"r-1"}"#;
+        match error_from_response(StatusCode::UNAUTHORIZED, None, body) {
+            ApiError::Unauthorized {
+                message,
+                request_id,
+            } => {
+                assert_eq!(message, "invalid signature");
+                assert_eq!(request_id.as_deref(), Some("r-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            error_from_response(StatusCode::BAD_REQUEST, None, b"{}").code(),
+            "bad_request"
+        );
+        assert_eq!(
+            error_from_response(StatusCode::SERVICE_UNAVAILABLE, None, b"<html>").code(),
+            "server_error"
+        );
+        let e = error_from_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(3)),
+            b"",
+        );
+        assert!(matches!(e, ApiError::RateLimited { retry_after: Some(d) } if d.as_secs() == 3));
+        let leak = br#"{"message":"bad token eyJhbGciOi.eyJzdWIi.sig here"}"#;
+        let e = error_from_response(StatusCode::UNAUTHORIZED, None, leak);
+        assert!(!e.to_string().contains("eyJ"), "{e}");
+    }
+
+    #[test]
+    fn clock_offset_from_date() {
+        let clock = ServerClock::default();
+        assert_eq!(clock.offset_ms(), None);
+        let local = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);
+        let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_040);
+        clock.observe(date, local);
+        // Midpoint of the Date second: 40.5 s - 0.25 s.
+        assert_eq!(clock.offset_ms(), Some(40_250));
+        let server = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        // Expiries convert conservatively (half a second early, plus slack).
+        assert_eq!(
+            clock.to_local(server),
+            server - Duration::from_millis(40_250 + 600)
+        );
+    }
+
+    /// A one-shot HTTP server on 127.0.0.1 answering every connection with `response`.
+    async fn canned(response: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let _ = sock.read(&mut buf).await;
+                if response == "HANG" {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                } else if response == "RESET" {
+                    drop(sock);
+                    continue;
+                } else {
+                    let _ = sock.write_all(response.as_bytes()).await;
+                }
+            }
+        });
+        (format!("http://{addr}/v1/auth"), task)
+    }
+
+    fn body() -> jose::ChallengeBody {
+        jose::ChallengeBody {
+            key_id: "k".into(),
+            timestamp: 1,
+            signature: "s".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_error_mapping_over_loopback() {
+        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(100));
+        let resp: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 429 Too Many Requests\r\nDate: {date}\r\nRetry-After: 5\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .into_boxed_str(),
+        );
+        let (url, _t) = canned(resp).await;
+        let client = Client::new(&ApiSettings::custom(url)).unwrap();
+        let err = client.mint(&body()).await.unwrap_err();
+        assert!(
+            matches!(err, ApiError::RateLimited { retry_after: Some(d) } if d.as_secs() == 5),
+            "{err:?}"
+        );
+        let offset = client.clock().offset_ms().unwrap();
+        assert!((98_000..=102_000).contains(&offset), "{offset}");
+
+        let ok: &'static str = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 107\r\nConnection: close\r\n\r\n{\"access_token\":\"a.b.c\",\"refresh_token\":\"r\",\"expires_in\":\"2030-01-02T03:04:05+00:00\",\"token_type\":\"Bearer\"}";
+        assert_eq!(ok.split("\r\n\r\n").nth(1).unwrap().len(), 107);
+        let (url, _t) = canned(ok).await;
+        let client = Client::new(&ApiSettings::custom(url)).unwrap();
+        let pair = client
+            .refresh(&SecretString::from("r".to_string()))
+            .await
+            .unwrap();
+        assert_eq!(&*pair.access_token, "a.b.c");
+
+        let (url, _t) = canned("RESET").await;
+        let client = Client::new(&ApiSettings::custom(url)).unwrap();
+        let err = client.jwks().await.unwrap_err();
+        assert_eq!(err.code(), "transport", "{err}");
+
+        let (url, _t) = canned("HANG").await;
+        let settings = ApiSettings {
+            timeout: Duration::from_millis(300),
+            ..ApiSettings::custom(url)
+        };
+        let client = Client::new(&settings).unwrap();
+        let err = client.mint(&body()).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApiError::Transport {
+                    kind: TransportKind::Timeout,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_refused_is_transport_connect() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let client = Client::new(&ApiSettings::custom(format!("http://{addr}/v1/auth"))).unwrap();
+        let err = client.jwks().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApiError::Transport {
+                    kind: TransportKind::Connect,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,436 @@
+//! `tm-agent run`: the daemon. Assembles signers, token managers and the server from the
+//! config, talks to systemd, and handles signals.
+//!
+//! Start-up order: take the socket systemd passed (before any thread exists, since it edits
+//! the environment), load and validate the config, install logging, then on the runtime:
+//! open every key (blocking, off the runtime's workers) with its self-test, start one token
+//! manager per profile (each mints at once), start serving, and send `READY=1` once every
+//! profile is ready (a verified token, or for `ready_when = "signer"` a healthy key).
+//!
+//! Signals: SIGTERM/SIGINT → `STOPPING=1`, stop accepting, finish in-flight requests (at
+//! most `shutdown_grace_secs`), end `watch` streams, then stop the token managers; exit 0.
+//! SIGHUP → `RELOADING=1`, re-read the file, apply `[[access]]` and `agent.log_level` (other
+//! changes need a restart and are reported as such), `READY=1`.
+//! The watchdog pings only while the runtime and every signer answer a probe.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use super::logging::{self, FilterHandle};
+use crate::auth_api;
+use crate::config::{Config, KeyConfig, LogFormat, ReadyWhen, DEFAULT_CONFIG};
+use crate::server::{self, listener::Listener, Profile, State};
+use crate::signer::{self, Handle, SignerError};
+use crate::systemd::notify::{join_status, Notifier, StatusLine};
+use crate::token::Manager;
+
+/// Exit code when the PIN is wrong, locked or unreadable (the unit's
+/// `RestartPreventExitStatus=` keeps systemd from burning PIN tries on restarts).
+pub const EXIT_PIN: u8 = 77;
+/// Exit code when the configuration is unusable (also not restarted by systemd).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// `tm-agent run` options.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The configuration file.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Log format [default: the config's agent.log_format].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Runs the daemon to completion and returns the process exit code.
+pub fn main(args: RunArgs) -> u8 {
+    let activated = match crate::systemd::take_activated_listener() {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("tm-agent: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let loaded = match Config::load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("tm-agent: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let format = args.log_format.unwrap_or(loaded.config.agent.log_format);
+    let filter = match logging::init(&loaded.config.agent.log_level, format) {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("tm-agent: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tm-agent-rt")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tm-agent: cannot start the async runtime: {e}");
+            return super::EXIT_FAILURE;
+        }
+    };
+    let daemon = Daemon {
+        config_path: args.config,
+        filter,
+        notifier: Notifier::from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "NOTIFY_SOCKET unusable: not talking to systemd");
+            Notifier::disabled()
+        }),
+    };
+    let result = runtime.block_on(daemon.run(loaded, activated));
+    // Signer threads and blocking tasks must not hold the process up once we are done.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "tm-agent stops");
+            super::print_error(&err, &mut std::io::stderr());
+            exit_code(&err)
+        }
+    }
+}
+
+/// The exit code of a failed start: PIN problems and config problems have their own.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(SignerError::WrongPin { .. } | SignerError::PinLocked | SignerError::Pin(_)) =
+            cause.downcast_ref::<SignerError>()
+        {
+            return EXIT_PIN;
+        }
+        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return EXIT_CONFIG;
+        }
+    }
+    super::EXIT_FAILURE
+}
+
+struct Daemon {
+    config_path: PathBuf,
+    filter: FilterHandle,
+    notifier: Notifier,
+}
+
+/// One running profile: what the server needs plus what readiness and status read.
+struct RunningProfile {
+    name: String,
+    manager: Manager,
+    ready_when: ReadyWhen,
+}
+
+impl Daemon {
+    async fn run(
+        self,
+        loaded: crate::config::Loaded,
+        activated: Option<std::os::unix::net::UnixListener>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let config = loaded.config;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %self.config_path.display(),
+            "tm-agent starting"
+        );
+        let _ = self.notifier.status("opening keys");
+        let handles = open_keys(&config).await?;
+        let tokens_cancel = CancellationToken::new();
+        let mut running = Vec::new();
+        let mut profiles = Vec::new();
+        for (name, p) in &config.profiles {
+            let handle = handles
+                .get(&p.key)
+                .with_context(|| format!("profile {name}: key {} is not open", p.key))?
+                .clone();
+            let client = auth_api::Client::new(&p.api_settings())
+                .with_context(|| format!("profile {name}: cannot set up the Auth API client"))?;
+            let manager = Manager::start(
+                p.token_settings(),
+                handle.clone(),
+                client,
+                tokens_cancel.child_token(),
+            );
+            profiles.push(Profile::new(name, &p.key_id, handle, manager.clone()));
+            running.push(RunningProfile {
+                name: name.clone(),
+                manager,
+                ready_when: p.ready_when,
+            });
+        }
+
+        let listener = match activated {
+            Some(std_listener) => {
+                Listener::from_std(std_listener).context("cannot use the socket from systemd")?
+            }
+            None => Listener::bind(&config.socket)?,
+        };
+        tracing::info!(socket = listener.describe(), "listening");
+        let state = State::new(profiles, loaded.rules, config.server.clone())?;
+        let shutdown = CancellationToken::new();
+        let mut server_task = tokio::spawn(server::serve(
+            listener,
+            Arc::clone(&state),
+            shutdown.clone(),
+        ));
+
+        let running = Arc::new(running);
+        let watchdog = tokio::spawn(watchdog(self.notifier.clone(), handles.clone()));
+        let status = tokio::spawn(report_status(
+            self.notifier.clone(),
+            Arc::clone(&running),
+            started,
+        ));
+
+        let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
+        let outcome = loop {
+            tokio::select! {
+                _ = term.recv() => break Ok("SIGTERM"),
+                _ = int.recv() => break Ok("SIGINT"),
+                _ = hup.recv() => self.reload(&state),
+                result = &mut server_task => {
+                    break Err(match result {
+                        Ok(Ok(())) => anyhow::anyhow!("the server stopped on its own"),
+                        Ok(Err(e)) => anyhow::Error::new(e).context("the server failed"),
+                        Err(e) => anyhow::anyhow!("the server task failed: {e}"),
+                    });
+                }
+            }
+        };
+        let _ = self.notifier.stopping();
+        status.abort();
+        watchdog.abort();
+        let signal_name = outcome?;
+        tracing::info!(
+            signal = signal_name,
+            "shutting down: finishing in-flight requests"
+        );
+        shutdown.cancel();
+        let grace = Duration::from_secs(config.agent.shutdown_grace_secs);
+        match tokio::time::timeout(grace, &mut server_task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    "in-flight requests did not finish in time"
+                );
+                server_task.abort();
+            }
+        }
+        // Token managers stop last, so watch clients got their `end` while tokens were valid.
+        tokens_cancel.cancel();
+        tracing::info!("tm-agent stopped");
+        Ok(())
+    }
+
+    /// SIGHUP: re-read the file; apply access rules and the log level.
+    fn reload(&self, state: &State) {
+        let _ = self.notifier.reloading();
+        match Config::load(&self.config_path) {
+            Ok(loaded) => {
+                let count = loaded.rules.len();
+                state.reload_rules(loaded.rules);
+                if let Err(e) = self.filter.set(&loaded.config.agent.log_level) {
+                    tracing::warn!(error = %e, "log level not changed");
+                }
+                tracing::info!(
+                    rules = count,
+                    "reloaded [[access]] and agent.log_level (changes to keys, profiles, \
+                     socket and server settings take effect on restart)"
+                );
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "reload failed: keeping the previous access rules and log level"
+            ),
+        }
+        let _ = self.notifier.ready();
+    }
+}
+
+/// Opens every key named by a profile, in parallel, each with its self-test.
+async fn open_keys(config: &Config) -> anyhow::Result<BTreeMap<String, Handle>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, key) in &config.keys {
+        if !config.profiles.values().any(|p| &p.key == name) {
+            continue;
+        }
+        let (name, key) = (name.clone(), key.clone());
+        let options = config.agent.actor_options(&name);
+        tasks.spawn_blocking(move || {
+            let result = open_key(&key, options);
+            (name, result)
+        });
+    }
+    let mut handles = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (name, result) = joined.context("a key-opening task failed")?;
+        let handle = result.with_context(|| format!("cannot open key {name}"))?;
+        let info = handle.info();
+        tracing::info!(
+            key = %name,
+            backend = info.backend,
+            location = %info.location,
+            hardware_backed = info.hardware_backed,
+            thumbprint = %crate::jose::Jwk::from_verifying_key(&info.public_key).thumbprint(),
+            "key open, self-test passed"
+        );
+        handles.insert(name, handle);
+    }
+    Ok(handles)
+}
+
+/// Opens one key and starts its actor (blocking: hardware calls and the self-test).
+pub(crate) fn open_key(
+    key: &KeyConfig,
+    options: signer::ActorOptions,
+) -> Result<Handle, SignerError> {
+    let (info, workers) = match key {
+        KeyConfig::Pkcs11(settings) => signer::pkcs11::open(settings, 0)?,
+        // One worker: one owner of the card.
+        KeyConfig::Piv(settings) => signer::piv::open(settings)?,
+        KeyConfig::Soft(soft) => {
+            let signing_key = signer::soft::load_key(&soft.key_file)?;
+            signer::soft::open(signing_key, soft.key_file.display().to_string(), 1)
+        }
+    };
+    Handle::spawn(info, workers, options)
+}
+
+/// Pings the watchdog while every signer answers a probe within the interval.
+async fn watchdog(notifier: Notifier, handles: BTreeMap<String, Handle>) {
+    notifier
+        .run_watchdog(|| {
+            let handles = handles.clone();
+            async move {
+                for (name, handle) in &handles {
+                    match handle.sign(b"tm-agent watchdog probe").await {
+                        // Any answer, even an error from a missing token, shows the signer
+                        // thread is alive; only silence means wedged.
+                        Err(SignerError::Timeout(_) | SignerError::Closed) => {
+                            tracing::error!(key = %name, "signer does not answer");
+                            return false;
+                        }
+                        _ => {}
+                    }
+                }
+                true
+            }
+        })
+        .await;
+}
+
+/// Sends `READY=1` once every profile is ready, then keeps `STATUS=` current: on every
+/// token change and at least every 30 s (the "valid 54m" figure ages).
+async fn report_status(notifier: Notifier, profiles: Arc<Vec<RunningProfile>>, started: Instant) {
+    let mut receivers: Vec<_> = profiles.iter().map(|p| p.manager.subscribe()).collect();
+    let mut ready = false;
+    loop {
+        let all_ready = profiles.iter().all(|p| match p.ready_when {
+            ReadyWhen::Signer => true,
+            ReadyWhen::Token => p
+                .manager
+                .status()
+                .expires_at
+                .is_some_and(|e| e > SystemTime::now()),
+        });
+        let text = status_text(&profiles);
+        if all_ready && !ready {
+            ready = true;
+            let _ = notifier.ready_with_status(&text);
+            tracing::info!(
+                after_ms = started.elapsed().as_millis() as u64,
+                status = %text,
+                "ready"
+            );
+        } else {
+            let _ = notifier.status(&text);
+        }
+        let changes = any_changed(&mut receivers);
+        tokio::select! {
+            _ = changes => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
+}
+
+/// Resolves when any of the watch receivers sees a change (or closes).
+async fn any_changed<T: Send + Sync + 'static>(receivers: &mut [tokio::sync::watch::Receiver<T>]) {
+    let mut set = tokio::task::JoinSet::new();
+    for rx in receivers.iter() {
+        let mut rx = rx.clone();
+        rx.mark_unchanged();
+        set.spawn(async move {
+            let _ = rx.changed().await;
+        });
+    }
+    if set.join_next().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+    for rx in receivers.iter_mut() {
+        rx.mark_unchanged();
+    }
+}
+
+/// The `STATUS=` text: one clause per profile.
+fn status_text(profiles: &[RunningProfile]) -> String {
+    let now = SystemTime::now();
+    let states: Vec<_> = profiles
+        .iter()
+        .map(|p| {
+            let s = p.manager.status();
+            let valid = s
+                .expires_at
+                .and_then(|e| e.duration_since(now).ok())
+                .filter(|d| !d.is_zero());
+            let retry = if s.consecutive_failures > 0 {
+                s.next_refresh.and_then(|n| n.duration_since(now).ok())
+            } else {
+                None
+            };
+            let error = (s.consecutive_failures > 0)
+                .then(|| describe_error(s.last_error_code.as_deref(), s.last_error.as_deref()));
+            (p.name.as_str(), valid, error, retry)
+        })
+        .collect();
+    join_status(
+        states
+            .iter()
+            .map(|(profile, valid, error, retry)| StatusLine {
+                profile,
+                token_valid_for: *valid,
+                error: error.as_deref(),
+                retry_in: *retry,
+            }),
+    )
+}
+
+/// A short operator-facing phrase for a token failure code.
+fn describe_error(code: Option<&str>, message: Option<&str>) -> String {
+    match code {
+        Some("transport") => "auth API unreachable".into(),
+        Some("server_error") => "auth API failing (5xx)".into(),
+        Some("rate_limited") => "auth API rate-limits us".into(),
+        Some("unauthorized") => format!("auth API refused the key: {}", message.unwrap_or("")),
+        Some("invalid_token") => "auth API sent a token that fails JWKS checks".into(),
+        Some("signer_error") => "key cannot sign".into(),
+        Some(other) => other.replace('_', " "),
+        None => "failing".into(),
+    }
+}

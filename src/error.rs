@@ -1,0 +1,135 @@
+//! Wire errors: the stable codes (re-exported from [`crate::protocol`]) and the one mapping
+//! from the agent's internal errors ([`SignerError`], [`TokenError`], access refusals) to what
+//! a client is told.
+//!
+//! The rule: the client gets the code and a short message that says what to do; the details
+//! (PKCS#11 return values, HTTP bodies, paths) go to the agent's log only. Pure functions, no
+//! state.
+
+use std::borrow::Cow;
+
+pub use crate::protocol::ErrorCode;
+use crate::signer::SignerError;
+use crate::token::TokenError;
+
+/// An error as sent to a client: a stable code and a safe message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        WireError::new(ErrorCode::BadRequest, message)
+    }
+
+    /// The peer's access rules do not allow `op` on `profile`.
+    pub fn forbidden(op: &str, profile: Option<&str>) -> Self {
+        let what = match profile {
+            Some(p) => format!("`{op}` on profile `{p}`"),
+            None => format!("`{op}`"),
+        };
+        WireError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "permission denied by the agent: your user may not use {what}; ask for it to be \
+                 added to an [[access]] rule of tm-agent's config"
+            ),
+        )
+    }
+
+    pub fn unknown_profile(profile: &str) -> Self {
+        WireError::new(
+            ErrorCode::UnknownProfile,
+            format!(
+                "no profile `{}` in this agent (see `tm-agent status`)",
+                crate::protocol::truncate(profile, 128)
+            ),
+        )
+    }
+
+    pub fn internal() -> Self {
+        WireError::new(
+            ErrorCode::Internal,
+            "internal error in the agent; see its log (journalctl -u tm-agent)",
+        )
+    }
+
+    /// The code and message for a signing failure. The full error belongs in the log.
+    pub fn from_signer(err: &SignerError) -> Self {
+        let code = ErrorCode::from_name(err.wire_code());
+        let message = match code {
+            ErrorCode::Busy => "the signer is busy: retry shortly",
+            ErrorCode::Timeout => {
+                "the signer did not answer in time: retry; if it persists, check the HSM or card"
+            }
+            ErrorCode::Unavailable => {
+                "the signer is unavailable: see `tm-agent status` and the agent's log"
+            }
+            _ => "signing failed: see the agent's log (journalctl -u tm-agent)",
+        };
+        WireError::new(code_or_internal(code), message)
+    }
+
+    /// The code and message for a token that cannot be handed out.
+    pub fn from_token(err: &TokenError, profile: &str) -> Self {
+        let code = ErrorCode::from_name(err.wire_code());
+        let message = match code {
+            ErrorCode::Timeout => format!(
+                "renewing the access token of profile `{profile}` did not finish in time: retry shortly"
+            ),
+            _ => format!(
+                "no valid access token for profile `{profile}` right now: see `tm-agent status` \
+                 and the agent's log"
+            ),
+        };
+        WireError::new(code_or_internal(code), message)
+    }
+}
+
+fn code_or_internal(code: ErrorCode) -> ErrorCode {
+    match code {
+        ErrorCode::Unknown => ErrorCode::Internal,
+        code => code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn signer_errors_map_to_stable_codes_without_details() {
+        let e = WireError::from_signer(&SignerError::Busy { depth: 7 });
+        assert_eq!(e.code, ErrorCode::Busy);
+        let e = WireError::from_signer(&SignerError::Pkcs11 {
+            func: "C_Sign",
+            rv: "CKR_DEVICE_ERROR".into(),
+            hint: "",
+        });
+        assert_eq!(e.code, ErrorCode::SignerError);
+        assert!(!e.message.contains("CKR_"), "details stay in the log");
+        let e = WireError::from_signer(&SignerError::Timeout(Duration::from_secs(1)));
+        assert_eq!(e.code, ErrorCode::Timeout);
+        let e = WireError::from_signer(&SignerError::Closed);
+        assert_eq!(e.code, ErrorCode::Unavailable);
+    }
+
+    #[test]
+    fn token_errors_map_to_stable_codes() {
+        let e = WireError::from_token(&TokenError::Unavailable("500 from API".into()), "prod");
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(!e.message.contains("500"));
+        let e = WireError::from_token(&TokenError::Timeout(Duration::from_secs(1)), "prod");
+        assert_eq!(e.code, ErrorCode::Timeout);
+    }
+}

@@ -1,0 +1,919 @@
+//! One connection: framing, dispatch, authorization, audit, timeouts, replies.
+//!
+//! One task per connection owns the socket. It reads, answers what it can from memory
+//! straight into its output buffer (`ping`, `token` while the current token is fresh enough,
+//! `public_key`, `status`, every refusal), and writes the buffer once per read, so a burst
+//! of pipelined requests becomes one write. Requests that must wait (`sign_challenge`,
+//! `stamp`, a `token` that needs a renewal, `watch`) are spawned as tasks, each holding a
+//! permit of the connection's in-flight budget and a sender of the bounded reply channel;
+//! the connection task writes their lines as they come, in completion order.
+//!
+//! Timeouts: a partial line must complete within `line_timeout` of its first byte; a
+//! connection with nothing in flight is closed after `idle_timeout` without input; a write
+//! that cannot finish within `write_timeout` closes the connection. One `Sleep` serves all
+//! three and is re-armed only when it fires.
+//!
+//! Ending: on EOF the task stops reading, ends its `watch` streams, delivers the replies of
+//! requests still in flight and closes. On shutdown it does the same, and each `watch`
+//! stream gets a final `end` event. Nothing here blocks the runtime; no lock is held across
+//! an `.await`.
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Profile, State};
+use crate::authz::{Grants, PeerCred};
+use crate::error::WireError;
+use crate::jose;
+use crate::protocol::{self, codec::LineBuffer, Body, ErrorCode, Op, RawRequest};
+use crate::token::AccessToken;
+
+/// Refused requests audited one by one per connection; the rest are counted and summarised
+/// when the connection closes, so a misbehaving client cannot flood the log.
+const AUDITED_REFUSALS: u32 = 16;
+
+/// Answers a connection over the cap with one error line and closes it.
+pub(super) fn reject(stream: UnixStream, max: usize) {
+    let line = format!(
+        "{{\"id\":null,\"ok\":false,\"error\":{{\"code\":\"busy\",\"message\":\"the agent is \
+         serving its maximum of {max} connections: retry shortly\"}}}}\n"
+    );
+    // Best effort, never waits: a fresh socket's send buffer has room for one short line.
+    let _ = stream.try_write(line.as_bytes());
+}
+
+/// The peer, as needed for audit records (shared with request tasks).
+struct Peer {
+    cred: PeerCred,
+    exe: OnceLock<String>,
+}
+
+impl Peer {
+    fn exe(&self) -> &str {
+        self.exe.get_or_init(|| {
+            self.cred
+                .exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "?".into())
+        })
+    }
+
+    fn audit(&self, op: Op, profile: Option<&str>, result: &str) {
+        let pid = self.cred.pid.unwrap_or(0);
+        if result == "ok" {
+            tracing::info!(
+                target: "audit",
+                uid = self.cred.uid,
+                gid = self.cred.gid,
+                pid,
+                exe = self.exe(),
+                op = op.as_str(),
+                profile = profile.unwrap_or("-"),
+                result,
+                "request"
+            );
+        } else {
+            tracing::warn!(
+                target: "audit",
+                uid = self.cred.uid,
+                gid = self.cred.gid,
+                pid,
+                exe = self.exe(),
+                op = op.as_str(),
+                profile = profile.unwrap_or("-"),
+                result,
+                "request"
+            );
+        }
+    }
+}
+
+/// The token last seen for one profile, with its `result` object rendered once.
+struct TokenSlot {
+    rx: tokio::sync::watch::Receiver<Option<Arc<AccessToken>>>,
+    current: Option<(Arc<AccessToken>, Vec<u8>)>,
+}
+
+struct Conn {
+    state: Arc<State>,
+    peer: Arc<Peer>,
+    grants: Grants,
+    rules_generation: u64,
+    /// `None` once the connection stops taking requests.
+    replies: Option<mpsc::Sender<Vec<u8>>>,
+    in_flight: Arc<Semaphore>,
+    /// Cancelled to end this connection's `watch` streams.
+    streams: CancellationToken,
+    /// Cancelled when the client is gone: pending requests are dropped, so their signer
+    /// jobs are skipped. (Shutdown does not cancel these: they finish.)
+    requests: CancellationToken,
+    /// The server's shutdown token (to tell `watch` streams why they end).
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    tokens: Vec<Option<TokenSlot>>,
+    token_audited: bool,
+    refusals: u32,
+}
+
+pub(super) async fn run(
+    stream: UnixStream,
+    state: Arc<State>,
+    cancel: CancellationToken,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    _slot: OwnedSemaphorePermit,
+) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => PeerCred {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read peer credentials; closing the connection");
+            return;
+        }
+    };
+    state
+        .counters
+        .connections_open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (rules_generation, rules) = state.rules();
+    let grants = rules.grants(&cred);
+    let settings = state.settings.clone();
+    let (tx, rx) = mpsc::channel(settings.max_in_flight.max(8));
+    let mut conn = Conn {
+        tokens: (0..state.profiles.len()).map(|_| None).collect(),
+        state: Arc::clone(&state),
+        peer: Arc::new(Peer {
+            cred,
+            exe: OnceLock::new(),
+        }),
+        grants,
+        rules_generation,
+        replies: Some(tx),
+        in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+        streams: cancel.child_token(),
+        requests: CancellationToken::new(),
+        shutdown,
+        tracker,
+        token_audited: false,
+        refusals: 0,
+    };
+    tracing::debug!(uid = cred.uid, pid = cred.pid, "connection opened");
+    let end = conn.serve(stream, rx, &cancel, &settings).await;
+    if conn.refusals > AUDITED_REFUSALS {
+        tracing::warn!(
+            target: "audit",
+            uid = cred.uid,
+            pid = cred.pid.unwrap_or(0),
+            exe = conn.peer.exe(),
+            refused = conn.refusals,
+            "further refused requests on this connection were not logged one by one"
+        );
+    }
+    tracing::debug!(
+        uid = cred.uid,
+        pid = cred.pid,
+        reason = end,
+        "connection closed"
+    );
+    state
+        .counters
+        .connections_open
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl Conn {
+    /// The connection's main loop. Returns why it ended (for the debug log).
+    async fn serve(
+        &mut self,
+        stream: UnixStream,
+        mut rx: mpsc::Receiver<Vec<u8>>,
+        cancel: &CancellationToken,
+        settings: &super::ServerSettings,
+    ) -> &'static str {
+        let (mut rd, mut wr) = stream.into_split();
+        let mut lines = LineBuffer::new(protocol::MAX_LINE);
+        let mut out: Vec<u8> = Vec::with_capacity(1024);
+        let mut reading = true;
+        let mut end = "client closed";
+        let mut last_input = Instant::now();
+        let mut partial_since: Option<Instant> = None;
+        let timer = tokio::time::sleep(settings.line_timeout.min(settings.idle_timeout));
+        tokio::pin!(timer);
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+
+        loop {
+            if reading {
+                // Answer every complete line that is buffered.
+                loop {
+                    match lines.next_line() {
+                        Ok(Some(line)) => self.handle_line(line, &mut out),
+                        Ok(None) => break,
+                        Err(too_long) => {
+                            self.refuse(
+                                &mut out,
+                                None,
+                                None,
+                                WireError::bad_request(format!(
+                                    "{too_long}: requests are limited to 64 KiB a line; closing"
+                                )),
+                            );
+                            reading = false;
+                            end = "line too long";
+                            break;
+                        }
+                    }
+                }
+                if reading {
+                    let now = Instant::now();
+                    last_input = now;
+                    partial_since = match (lines.has_partial(), partial_since) {
+                        (true, None) => {
+                            // A new partial line: make sure the timer fires by its deadline.
+                            let deadline = tokio::time::Instant::from(now + settings.line_timeout);
+                            if timer.deadline() > deadline {
+                                timer.as_mut().reset(deadline);
+                            }
+                            Some(now)
+                        }
+                        (true, since) => since,
+                        (false, _) => None,
+                    };
+                }
+            }
+            if !reading && self.replies.is_some() {
+                self.stop_taking_requests();
+            }
+            // Pick up replies that are ready, then write everything in one go.
+            while let Ok(line) = rx.try_recv() {
+                out.extend_from_slice(&line);
+            }
+            if !out.is_empty() {
+                match tokio::time::timeout(settings.write_timeout, wr.write_all(&out)).await {
+                    Ok(Ok(())) => out.clear(),
+                    Ok(Err(_)) => return self.abort("write failed"),
+                    Err(_) => return self.abort("write timed out"),
+                }
+                if out.capacity() > 64 * 1024 {
+                    out = Vec::with_capacity(1024);
+                }
+            }
+            if !reading && self.replies.is_none() && rx.is_closed() && rx.is_empty() {
+                return end;
+            }
+
+            tokio::select! {
+                biased;
+                _ = &mut cancelled, if reading => {
+                    reading = false;
+                    end = "shutdown";
+                }
+                line = rx.recv() => match line {
+                    Some(line) => out.extend_from_slice(&line),
+                    // Every sender is gone: nothing more will come.
+                    None => return end,
+                },
+                read = rd.read(lines.spare()), if reading => match read {
+                    Ok(0) => {
+                        reading = false;
+                        // EOF is also what a half-close (`shutdown(SHUT_WR)`, socat, nc -N)
+                        // looks like, and those clients still read their replies. A peer that
+                        // closed completely shows as hung up for writing: drop its requests.
+                        let busy = self.in_flight.available_permits() < settings.max_in_flight;
+                        if busy && peer_hung_up(&wr) {
+                            self.requests.cancel();
+                            end = "client vanished";
+                        }
+                    }
+                    Ok(n) => lines.filled(n),
+                    Err(_) => {
+                        reading = false;
+                        end = "read failed";
+                    }
+                },
+                _ = &mut timer, if reading => {
+                    let now = Instant::now();
+                    let idle = self.in_flight.available_permits() == settings.max_in_flight;
+                    let partial_deadline = partial_since.map(|t| t + settings.line_timeout);
+                    let idle_deadline = idle.then(|| last_input + settings.idle_timeout);
+                    if partial_deadline.is_some_and(|d| d <= now) {
+                        self.refuse(
+                            &mut out,
+                            None,
+                            None,
+                            WireError::bad_request(format!(
+                                "incomplete line: a request must arrive within {} s of its first \
+                                 byte; closing",
+                                settings.line_timeout.as_secs()
+                            )),
+                        );
+                        reading = false;
+                        end = "partial line timeout";
+                    } else if idle_deadline.is_some_and(|d| d <= now) {
+                        reading = false;
+                        end = "idle timeout";
+                    } else {
+                        let next = [partial_deadline, idle_deadline]
+                            .into_iter()
+                            .flatten()
+                            .min()
+                            .unwrap_or(now + settings.idle_timeout);
+                        timer.as_mut().reset(next.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// No more requests: end `watch` streams, let other in-flight requests finish.
+    fn stop_taking_requests(&mut self) {
+        self.replies = None;
+        self.streams.cancel();
+    }
+
+    /// The client is gone or stuck: drop everything.
+    fn abort(&mut self, why: &'static str) -> &'static str {
+        self.stop_taking_requests();
+        self.requests.cancel();
+        why
+    }
+
+    /// Runs a request that waits, as its own task: its reply line goes to the connection
+    /// task; if the client goes away first, the work is dropped (and audited as such).
+    fn spawn_request(
+        &self,
+        permit: OwnedSemaphorePermit,
+        replies: mpsc::Sender<Vec<u8>>,
+        audit: Option<(Op, String)>,
+        work: impl std::future::Future<Output = Vec<u8>> + Send + 'static,
+    ) {
+        let cancel = self.requests.clone();
+        let peer = Arc::clone(&self.peer);
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    if let Some((op, profile)) = audit {
+                        peer.audit(op, Some(&profile), "cancelled");
+                    }
+                }
+                line = work => {
+                    let _ = replies.send(line).await;
+                }
+            }
+            drop(permit);
+        });
+    }
+
+    fn handle_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        let raw: RawRequest<'_> = match serde_json::from_slice(line) {
+            Ok(raw) => raw,
+            Err(err) => {
+                let id = serde_json::from_slice::<protocol::IdOnly>(line)
+                    .ok()
+                    .and_then(|i| i.id);
+                let message = format!("invalid request: {err}");
+                return self.refuse(out, id, None, WireError::bad_request(message));
+            }
+        };
+        let request = match raw.validate() {
+            Ok(request) => request,
+            Err(err) => {
+                return self.refuse(out, err.id, None, WireError::new(err.code, err.message))
+            }
+        };
+        let id = request.id;
+        let op = request.body.op();
+        self.state.counters.request(op);
+        self.refresh_grants();
+        let profile_name = request.body.profile();
+        if !self.grants.allows(op, profile_name) {
+            let err = WireError::forbidden(op.as_str(), profile_name);
+            return self.refuse(out, Some(id), Some((op, profile_name)), err);
+        }
+        let index = match profile_name {
+            None => None,
+            Some(name) => match self.state.profile_index(name) {
+                Some(index) => Some(index),
+                None => {
+                    let err = WireError::unknown_profile(name);
+                    return self.refuse(out, Some(id), Some((op, profile_name)), err);
+                }
+            },
+        };
+        match (request.body, index) {
+            (Body::Ping, _) => write_ok(out, id, None, br#"{"pong":true}"#),
+            (Body::Token { min_ttl, .. }, Some(index)) => self.token(out, id, index, min_ttl),
+            (Body::PublicKey { .. }, Some(index)) => {
+                let json = &self.state.profiles[index].public_key_json;
+                write_ok(out, id, None, json);
+            }
+            (Body::Status { .. }, index) => self.status(out, id, index),
+            (Body::Watch { .. }, Some(index)) => self.watch(out, id, index),
+            (
+                Body::SignChallenge {
+                    timestamp, key_id, ..
+                },
+                Some(index),
+            ) => self.sign_challenge(out, id, index, timestamp, key_id),
+            (Body::Stamp { payload, .. }, Some(index)) => self.stamp(out, id, index, payload),
+            // validate() guarantees a profile for every other op.
+            (_, None) => self.refuse(out, Some(id), None, WireError::internal()),
+        }
+    }
+
+    fn refresh_grants(&mut self) {
+        let generation = self
+            .state
+            .rules_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if generation != self.rules_generation {
+            let (generation, rules) = self.state.rules();
+            self.grants = rules.grants(&self.peer.cred);
+            self.rules_generation = generation;
+        }
+    }
+
+    /// Writes an error reply; audits it when it is a refusal of an op (`what` given).
+    fn refuse(
+        &mut self,
+        out: &mut Vec<u8>,
+        id: Option<u64>,
+        what: Option<(Op, Option<&str>)>,
+        err: WireError,
+    ) {
+        self.state.counters.error(err.code);
+        self.refusals += 1;
+        if self.refusals <= AUDITED_REFUSALS {
+            match what {
+                Some((op, profile)) => self.peer.audit(op, profile, err.code.as_str()),
+                None => tracing::warn!(
+                    target: "audit",
+                    uid = self.peer.cred.uid,
+                    pid = self.peer.cred.pid.unwrap_or(0),
+                    exe = self.peer.exe(),
+                    result = err.code.as_str(),
+                    reason = %err.message,
+                    "malformed request"
+                ),
+            }
+        }
+        write_err(out, id, &err);
+    }
+
+    fn profile(&self, index: usize) -> &Profile {
+        &self.state.profiles[index].profile
+    }
+
+    /// Takes an in-flight permit and a reply sender, or answers `busy`.
+    fn begin_task(
+        &mut self,
+        out: &mut Vec<u8>,
+        id: u64,
+        op: Op,
+        profile: &str,
+    ) -> Option<(OwnedSemaphorePermit, mpsc::Sender<Vec<u8>>)> {
+        let replies = self.replies.clone()?;
+        match Arc::clone(&self.in_flight).try_acquire_owned() {
+            Ok(permit) => Some((permit, replies)),
+            Err(_) => {
+                let err = WireError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "too many requests in flight on this connection (at most {}): wait for \
+                         replies or open another connection",
+                        self.state.settings.max_in_flight
+                    ),
+                );
+                self.refuse(out, Some(id), Some((op, Some(profile))), err);
+                None
+            }
+        }
+    }
+
+    fn token(&mut self, out: &mut Vec<u8>, id: u64, index: usize, min_ttl: Option<u64>) {
+        let min_ttl = min_ttl.map(Duration::from_secs);
+        let slot = self.tokens[index].get_or_insert_with(|| TokenSlot {
+            rx: self.state.profiles[index].profile.tokens.subscribe(),
+            current: None,
+        });
+        if slot.current.is_none() || slot.rx.has_changed().unwrap_or(false) {
+            let latest = slot.rx.borrow_and_update().clone();
+            slot.current = latest.map(|token| {
+                let json = render_token(&token);
+                (token, json)
+            });
+        }
+        if let Some((token, json)) = &slot.current {
+            if fresh_enough(token, min_ttl, SystemTime::now()) {
+                write_ok(out, id, None, json);
+                if !self.token_audited {
+                    self.token_audited = true;
+                    let name = &self.state.profiles[index].profile.name;
+                    self.peer.audit(Op::Token, Some(name), "ok");
+                }
+                return;
+            }
+        }
+        // No token fresh enough in memory: wait for the manager's shared renewal.
+        let name = self.profile(index).name.clone();
+        let Some((permit, replies)) = self.begin_task(out, id, Op::Token, &name) else {
+            return;
+        };
+        let tokens = Arc::clone(&self.profile(index).tokens);
+        let state = Arc::clone(&self.state);
+        let peer = Arc::clone(&self.peer);
+        let audit_first = !std::mem::replace(&mut self.token_audited, true);
+        let audit = audit_first.then(|| (Op::Token, name.clone()));
+        self.spawn_request(permit, replies, audit, async move {
+            let mut line = Vec::new();
+            match tokens.token(min_ttl).await {
+                Ok(token) => {
+                    write_ok(&mut line, id, None, &render_token(&token));
+                    if audit_first {
+                        peer.audit(Op::Token, Some(&name), "ok");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(profile = %name, error = %err, "token request failed");
+                    let wire = WireError::from_token(&err, &name);
+                    state.counters.error(wire.code);
+                    peer.audit(Op::Token, Some(&name), wire.code.as_str());
+                    write_err(&mut line, Some(id), &wire);
+                }
+            }
+            line
+        });
+    }
+
+    fn sign_challenge(
+        &mut self,
+        out: &mut Vec<u8>,
+        id: u64,
+        index: usize,
+        timestamp: Option<i64>,
+        key_id: Option<Cow<'_, str>>,
+    ) {
+        let state = Arc::clone(&self.state);
+        let profile = &state.profiles[index].profile;
+        let name = profile.name.as_str();
+        if let Some(asked) = key_id {
+            if asked != profile.key_id {
+                let err = WireError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "this agent signs only profile `{name}`'s own key_id ({}); omit `key_id` \
+                         or use the right profile",
+                        profile.key_id
+                    ),
+                );
+                return self.refuse(out, Some(id), Some((Op::SignChallenge, Some(name))), err);
+            }
+        }
+        let now = unix_secs(profile.tokens.server_now());
+        let timestamp = timestamp.unwrap_or(now);
+        let skew = timestamp.saturating_sub(now);
+        if skew.unsigned_abs() > protocol::TIMESTAMP_WINDOW_SECS.unsigned_abs() {
+            let err = WireError::bad_request(format!(
+                "timestamp {timestamp} is {skew:+} s from the Auth API's clock as the agent \
+                 knows it; the API accepts ±{} s: omit `timestamp` and the agent picks it",
+                protocol::TIMESTAMP_WINDOW_SECS
+            ));
+            return self.refuse(out, Some(id), Some((Op::SignChallenge, Some(name))), err);
+        }
+        let Some((permit, replies)) = self.begin_task(out, id, Op::SignChallenge, name) else {
+            return;
+        };
+        let signer = profile.signer.clone();
+        let key_id = profile.key_id.clone();
+        let name = name.to_owned();
+        let peer = Arc::clone(&self.peer);
+        let audit = Some((Op::SignChallenge, name.clone()));
+        self.spawn_request(permit, replies, audit, async move {
+            let mut line = Vec::new();
+            match signer.sign_challenge(&key_id, timestamp).await {
+                Ok(body) => {
+                    let result = protocol::SignChallengeResult {
+                        key_id: body.key_id,
+                        timestamp: body.timestamp,
+                        signature: body.signature,
+                    };
+                    write_ok(&mut line, id, None, &to_json(&result));
+                    peer.audit(Op::SignChallenge, Some(&name), "ok");
+                }
+                Err(err) => {
+                    tracing::warn!(profile = %name, error = %err, "sign_challenge failed");
+                    let wire = WireError::from_signer(&err);
+                    state.counters.error(wire.code);
+                    peer.audit(Op::SignChallenge, Some(&name), wire.code.as_str());
+                    write_err(&mut line, Some(id), &wire);
+                }
+            }
+            line
+        });
+    }
+
+    fn stamp(&mut self, out: &mut Vec<u8>, id: u64, index: usize, payload: Cow<'_, str>) {
+        let name = self.profile(index).name.clone();
+        let Some((permit, replies)) = self.begin_task(out, id, Op::Stamp, &name) else {
+            return;
+        };
+        let payload = payload.into_owned();
+        let signer = self.profile(index).signer.clone();
+        let state = Arc::clone(&self.state);
+        let peer = Arc::clone(&self.peer);
+        let audit = Some((Op::Stamp, name.clone()));
+        self.spawn_request(permit, replies, audit, async move {
+            let mut line = Vec::new();
+            match signer.stamp(payload.as_bytes()).await {
+                Ok(stamp) => {
+                    write_ok(
+                        &mut line,
+                        id,
+                        None,
+                        &to_json(&protocol::StampResult { stamp }),
+                    );
+                    peer.audit(Op::Stamp, Some(&name), "ok");
+                }
+                Err(err) => {
+                    tracing::warn!(profile = %name, error = %err, "stamp failed");
+                    let wire = WireError::from_signer(&err);
+                    state.counters.error(wire.code);
+                    peer.audit(Op::Stamp, Some(&name), wire.code.as_str());
+                    write_err(&mut line, Some(id), &wire);
+                }
+            }
+            line
+        });
+    }
+
+    fn watch(&mut self, out: &mut Vec<u8>, id: u64, index: usize) {
+        let name = self.profile(index).name.clone();
+        let Some((permit, replies)) = self.begin_task(out, id, Op::Watch, &name) else {
+            return;
+        };
+        let mut rx = self.profile(index).tokens.subscribe();
+        let streams = self.streams.clone();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            let mut sent: Option<Arc<AccessToken>> = None;
+            loop {
+                let latest = rx.borrow_and_update().clone();
+                if let Some(token) = latest {
+                    let new = sent.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &token));
+                    if new && fresh_enough(&token, None, SystemTime::now()) {
+                        let mut line = Vec::new();
+                        write_ok(&mut line, id, Some("token"), &render_token(&token));
+                        if replies.send(line).await.is_err() {
+                            break;
+                        }
+                        sent = Some(token);
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    _ = streams.cancelled() => {
+                        if shutdown.is_cancelled() {
+                            let mut line = Vec::new();
+                            let end = protocol::WatchEnd { reason: "shutdown".into() };
+                            write_ok(&mut line, id, Some("end"), &to_json(&end));
+                            let _ = replies.send(line).await;
+                        }
+                        break;
+                    }
+                    changed = rx.changed() => if changed.is_err() {
+                        let mut line = Vec::new();
+                        let err = WireError::new(
+                            ErrorCode::Unavailable,
+                            format!("the token source of profile `{name}` has stopped"),
+                        );
+                        write_err(&mut line, Some(id), &err);
+                        let _ = replies.send(line).await;
+                        break;
+                    },
+                }
+            }
+            drop(permit);
+        });
+    }
+
+    fn status(&mut self, out: &mut Vec<u8>, id: u64, only: Option<usize>) {
+        let state = &self.state;
+        let profiles = state
+            .profiles
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| only.is_none_or(|o| o == *i))
+            .filter(|(_, e)| self.grants.allows(Op::Status, Some(&e.profile.name)))
+            .map(|(_, e)| profile_status(&e.profile))
+            .collect();
+        let result = protocol::StatusResult {
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: protocol::VERSION,
+            started_at: unix_secs(state.started_at),
+            uptime_secs: state.started.elapsed().as_secs(),
+            profiles,
+            counters: state.counters.snapshot(),
+        };
+        write_ok(out, id, None, &to_json(&result));
+    }
+}
+
+/// True if the peer has closed its end completely (EPOLLHUP), as opposed to only its write
+/// side. Polls once; never waits.
+fn peer_hung_up(wr: &tokio::net::unix::OwnedWriteHalf) -> bool {
+    let ready = std::pin::pin!(wr.ready(tokio::io::Interest::WRITABLE));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(ready, &mut cx) {
+        std::task::Poll::Ready(Ok(ready)) => ready.is_write_closed(),
+        std::task::Poll::Ready(Err(_)) => true,
+        std::task::Poll::Pending => false,
+    }
+}
+
+fn profile_status(p: &Profile) -> protocol::ProfileStatus {
+    let info = p.signer.info();
+    let health = p.signer.health();
+    let tokens = p.tokens.status();
+    let valid = p
+        .tokens
+        .subscribe()
+        .borrow()
+        .as_ref()
+        .is_some_and(|t| fresh_enough(t, None, SystemTime::now()));
+    let (state, error) = match health.state {
+        crate::signer::HealthState::Healthy => ("ok".to_owned(), None),
+        crate::signer::HealthState::Failing(why) => ("failing".to_owned(), Some(why)),
+    };
+    protocol::ProfileStatus {
+        name: p.name.clone(),
+        key_id: p.key_id.clone(),
+        backend: info.backend.to_owned(),
+        location: info.location.clone(),
+        hardware_backed: info.hardware_backed,
+        key: protocol::KeyHealth {
+            state,
+            error,
+            last_ok: health.last_ok.map(unix_secs),
+            signatures: health.signatures,
+            errors: health.errors,
+        },
+        token: protocol::TokenState {
+            valid,
+            expires_at: tokens.expires_at.map(unix_secs),
+            next_refresh: tokens.next_refresh.map(unix_secs),
+            last_mint: tokens.last_mint.map(unix_secs),
+            last_refresh: tokens.last_refresh.map(unix_secs),
+            consecutive_failures: tokens.consecutive_failures,
+            last_error_code: tokens.last_error_code,
+            last_error: tokens.last_error,
+            clock_offset_secs: tokens.clock_offset_secs,
+        },
+    }
+}
+
+/// True if `token` stays valid for at least `min_ttl` (default: is valid at all).
+fn fresh_enough(token: &AccessToken, min_ttl: Option<Duration>, now: SystemTime) -> bool {
+    match token.expires_at.duration_since(now) {
+        Ok(left) => left > Duration::ZERO && min_ttl.is_none_or(|min| left >= min),
+        Err(_) => false,
+    }
+}
+
+/// The `public_key` result of a profile.
+pub(super) fn render_public_key(p: &Profile) -> Vec<u8> {
+    let key = p.signer.public_key();
+    let jwk = jose::Jwk::from_verifying_key(key);
+    let result = protocol::PublicKeyResult {
+        key_id: p.key_id.clone(),
+        pem: jose::public_key_pem(key),
+        thumbprint: jwk.thumbprint(),
+        jwk: protocol::PublicJwk {
+            kty: jwk.kty,
+            crv: jwk.crv,
+            x: jwk.x,
+            y: jwk.y,
+        },
+        hex: jose::public_key_compressed_hex(key),
+    };
+    to_json(&result)
+}
+
+fn render_token(token: &AccessToken) -> Vec<u8> {
+    let result = protocol::TokenResult {
+        access_token: token.token.to_string(),
+        token_type: "Bearer".into(),
+        expires_at: unix_secs(token.expires_at),
+        expires_at_rfc3339: rfc3339(token.expires_at),
+    };
+    to_json(&result)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs into memory cannot fail.
+    serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec())
+}
+
+/// Unix seconds (negative before 1970).
+pub(crate) fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let secs = unix_secs(t);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|dt| {
+            dt.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// `{"id":<id>,"ok":true[,"event":"<event>"],"result":<result>}\n`
+fn write_ok(out: &mut Vec<u8>, id: u64, event: Option<&str>, result: &[u8]) {
+    out.extend_from_slice(b"{\"id\":");
+    out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+    out.extend_from_slice(b",\"ok\":true,");
+    if let Some(event) = event {
+        out.extend_from_slice(b"\"event\":\"");
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(b"\",");
+    }
+    out.extend_from_slice(b"\"result\":");
+    out.extend_from_slice(result);
+    out.extend_from_slice(b"}\n");
+}
+
+/// `{"id":<id|null>,"ok":false,"error":{"code":"<code>","message":"<message>"}}\n`
+fn write_err(out: &mut Vec<u8>, id: Option<u64>, err: &WireError) {
+    out.extend_from_slice(b"{\"id\":");
+    match id {
+        Some(id) => out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"ok\":false,\"error\":{\"code\":\"");
+    out.extend_from_slice(err.code.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"message\":");
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, err.message.as_ref());
+    out.extend_from_slice(b"}}\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_are_valid_json_in_wire_order() {
+        let mut out = Vec::new();
+        write_ok(&mut out, 7, None, br#"{"pong":true}"#);
+        write_ok(&mut out, 8, Some("token"), br#"{"a":1}"#);
+        write_err(&mut out, None, &WireError::bad_request("bad \"x\"\n"));
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], r#"{"id":7,"ok":true,"result":{"pong":true}}"#);
+        assert_eq!(
+            lines[1],
+            r#"{"id":8,"ok":true,"event":"token","result":{"a":1}}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+        assert_eq!(v["id"], serde_json::Value::Null);
+        assert_eq!(v["error"]["code"], "bad_request");
+        assert_eq!(v["error"]["message"], "bad \"x\"\n");
+    }
+
+    #[test]
+    fn freshness_honours_min_ttl() {
+        let now = SystemTime::now();
+        let token = AccessToken {
+            token: "t".into(),
+            expires_at: now + Duration::from_secs(100),
+            received_at: now,
+        };
+        assert!(fresh_enough(&token, None, now));
+        assert!(fresh_enough(&token, Some(Duration::from_secs(100)), now));
+        assert!(!fresh_enough(&token, Some(Duration::from_secs(101)), now));
+        assert!(!fresh_enough(&token, None, now + Duration::from_secs(100)));
+    }
+
+    #[test]
+    fn rfc3339_is_utc() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20Z");
+        assert_eq!(unix_secs(t), 1_700_000_000);
+    }
+}

@@ -1,0 +1,397 @@
+//! The Unix-socket server: listener, connections, peer credentials, shutdown.
+//!
+//! Owns: [`serve`] (the accept loop), the shared [`State`] (profiles, access rules, counters),
+//! the per-connection protocol engine (`conn`), and the listening socket's life cycle
+//! ([`listener`]: safe creation, stale-socket replacement, socket activation).
+//!
+//! Threading: everything runs on the tokio runtime. One task per connection does the
+//! reading, the inline answers (`ping`, `token` from memory, `public_key`, `status`, errors)
+//! and all the writing; requests that wait (`sign_challenge`, `stamp`, a `token` that needs a
+//! renewal, `watch`) run as their own tasks and hand their reply lines back to the
+//! connection task over a bounded channel. All tasks are tracked by one `TaskTracker`, so
+//! [`serve`] returns only after every connection has finished. The access rules sit behind
+//! a `RwLock<Arc<Rules>>` that is read (never held across `.await`) only when its generation
+//! counter changes; each connection caches what the rules grant its peer.
+
+mod conn;
+pub mod listener;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::authz::Rules;
+use crate::protocol::{self, ErrorCode, Op};
+use crate::signer::Handle;
+use crate::token::{AccessToken, Manager, TokenError, TokenStatus};
+
+pub use listener::{Listener, ListenerError, SocketSettings};
+
+/// A boxed, sendable future (what [`TokenSource::token`] returns).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the server needs from a profile's token machinery. Implemented by
+/// [`token::Manager`](crate::token::Manager); tests may supply their own.
+pub trait TokenSource: Send + Sync + 'static {
+    /// The current token (`None` while there is no valid one), updated on each rotation.
+    fn subscribe(&self) -> watch::Receiver<Option<Arc<AccessToken>>>;
+    /// A token valid for at least `min_ttl`, waiting for one shared renewal if needed.
+    fn token(
+        &self,
+        min_ttl: Option<Duration>,
+    ) -> BoxFuture<'_, Result<Arc<AccessToken>, TokenError>>;
+    /// A status snapshot.
+    fn status(&self) -> TokenStatus;
+    /// The Auth API's clock as the agent knows it.
+    fn server_now(&self) -> SystemTime;
+}
+
+impl TokenSource for Manager {
+    fn subscribe(&self) -> watch::Receiver<Option<Arc<AccessToken>>> {
+        Manager::subscribe(self)
+    }
+    fn token(
+        &self,
+        min_ttl: Option<Duration>,
+    ) -> BoxFuture<'_, Result<Arc<AccessToken>, TokenError>> {
+        Box::pin(Manager::token(self, min_ttl))
+    }
+    fn status(&self) -> TokenStatus {
+        Manager::status(self)
+    }
+    fn server_now(&self) -> SystemTime {
+        Manager::server_now(self)
+    }
+}
+
+/// One profile served by the agent: a key, its API key_id, and its tokens.
+#[derive(Clone)]
+pub struct Profile {
+    pub name: String,
+    /// The API key id the key is registered under; the only key_id `sign_challenge` signs.
+    pub key_id: String,
+    pub signer: Handle,
+    pub tokens: Arc<dyn TokenSource>,
+}
+
+impl Profile {
+    pub fn new(
+        name: impl Into<String>,
+        key_id: impl Into<String>,
+        signer: Handle,
+        tokens: impl TokenSource,
+    ) -> Profile {
+        Profile {
+            name: name.into(),
+            key_id: key_id.into(),
+            signer,
+            tokens: Arc::new(tokens),
+        }
+    }
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Profile")
+            .field("name", &self.name)
+            .field("key_id", &self.key_id)
+            .field("signer", &self.signer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Server tuning (the `[server]` table of the config). Defaults in [`Default`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Connections served at once; one more is answered `busy` and closed.
+    pub max_connections: usize,
+    /// Requests waiting on a signer or a renewal, plus `watch` streams, per connection;
+    /// one more is answered `busy`.
+    pub max_in_flight: usize,
+    /// A connection with nothing in flight and no bytes received for this long is closed.
+    #[serde(rename = "idle_timeout_secs", with = "secs")]
+    pub idle_timeout: Duration,
+    /// A line must be complete this long after its first byte arrived, or the connection
+    /// is closed (a client trickling bytes cannot hold resources).
+    #[serde(rename = "line_timeout_secs", with = "secs")]
+    pub line_timeout: Duration,
+    /// A reply that cannot be written for this long (the client does not read) closes the
+    /// connection.
+    #[serde(rename = "write_timeout_secs", with = "secs")]
+    pub write_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_connections: 1024,
+            max_in_flight: 64,
+            idle_timeout: Duration::from_secs(300),
+            line_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = u64::deserialize(d)?;
+        if secs == 0 {
+            return Err(serde::de::Error::custom("must be at least 1 second"));
+        }
+        Ok(Duration::from_secs(secs))
+    }
+}
+
+/// Why a [`State`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("profile `{0}` is defined twice")]
+    DuplicateProfile(String),
+    #[error("settings: {0}")]
+    Settings(String),
+}
+
+/// Agent-wide counters (atomics; relaxed ordering is enough for statistics).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    requests: [AtomicU64; Op::ALL.len()],
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+    connections_total: AtomicU64,
+    connections_open: AtomicU64,
+    connections_rejected: AtomicU64,
+}
+
+impl Counters {
+    fn request(&self, op: Op) {
+        self.requests[op.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn error(&self, code: ErrorCode) {
+        self.errors[code.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> protocol::Counters {
+        protocol::Counters {
+            connections: protocol::ConnectionCounters {
+                open: self.connections_open.load(Ordering::Relaxed),
+                total: self.connections_total.load(Ordering::Relaxed),
+                rejected: self.connections_rejected.load(Ordering::Relaxed),
+            },
+            requests: Op::ALL
+                .iter()
+                .map(|op| {
+                    (
+                        op.as_str().to_owned(),
+                        self.requests[op.index()].load(Ordering::Relaxed),
+                    )
+                })
+                .collect::<BTreeMap<_, _>>(),
+            errors: ErrorCode::ALL
+                .iter()
+                .map(|c| {
+                    (
+                        c.as_str().to_owned(),
+                        self.errors[c.index()].load(Ordering::Relaxed),
+                    )
+                })
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+}
+
+struct ProfileEntry {
+    profile: Profile,
+    /// The `public_key` result, rendered once.
+    public_key_json: Box<[u8]>,
+}
+
+/// Everything the connections share: profiles, access rules, settings, counters.
+pub struct State {
+    profiles: Vec<ProfileEntry>,
+    rules: RwLock<Arc<Rules>>,
+    rules_generation: AtomicU64,
+    settings: ServerSettings,
+    counters: Counters,
+    started_at: SystemTime,
+    started: Instant,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field(
+                "profiles",
+                &self
+                    .profiles
+                    .iter()
+                    .map(|p| &p.profile.name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    /// Builds the shared state. Profiles are few; they are looked up by a linear scan.
+    pub fn new(
+        profiles: Vec<Profile>,
+        rules: Rules,
+        settings: ServerSettings,
+    ) -> Result<Arc<State>, StateError> {
+        if settings.max_connections == 0 || settings.max_in_flight == 0 {
+            return Err(StateError::Settings(
+                "max_connections and max_in_flight must be at least 1".into(),
+            ));
+        }
+        let mut entries: Vec<ProfileEntry> = Vec::with_capacity(profiles.len());
+        for profile in profiles {
+            if entries.iter().any(|e| e.profile.name == profile.name) {
+                return Err(StateError::DuplicateProfile(profile.name));
+            }
+            let public_key_json = conn::render_public_key(&profile).into_boxed_slice();
+            entries.push(ProfileEntry {
+                profile,
+                public_key_json,
+            });
+        }
+        Ok(Arc::new(State {
+            profiles: entries,
+            rules: RwLock::new(Arc::new(rules)),
+            rules_generation: AtomicU64::new(0),
+            settings,
+            counters: Counters::default(),
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+        }))
+    }
+
+    /// Replaces the access rules (SIGHUP). Connections pick them up at their next request;
+    /// `watch` streams already running are not re-checked.
+    pub fn reload_rules(&self, rules: Rules) {
+        let rules = Arc::new(rules);
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
+        self.rules_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The current rules and their generation.
+    fn rules(&self) -> (u64, Arc<Rules>) {
+        let generation = self.rules_generation.load(Ordering::Acquire);
+        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
+        (generation, rules)
+    }
+
+    /// The profiles, in configuration order.
+    pub fn profiles(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles.iter().map(|e| &e.profile)
+    }
+
+    fn profile_index(&self, name: &str) -> Option<usize> {
+        self.profiles.iter().position(|e| e.profile.name == name)
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &ServerSettings {
+        &self.settings
+    }
+
+    /// Agent-wide counters, as `status` reports them.
+    pub fn counters(&self) -> protocol::Counters {
+        self.counters.snapshot()
+    }
+}
+
+/// Serves connections from `listener` until `shutdown` is cancelled, then stops accepting,
+/// lets in-flight requests finish, ends `watch` streams (each gets an `end` event), waits
+/// for every connection to close and returns. The socket file, if this process created it,
+/// is removed when `listener` is dropped.
+///
+/// Errors: only a failure of the listening socket itself; connection errors are logged.
+pub async fn serve(
+    listener: Listener,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(state.settings.max_connections));
+    tracing::info!(
+        socket = %listener.describe(),
+        profiles = state.profiles.len(),
+        max_connections = state.settings.max_connections,
+        "listening"
+    );
+    let result = loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(err) if is_transient_accept_error(&err) => {
+                tracing::warn!(error = %err, "accept failed; pausing briefly");
+                // Out of file descriptors: give connections a moment to close.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionAborted => continue,
+            Err(err) => break Err(err),
+        };
+        state
+            .counters
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => {
+                tracker.spawn(conn::run(
+                    stream,
+                    Arc::clone(&state),
+                    shutdown.child_token(),
+                    shutdown.clone(),
+                    tracker.clone(),
+                    permit,
+                ));
+            }
+            Err(_) => {
+                state
+                    .counters
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                state.counters.error(ErrorCode::Busy);
+                conn::reject(stream, state.settings.max_connections);
+            }
+        }
+    };
+    tracker.close();
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "listener failed; closing connections");
+        shutdown.cancel();
+    }
+    tracker.wait().await;
+    tracing::info!("server stopped");
+    result
+}
+
+fn is_transient_accept_error(err: &std::io::Error) -> bool {
+    // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12)
+    matches!(err.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
