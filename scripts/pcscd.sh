@@ -15,8 +15,26 @@ running() {
   [ -S "$socket" ] && pgrep -x pcscd >/dev/null 2>&1
 }
 
+# vpcd listens on 127.0.0.1:35963 (0x8C7B) once pcscd has loaded it.
+vpcd_listening() {
+  grep -qi ':8C7B 00000000:0000 0A' /proc/net/tcp 2>/dev/null
+}
+
 if running; then
-  exit 0
+  if [ -e /usr/lib/pcsc/drivers/serial/libifdvpcd.so ] && ! vpcd_listening; then
+    if [ -n "${CI:-}" ] && [ "$(id -u)" = 0 ] && [ -r /run/pcscd/pcscd.pid ]; then
+      # A throw-away CI machine whose pcscd started before vsmartcard-vpcd was installed.
+      echo "== restarting pcscd to load the vpcd reader (CI)"
+      kill "$(cat /run/pcscd/pcscd.pid)"
+      for _ in $(seq 50); do running || break; sleep 0.1; done
+    else
+      echo "pcscd is running without the vpcd reader (it started before vsmartcard-vpcd was installed):" >&2
+      echo "restart it (systemctl restart pcscd) so that the virtual PIV card has a reader" >&2
+      exit 1
+    fi
+  else
+    exit 0
+  fi
 fi
 
 if ! command -v pcscd >/dev/null 2>&1; then
@@ -39,7 +57,7 @@ else
 fi
 
 for _ in $(seq 100); do
-  if running; then
+  if running && { [ ! -e /usr/lib/pcsc/drivers/serial/libifdvpcd.so ] || vpcd_listening; }; then
     exit 0
   fi
   sleep 0.1

@@ -705,14 +705,18 @@ fn cli_generate_list_sign_attest_on_the_yubikey() {
     let attestation = succeeded(&cli(&card, PIN, None, &["attest"]));
     assert_eq!(attestation.matches("BEGIN CERTIFICATE").count(), 2);
 
-    // A wrong PIN: the PIN exit code and the tries left; one try spent.
+    // A wrong PIN: the PIN exit code (EX_NOPERM) and the tries left; one try spent.
     let out = cli(
         &card,
         "999999",
         None,
         &["sign-challenge", "--key-id", key_id],
     );
-    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(tm_agent::cli::EXIT_PIN)),
+        "the PIN exit code"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 tries left"));
     assert_eq!(card.pin_tries(), 2);
 }
@@ -744,6 +748,193 @@ fn cli_log_cap_holds_at_trace() {
                 "--log {filter}: stderr shows {needle:?}"
             );
         }
+    }
+}
+
+/// A child process killed on drop.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET over plain HTTP on loopback (the simulator's JWKS), body as JSON.
+fn http_get_json(base: &str, path: &str) -> serde_json::Value {
+    use std::io::Read as _;
+    let addr = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the simulator");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .expect("HTTP body");
+    serde_json::from_str(body).expect("JSON body")
+}
+
+/// Verifies an ES256 JWT with the JWKS (independently of the agent's JWT code).
+fn verify_jwt(jwks: &serde_json::Value, token: &str) -> serde_json::Value {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "a JWT");
+    let decode = |p: &str| jose::b64url_decode(p).expect("base64url");
+    let header: serde_json::Value = serde_json::from_slice(&decode(parts[0])).expect("header");
+    let claims: serde_json::Value = serde_json::from_slice(&decode(parts[1])).expect("claims");
+    assert_eq!(header["alg"], "ES256");
+    let jwk = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .expect("kid published");
+    let jwk: jose::Jwk = serde_json::from_value(jwk.clone()).expect("JWK");
+    let key = jwk.to_verifying_key().expect("P-256 JWK");
+    let sig = jose::signature_from_raw(&decode(parts[2])).expect("raw signature");
+    key.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .expect("JWT signature verifies with the simulator's JWKS");
+    claims
+}
+
+#[test]
+fn the_agent_mints_tokens_from_the_simulator_with_the_yubikey() {
+    let _turn = setup();
+    let card = VirtualCard::start();
+    let s = settings(&card, "9c", PIN);
+    let public = piv::generate(&s, &factory())
+        .expect("generate")
+        .public_key
+        .expect("public key");
+    let dir = card.dir();
+    std::fs::write(dir.join("public.pem"), jose::public_key_pem(&public)).expect("pem");
+    let key_id = "5d3c1f7a-2b4e-4c6d-8e9f-0a1b2c3d4e5f";
+
+    let sim_ready = dir.join("sim.json");
+    let _sim = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_tm-auth-sim"))
+            .args(["--http", "127.0.0.1:0", "--https", "127.0.0.1:0"])
+            .arg("--cert-out")
+            .arg(dir.join("sim-ca.pem"))
+            .arg("--ready-file")
+            .arg(&sim_ready)
+            .arg("--register")
+            .arg(format!("{key_id}={}", dir.join("public.pem").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tm-auth-sim"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&sim_ready) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "the simulator did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let https = ready["https"].as_str().expect("https url");
+    let http = ready["http"].as_str().expect("http url");
+
+    let socket = dir.join("agent.sock");
+    let uid = std::fs::metadata(dir)
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .expect("uid");
+    let config = format!(
+        r#"
+[agent]
+log_level = "trace"
+
+[socket]
+path = "{socket}"
+mode = 0o660
+
+[keys.yubikey]
+backend = "piv"
+serial = {SERIAL}
+slot = "9c"
+pin = {{ file = "{pin}" }}
+
+[profiles.default]
+key = "yubikey"
+key_id = "{key_id}"
+base_url = "{https}/v1/auth"
+ca_file = "{ca}"
+
+[[access]]
+uid = {uid}
+ops = "*"
+profiles = "*"
+"#,
+        socket = socket.display(),
+        pin = pin_file(dir, PIN).display(),
+        ca = dir.join("sim-ca.pem").display(),
+    );
+    std::fs::write(dir.join("config.toml"), config).expect("config");
+    let agent_log = dir.join("agent.log");
+    let _agent = Reaped(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_log).expect("agent log"))
+            .spawn()
+            .expect("start tm-agent run"),
+    );
+    let client = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("TM_AGENT_SOCK", &socket)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("tm-agent client")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let token = loop {
+        let out = client(&["token"]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no token within 30 s: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&agent_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let jwks = http_get_json(http, "/.well-known/jwks.json");
+    let claims = verify_jwt(&jwks, &token);
+    assert!(claims["exp"].as_i64().is_some(), "{claims}");
+
+    // The agent's own signature over a challenge, with the YubiKey's key.
+    let out = client(&["sign"]);
+    let body: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("sign prints the JSON body");
+    assert_eq!(body["key_id"], key_id);
+    let sig = jose::decode_es256(body["signature"].as_str().expect("signature")).expect("raw");
+    let message = format!("{key_id}.{}", body["timestamp"]);
+    public.verify(message.as_bytes(), &sig).expect("verifies");
+
+    let status = String::from_utf8_lossy(&client(&["status"]).stdout).into_owned();
+    assert!(status.contains("piv"), "{status}");
+    assert!(status.contains(&format!("YubiKey {SERIAL}")), "{status}");
+
+    // The daemon runs with log_level = "trace": still no PIN in its log.
+    let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    for needle in [PIN_AS_DEBUG_BYTES, PIN, ">>> "] {
+        assert!(!log.contains(needle), "agent log shows {needle:?}");
     }
 }
 

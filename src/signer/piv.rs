@@ -492,7 +492,47 @@ fn read_piv_pin(source: &PinSource) -> Result<Zeroizing<Vec<u8>>, SignerError> {
 
 /// Connects to the YubiKey with `serial`, or to the only one present. Reports a card held
 /// exclusively by another program as `Unavailable` with the reason.
+///
+/// A card that another program is resetting at this very moment answers with a transient
+/// PC/SC error (protocol mismatch, reset card): such a miss is retried twice, 150 ms apart.
 fn connect(serial: Option<u32>) -> Result<YubiKey, SignerError> {
+    let mut attempt = 0;
+    loop {
+        match connect_once(serial) {
+            Err((_, true)) if attempt < 2 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            Err((err, _)) => return Err(err),
+            Ok(yk) => return Ok(yk),
+        }
+    }
+}
+
+/// One pass over the readers; on failure also says whether a reader failed transiently.
+fn connect_once(serial: Option<u32>) -> Result<YubiKey, (SignerError, bool)> {
+    let mut transient = false;
+    let result = connect_pass(serial, &mut transient);
+    result.map_err(|e| (e, transient))
+}
+
+fn is_transient(e: &yubikey::Error) -> bool {
+    matches!(
+        e,
+        yubikey::Error::PcscError {
+            inner: Some(
+                pcsc::Error::ProtoMismatch
+                    | pcsc::Error::ResetCard
+                    | pcsc::Error::NotTransacted
+                    | pcsc::Error::UnpoweredCard
+                    | pcsc::Error::UnresponsiveCard
+                    | pcsc::Error::CommError
+            )
+        }
+    )
+}
+
+fn connect_pass(serial: Option<u32>, transient: &mut bool) -> Result<YubiKey, SignerError> {
     let mut context = yubikey::reader::Context::open().map_err(|e| card_error("connect", e))?;
     let readers = context.iter().map_err(|e| card_error("connect", e))?;
     let mut found: Vec<YubiKey> = Vec::new();
@@ -514,6 +554,7 @@ fn connect(serial: Option<u32>) -> Result<YubiKey, SignerError> {
             Err(yubikey::Error::PcscError {
                 inner: Some(pcsc::Error::SharingViolation),
             }) => held.push(name),
+            Err(e) if is_transient(&e) => *transient = true,
             // An empty reader, or a card without the PIV application: not a candidate.
             Err(_) => {}
         }
