@@ -286,18 +286,18 @@ fn socket_matches_the_example_config() {
     let socket = read("systemd/tm-agent.socket");
     let service = read("systemd/tm-agent.service");
     let config: toml::Value = toml::from_str(&read("systemd/config.example.toml")).unwrap();
-    let agent = &config["agent"];
+    let sock = &config["socket"];
     assert_eq!(
         value(&socket, "Socket", "ListenStream"),
-        agent["socket"].as_str().unwrap()
+        sock["path"].as_str().unwrap()
     );
     assert_eq!(
         value(&socket, "Socket", "SocketGroup"),
-        agent["socket_group"].as_str().unwrap()
+        sock["group"].as_str().unwrap()
     );
     assert_eq!(
-        value(&socket, "Socket", "SocketMode"),
-        agent["socket_mode"].as_str().unwrap()
+        u32::from_str_radix(&value(&socket, "Socket", "SocketMode"), 8).unwrap(),
+        sock["mode"].as_integer().unwrap() as u32
     );
     assert_eq!(value(&socket, "Socket", "SocketUser"), "tm-agent");
     assert_eq!(value(&socket, "Socket", "RemoveOnStop"), "yes");

@@ -51,7 +51,7 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Manage and use the API key directly, without the daemon: generate, import, list,
     /// public, sign-challenge, stamp.
-    Key(key::KeyArgs),
+    Key(Box<key::KeyArgs>),
     #[command(flatten)]
     Client(client::ClientCommand),
     /// Load generator: N connections × an op against a running agent, with a bare
@@ -80,7 +80,7 @@ pub fn main(cli: Cli) -> u8 {
             Ok(code) => u8::try_from(code).unwrap_or(EXIT_FAILURE),
             Err(err) => fail(&err),
         },
-        Command::Key(args) => on_runtime(async move { key::run(args).await.map(|()| 0) }),
+        Command::Key(args) => on_runtime(async move { key::run(*args).await.map(|()| 0) }),
         Command::Check(args) => on_runtime(async move {
             let mut out = std::io::stdout();
             Ok(check::run(args, &mut out).await)

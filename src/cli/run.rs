@@ -320,14 +320,13 @@ async fn watchdog(notifier: Notifier, handles: BTreeMap<String, Handle>) {
             let handles = handles.clone();
             async move {
                 for (name, handle) in &handles {
-                    match handle.sign(b"tm-agent watchdog probe").await {
-                        // Any answer, even an error from a missing token, shows the signer
-                        // thread is alive; only silence means wedged.
-                        Err(SignerError::Timeout(_) | SignerError::Closed) => {
-                            tracing::error!(key = %name, "signer does not answer");
-                            return false;
-                        }
-                        _ => {}
+                    // Any answer, even an error from a missing token, shows the signer
+                    // thread is alive; only silence means wedged.
+                    if let Err(SignerError::Timeout(_) | SignerError::Closed) =
+                        handle.sign(b"tm-agent watchdog probe").await
+                    {
+                        tracing::error!(key = %name, "signer does not answer");
+                        return false;
                     }
                 }
                 true
