@@ -8,6 +8,12 @@ ensure_system_packages() {
   command -v systemd-socket-activate >/dev/null || missing+=(systemd)
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v python3 >/dev/null || missing+=(python3)
+  # YubiKey PIV: the pcsc crate links libpcsclite (the build needs the -dev package); the
+  # PIV tests run real pcscd with the vpcd virtual reader and call yubico-piv-tool.
+  [ -e /usr/include/PCSC/winscard.h ] || missing+=(libpcsclite-dev)
+  [ -x /usr/sbin/pcscd ] || missing+=(pcscd)
+  [ -e /usr/lib/pcsc/drivers/serial/libifdvpcd.so ] || missing+=(vsmartcard-vpcd)
+  command -v yubico-piv-tool >/dev/null || missing+=(yubico-piv-tool)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "missing packages: ${missing[*]} — install them (sudo apt-get install -y ${missing[*]}) and run again" >&2

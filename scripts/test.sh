@@ -18,6 +18,8 @@ done
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 ensure_system_packages
+# pcscd for the PIV tests (tests/piv.rs also calls this when it finds pcscd not running).
+bash scripts/pcscd.sh
 
 if [ "$lint" = 1 ]; then
   echo "== cargo fmt --check"

@@ -22,6 +22,7 @@ use crate::authz::{AccessRule, Rules, Selector};
 use crate::server::listener::SocketSettings;
 use crate::server::ServerSettings;
 use crate::signer::pin::PinSource;
+use crate::signer::piv::PivSettings;
 use crate::signer::pkcs11::Pkcs11Settings;
 use crate::signer::ActorOptions;
 use crate::token::TokenSettings;
@@ -100,6 +101,8 @@ pub enum LogFormat {
 pub enum KeyConfig {
     /// A PKCS#11 HSM (or SoftHSM).
     Pkcs11(Pkcs11Settings),
+    /// A YubiKey PIV slot (through pcscd).
+    Piv(PivSettings),
     /// A software key file: development and migration only.
     Soft(SoftKeyConfig),
 }
@@ -113,10 +116,11 @@ pub struct SoftKeyConfig {
 }
 
 impl KeyConfig {
-    /// `pkcs11`, `soft`.
+    /// `pkcs11`, `piv`, `soft`.
     pub fn backend(&self) -> &'static str {
         match self {
             KeyConfig::Pkcs11(_) => "pkcs11",
+            KeyConfig::Piv(_) => "piv",
             KeyConfig::Soft(_) => "soft",
         }
     }
@@ -320,6 +324,17 @@ impl Config {
                         problems.push(format!(
                             "keys.{name}.pin: the daemon cannot prompt; use {{ credential = \"pin\" }}, \
                              {{ file = \"/etc/tm-agent/pin\" }} or {{ env = \"NAME\" }}"
+                        ));
+                    }
+                }
+                KeyConfig::Piv(settings) => {
+                    if let Err(e) = settings.validate() {
+                        problems.push(format!("keys.{name}: {e}"));
+                    }
+                    if settings.pin == PinSource::Prompt {
+                        problems.push(format!(
+                            "keys.{name}.pin: the daemon cannot prompt; use {{ credential = \"piv-pin\" }}, \
+                             {{ file = \"/etc/tm-agent/piv-pin\" }} or {{ env = \"NAME\" }}"
                         ));
                     }
                 }
@@ -532,6 +547,27 @@ profiles = ["nope"]
             assert!(err.starts_with("line "), "{line}: {err}");
             assert!(err.contains("never the PIN itself") || err.contains("column"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_yubikey_key_parses_and_validates() {
+        let text = MINIMAL.replace(
+            "backend = \"pkcs11\"\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\nkey_label = \"k\"",
+            "backend = \"piv\"\nserial = 12345678\nslot = \"9a\"",
+        );
+        let config = Config::parse(&text).expect("piv key parses");
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
+        let KeyConfig::Piv(piv) = &config.keys["prod"] else {
+            panic!("piv expected")
+        };
+        assert_eq!(piv.serial, Some(12345678));
+        assert_eq!(piv.slot, "9a");
+        assert_eq!(config.keys["prod"].backend(), "piv");
+        let bad = text.replace("slot = \"9a\"", "slot = \"9b\"\ntouch = 1");
+        assert!(Config::parse(&bad).is_err(), "unknown field accepted");
+        let bad = text.replace("slot = \"9a\"", "slot = \"f9\"");
+        let problems = Config::parse(&bad).unwrap().validate().join("\n");
+        assert!(problems.contains("keys.prod"), "{problems}");
     }
 
     #[test]

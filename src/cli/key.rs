@@ -2,9 +2,11 @@
 //!
 //! Owns the `key` subcommands and how their backend settings are assembled: from flags, or
 //! from a config file's `[keys.NAME]` table (`--config FILE --key NAME`) with flags
-//! overriding it. `generate`, `import` and `list` need the `pkcs11` backend; `public`,
-//! `sign-challenge` and `stamp` also work on a software key file (`--backend soft
-//! --key-file FILE`, for development and migration only).
+//! overriding it. `generate`, `import` and `list` need a hardware backend (`pkcs11`, or `piv`
+//! for a YubiKey: `--backend piv [--serial N] [--slot 9c]`); `attest` and
+//! `protect-management-key` are YubiKey-only; `public`, `sign-challenge` and `stamp` also
+//! work on a software key file (`--backend soft --key-file FILE`, for development and
+//! migration only).
 //!
 //! The PKCS#11 module is, in order: `--module`, the config's `module`,
 //! `$TM_AGENT_PKCS11_MODULE`, then SoftHSM's module if it is installed.
@@ -29,6 +31,7 @@ use zeroize::Zeroizing;
 use super::blocking;
 use crate::jose;
 use crate::signer::pin::PinSource;
+use crate::signer::piv::{self, ManagementKey, PivSettings, WriteOptions};
 use crate::signer::pkcs11::{self, KeyEntry, Pkcs11Settings};
 use crate::signer::{soft, ActorOptions, Handle};
 
@@ -57,6 +60,8 @@ pub struct KeyArgs {
 pub enum Backend {
     /// A key inside a PKCS#11 token (HSM, SoftHSM).
     Pkcs11,
+    /// A key in a YubiKey PIV slot, through pcscd.
+    Piv,
     /// A key in a file (website bundle JSON or PEM): development and migration only.
     Soft,
 }
@@ -103,6 +108,108 @@ pub struct BackendArgs {
     /// Key file for --backend soft: the website's key bundle or a PEM private key.
     #[arg(long, global = true, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// YubiKey serial number for --backend piv [default: the only YubiKey present].
+    #[arg(long, global = true, value_name = "N")]
+    pub serial: Option<u32>,
+    /// PIV slot for --backend piv: 9a, 9c, 9d, 9e or 82-95 [default: 9c].
+    #[arg(long, global = true, value_name = "SLOT")]
+    pub slot: Option<String>,
+}
+
+/// How `generate`, `import` and `protect-management-key` authenticate to a YubiKey (its PIV
+/// management key). One of them; the key is never given on the command line itself.
+#[derive(Debug, Default, Args)]
+pub struct MgmArgs {
+    /// Read the management key (48 hex digits, 3DES) from this file (mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub mgm_key_file: Option<PathBuf>,
+    /// Read the management key from this systemd credential.
+    #[arg(long, value_name = "NAME")]
+    pub mgm_key_credential: Option<String>,
+    /// Read the management key from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub mgm_key_env: Option<String>,
+    /// Use the management key stored PIN-protected on the card (ykman --protect, or
+    /// `tm-agent key protect-management-key`).
+    #[arg(long)]
+    pub mgm_key_protected: bool,
+    /// Use the factory default management key (then replace it: anyone holding the card
+    /// can replace its keys while it is the default).
+    #[arg(long)]
+    pub default_mgm_key: bool,
+}
+
+impl MgmArgs {
+    fn management_key(&self) -> anyhow::Result<ManagementKey> {
+        let given: Vec<ManagementKey> = [
+            self.mgm_key_file
+                .clone()
+                .map(|p| ManagementKey::Hex(PinSource::File(p))),
+            self.mgm_key_credential
+                .clone()
+                .map(|c| ManagementKey::Hex(PinSource::Credential(c))),
+            self.mgm_key_env
+                .clone()
+                .map(|v| ManagementKey::Hex(PinSource::Env(v))),
+            self.mgm_key_protected
+                .then_some(ManagementKey::PinProtected),
+            self.default_mgm_key
+                .then_some(ManagementKey::FactoryDefault),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match given.len() {
+            0 => Ok(ManagementKey::Hex(PinSource::Prompt)),
+            1 => given
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("no management key source")),
+            _ => bail!(
+                "give at most one of --mgm-key-file, --mgm-key-credential, --mgm-key-env, \
+                 --mgm-key-protected and --default-mgm-key"
+            ),
+        }
+    }
+}
+
+/// How a YubiKey key is written (`generate`, `import` with --backend piv).
+#[derive(Debug, Args)]
+pub struct PivWriteArgs {
+    /// When the YubiKey asks for the PIN: once per session suits an unattended agent.
+    #[arg(long, value_name = "POLICY", default_value = "once", value_parser = parse_pin_policy)]
+    pub pin_policy: piv::PinPolicy,
+    /// When it asks for a touch: never, for an unattended agent (always/cached need a
+    /// person at the machine for every signature).
+    #[arg(long, value_name = "POLICY", default_value = "never", value_parser = parse_touch_policy)]
+    pub touch_policy: piv::TouchPolicy,
+    /// Replace a key already in the slot (destroyed for good).
+    #[arg(long)]
+    pub force: bool,
+    /// Subject of the self-signed certificate written to the slot.
+    #[arg(long, value_name = "DN", default_value = "CN=tm-agent")]
+    pub subject: String,
+    #[command(flatten)]
+    pub mgm: MgmArgs,
+}
+
+fn parse_pin_policy(text: &str) -> Result<piv::PinPolicy, String> {
+    text.parse()
+}
+
+fn parse_touch_policy(text: &str) -> Result<piv::TouchPolicy, String> {
+    text.parse()
+}
+
+impl PivWriteArgs {
+    fn options(&self) -> anyhow::Result<WriteOptions> {
+        let mut options = WriteOptions::new(self.mgm.management_key()?);
+        options.pin_policy = self.pin_policy;
+        options.touch_policy = self.touch_policy;
+        options.overwrite = self.force;
+        options.subject = self.subject.clone();
+        Ok(options)
+    }
 }
 
 /// Output format of `key public`.
@@ -119,14 +226,17 @@ pub enum PublicFormat {
 /// The `key` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
-    /// Generate a P-256 key pair inside the token; prints the public key (PEM) to register.
+    /// Generate a P-256 key pair inside the token or YubiKey slot; prints the public key
+    /// (PEM) to register.
     Generate {
-        /// Label (CKA_LABEL) of the new key; refused if any object has it already.
+        /// Label (CKA_LABEL) of the new key; refused if any object has it already (pkcs11).
         #[arg(long)]
-        label: String,
-        /// Id (CKA_ID) in hex [default: 16 random bytes].
+        label: Option<String>,
+        /// Id (CKA_ID) in hex [default: 16 random bytes] (pkcs11).
         #[arg(long, value_name = "HEX")]
         id: Option<String>,
+        #[command(flatten)]
+        piv: PivWriteArgs,
     },
     /// Import the website's API key bundle (JSON) into the token as a non-extractable key.
     Import {
@@ -139,8 +249,10 @@ pub enum KeyCommand {
         /// Id (CKA_ID) in hex [default: derived from the public key].
         #[arg(long, value_name = "HEX")]
         id: Option<String>,
+        #[command(flatten)]
+        piv: PivWriteArgs,
     },
-    /// List the keys in the token with their protection flags.
+    /// List the keys in the token (or the YubiKey's slots) with their protection flags.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -163,12 +275,24 @@ pub enum KeyCommand {
     /// Print the Turnkey API stamp of the payload read from standard input (exact bytes).
     /// Standard input carries the payload, so give the PIN with --pin-file or --pin-env.
     Stamp,
+    /// YubiKey: print the slot's attestation (PEM: the slot's certificate signed by the
+    /// card's attestation key, then that key's certificate), proof the key was generated on
+    /// the card, with its PIN and touch policies.
+    Attest,
+    /// YubiKey: set a random management key and store it PIN-protected on the card (as
+    /// `ykman piv access change-management-key --protect`); afterwards key management needs
+    /// only the PIN (--mgm-key-protected).
+    ProtectManagementKey {
+        #[command(flatten)]
+        mgm: MgmArgs,
+    },
 }
 
 /// Settings of the selected key.
 #[derive(Debug)]
 enum Selected {
     Pkcs11(Pkcs11Settings),
+    Piv(PivSettings),
     Soft(PathBuf),
 }
 
@@ -176,6 +300,7 @@ enum Selected {
 /// module lands: it reads `backend` and the backend's own settings, nothing else.
 enum ConfigKey {
     Pkcs11(Pkcs11Settings),
+    Piv(PivSettings),
     Soft(PathBuf),
 }
 
@@ -209,10 +334,13 @@ fn load_config_key(path: &Path, name: &str) -> anyhow::Result<ConfigKey> {
     let backend = entry
         .remove("backend")
         .and_then(|v| v.as_str().map(str::to_string))
-        .ok_or_else(|| anyhow!("[keys.{name}] has no backend = \"pkcs11\" or \"soft\""))?;
+        .ok_or_else(|| anyhow!("[keys.{name}] has no backend = \"pkcs11\", \"piv\" or \"soft\""))?;
     let context = || format!("[keys.{name}] in {}", path.display());
     match backend.as_str() {
         "pkcs11" => Ok(ConfigKey::Pkcs11(
+            toml::Value::Table(entry).try_into().with_context(context)?,
+        )),
+        "piv" => Ok(ConfigKey::Piv(
             toml::Value::Table(entry).try_into().with_context(context)?,
         )),
         "soft" => {
@@ -220,7 +348,8 @@ fn load_config_key(path: &Path, name: &str) -> anyhow::Result<ConfigKey> {
             Ok(ConfigKey::Soft(soft.key_file))
         }
         other => bail!(
-            "[keys.{name}] has backend = {other:?}: `tm-agent key` handles \"pkcs11\" and \"soft\""
+            "[keys.{name}] has backend = {other:?}: `tm-agent key` handles \"pkcs11\", \"piv\" \
+             and \"soft\""
         ),
     }
 }
@@ -267,9 +396,28 @@ impl BackendArgs {
         };
         let backend = self.backend.unwrap_or(match from_config {
             Some(ConfigKey::Soft(_)) => Backend::Soft,
+            Some(ConfigKey::Piv(_)) => Backend::Piv,
             _ => Backend::Pkcs11,
         });
         match (backend, from_config) {
+            (Backend::Piv, config) => {
+                let mut settings = match config {
+                    Some(ConfigKey::Piv(s)) => s,
+                    None => PivSettings::new(PinSource::Prompt),
+                    Some(_) => bail!("the config's key is not a YubiKey (piv) key"),
+                };
+                if self.serial.is_some() {
+                    settings.serial = self.serial;
+                }
+                if let Some(slot) = &self.slot {
+                    settings.slot = slot.clone();
+                }
+                if let Some(pin) = self.pin_source()? {
+                    settings.pin = pin;
+                }
+                settings.validate()?;
+                Ok(Selected::Piv(settings))
+            }
             (Backend::Soft, config) => {
                 let file = match (&self.key_file, config) {
                     (Some(file), _) => file.clone(),
@@ -280,6 +428,9 @@ impl BackendArgs {
             }
             (Backend::Pkcs11, Some(ConfigKey::Soft(_))) => {
                 bail!("the config's key is a soft key, not pkcs11")
+            }
+            (Backend::Pkcs11, Some(ConfigKey::Piv(_))) => {
+                bail!("the config's key is a YubiKey (piv) key, not pkcs11")
             }
             (Backend::Pkcs11, config) => {
                 let mut settings = match (config, &self.module) {
@@ -317,9 +468,16 @@ impl BackendArgs {
     fn pkcs11(&self, command: &str) -> anyhow::Result<Pkcs11Settings> {
         match self.select()? {
             Selected::Pkcs11(settings) => Ok(settings),
-            Selected::Soft(_) => {
-                bail!("`tm-agent key {command}` works on PKCS#11 tokens only (--backend pkcs11)")
+            Selected::Piv(_) | Selected::Soft(_) => {
+                bail!("`tm-agent key {command}` with these options works on PKCS#11 tokens only (--backend pkcs11)")
             }
+        }
+    }
+
+    fn piv(&self, command: &str) -> anyhow::Result<PivSettings> {
+        match self.select()? {
+            Selected::Piv(settings) => Ok(settings),
+            _ => bail!("`tm-agent key {command}` works on YubiKeys only (--backend piv)"),
         }
     }
 }
@@ -328,14 +486,21 @@ impl BackendArgs {
 pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
     let backend = args.backend;
     match args.command {
-        KeyCommand::Generate { label, id } => generate(&backend, label, id).await,
-        KeyCommand::Import { bundle, label, id } => import(&backend, bundle, label, id).await,
+        KeyCommand::Generate { label, id, piv } => generate(&backend, label, id, piv).await,
+        KeyCommand::Import {
+            bundle,
+            label,
+            id,
+            piv,
+        } => import(&backend, bundle, label, id, piv).await,
         KeyCommand::List { json } => list(&backend, json).await,
         KeyCommand::Public { format } => public(&backend, format).await,
         KeyCommand::SignChallenge { key_id, timestamp } => {
             sign_challenge(&backend, key_id, timestamp).await
         }
         KeyCommand::Stamp => stamp(&backend).await,
+        KeyCommand::Attest => attest(&backend).await,
+        KeyCommand::ProtectManagementKey { mgm } => protect_management_key(&backend, mgm).await,
     }
 }
 
@@ -344,7 +509,21 @@ fn parse_id(id: Option<String>) -> anyhow::Result<Option<Vec<u8>>> {
         .transpose()
 }
 
-async fn generate(backend: &BackendArgs, label: String, id: Option<String>) -> anyhow::Result<()> {
+async fn generate(
+    backend: &BackendArgs,
+    label: Option<String>,
+    id: Option<String>,
+    piv_args: PivWriteArgs,
+) -> anyhow::Result<()> {
+    if let Selected::Piv(settings) = backend.select()? {
+        if label.is_some() || id.is_some() {
+            bail!("--label and --id are for PKCS#11 tokens; a YubiKey key is chosen by --slot");
+        }
+        return generate_piv(settings, piv_args).await;
+    }
+    let Some(label) = label else {
+        bail!("--label LABEL is required: the new key's CKA_LABEL in the token");
+    };
     let settings = backend.pkcs11("generate")?;
     let id = parse_id(id)?;
     let token = token_name(&settings);
@@ -373,7 +552,14 @@ async fn import(
     bundle_path: PathBuf,
     label: Option<String>,
     id: Option<String>,
+    piv_args: PivWriteArgs,
 ) -> anyhow::Result<()> {
+    if let Selected::Piv(settings) = backend.select()? {
+        if label.is_some() || id.is_some() {
+            bail!("--label and --id are for PKCS#11 tokens; a YubiKey key is chosen by --slot");
+        }
+        return import_piv(settings, bundle_path, piv_args).await;
+    }
     let settings = backend.pkcs11("import")?;
     let id = parse_id(id)?;
     let text = Zeroizing::new(
@@ -420,6 +606,9 @@ async fn import(
 }
 
 async fn list(backend: &BackendArgs, json: bool) -> anyhow::Result<()> {
+    if let Selected::Piv(settings) = backend.select()? {
+        return list_piv(settings, json).await;
+    }
     let settings = backend.pkcs11("list")?;
     let token = token_name(&settings);
     let entries = blocking(move || pkcs11::list(&settings))
@@ -491,6 +680,13 @@ async fn public(backend: &BackendArgs, format: PublicFormat) -> anyhow::Result<(
                 .await?
                 .with_context(|| format!("cannot read the public key of {what}"))?
         }
+        Selected::Piv(settings) => {
+            let what = settings.location();
+            blocking(move || piv::public(&settings))
+                .await?
+                .with_context(|| format!("cannot read the public key of {what}"))?
+                .1
+        }
         Selected::Soft(path) => *blocking(move || soft::load_key(&path))
             .await??
             .verifying_key(),
@@ -520,6 +716,15 @@ async fn open_handle(backend: &BackendArgs) -> anyhow::Result<Handle> {
             let what = settings.location();
             blocking(move || {
                 let (info, workers) = pkcs11::open(&settings, 1)?;
+                Handle::spawn(info, workers, options)
+            })
+            .await?
+            .with_context(|| format!("cannot open {what}"))
+        }
+        Selected::Piv(settings) => {
+            let what = settings.location();
+            blocking(move || {
+                let (info, workers) = piv::open(&settings)?;
                 Handle::spawn(info, workers, options)
             })
             .await?
@@ -596,6 +801,157 @@ async fn stamp(backend: &BackendArgs) -> anyhow::Result<()> {
         .await
         .context("cannot stamp the payload")?;
     println!("{stamp}");
+    Ok(())
+}
+
+async fn generate_piv(settings: PivSettings, args: PivWriteArgs) -> anyhow::Result<()> {
+    let options = args.options()?;
+    let what = settings.location();
+    let slot = blocking(move || piv::generate(&settings, &options))
+        .await?
+        .with_context(|| format!("cannot generate a key in {what}"))?;
+    let public = slot
+        .public_key
+        .ok_or_else(|| anyhow!("the YubiKey reported no P-256 public key"))?;
+    print!("{}", jose::public_key_pem(&public));
+    eprintln!(
+        "Generated a P-256 key in {what} ({}); a self-signed certificate is in the slot.\n\
+         Register the public key above on the True Markets API Keys page, then sign with\n  \
+         tm-agent key --backend piv --slot {} sign-challenge --key-id <the key_id it gives you>",
+        slot.policy_summary(),
+        slot.slot
+    );
+    Ok(())
+}
+
+async fn import_piv(
+    settings: PivSettings,
+    bundle_path: PathBuf,
+    args: PivWriteArgs,
+) -> anyhow::Result<()> {
+    let options = args.options()?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(&bundle_path)
+            .with_context(|| format!("cannot read the key bundle {}", bundle_path.display()))?,
+    );
+    let bundle = jose::parse_key_bundle(&text)
+        .with_context(|| format!("{} is not a usable key bundle", bundle_path.display()))?;
+    drop(text);
+    let key_id = bundle.key_id.clone();
+    let what = settings.location();
+    let slot = blocking(move || piv::import(&settings, &bundle, &options))
+        .await?
+        .with_context(|| format!("cannot import {} into {what}", bundle_path.display()))?;
+    println!(
+        "Imported API key {key_id} into {what} ({}): the YubiKey cannot export it.",
+        slot.policy_summary()
+    );
+    println!();
+    println!("The bundle file still holds the private key in plain text. Destroy it now:");
+    println!(
+        "  shred -u {}",
+        shell_quote(&bundle_path.display().to_string())
+    );
+    println!("and any other copy of it (downloads folder, backups, other machines).");
+    println!(
+        "The website generated this key, so it existed outside the YubiKey (and it cannot be \
+         attested): if that matters, generate a new key on the YubiKey (`tm-agent key \
+         --backend piv generate`), register its public key and revoke this one."
+    );
+    println!();
+    println!(
+        "Sign with: tm-agent key --backend piv --slot {} sign-challenge --key-id {key_id}",
+        slot.slot
+    );
+    Ok(())
+}
+
+async fn list_piv(settings: PivSettings, json: bool) -> anyhow::Result<()> {
+    let what = settings.location();
+    let card = blocking(move || piv::list(&settings))
+        .await?
+        .with_context(|| format!("cannot list the slots of {what}"))?;
+    if json {
+        let slots: Vec<serde_json::Value> = card
+            .slots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "slot": s.slot,
+                    "algorithm": s.algorithm,
+                    "pin_policy": s.pin_policy.map(|p| p.to_string()),
+                    "touch_policy": s.touch_policy.map(|t| t.to_string()),
+                    "origin": s.origin,
+                    "certificate_subject": s.certificate_subject,
+                    "public_key": s.public_key.as_ref().map(jose::public_key_compressed_hex),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "serial": card.serial,
+            "version": card.version,
+            "reader": card.reader,
+            "pin_tries_left": card.pin_tries_left,
+            "slots": slots,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    eprintln!(
+        "YubiKey {} (PIV firmware {}, reader {:?}), PIN tries left: {}",
+        card.serial,
+        card.version,
+        card.reader,
+        card.pin_tries_left
+            .map_or("unknown".into(), |n| n.to_string())
+    );
+    if card.slots.is_empty() {
+        eprintln!("no keys in the PIV slots");
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<9} {:<10} {:<8} {:<10} {:<30} PUBLIC KEY (compressed)",
+        "SLOT", "ALGORITHM", "PIN", "TOUCH", "ORIGIN", "CERTIFICATE"
+    );
+    for s in &card.slots {
+        println!(
+            "{:<5} {:<9} {:<10} {:<8} {:<10} {:<30} {}",
+            s.slot,
+            s.algorithm,
+            s.pin_policy.map_or("-".into(), |p| p.to_string()),
+            s.touch_policy.map_or("-".into(), |t| t.to_string()),
+            s.origin.unwrap_or("-"),
+            s.certificate_subject.as_deref().unwrap_or("-"),
+            s.public_key
+                .as_ref()
+                .map(jose::public_key_compressed_hex)
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(())
+}
+
+async fn attest(backend: &BackendArgs) -> anyhow::Result<()> {
+    let settings = backend.piv("attest")?;
+    let what = settings.location();
+    let attestation = blocking(move || piv::attest(&settings))
+        .await?
+        .with_context(|| format!("cannot attest {what}"))?;
+    print!("{}", attestation.to_pem());
+    Ok(())
+}
+
+async fn protect_management_key(backend: &BackendArgs, mgm: MgmArgs) -> anyhow::Result<()> {
+    let settings = backend.piv("protect-management-key")?;
+    let current = mgm.management_key()?;
+    let what = settings.location();
+    blocking(move || piv::protect_management_key(&settings, &current))
+        .await?
+        .with_context(|| format!("cannot set a PIN-protected management key on {what}"))?;
+    eprintln!(
+        "{what}: a random management key is set and stored PIN-protected on the card. Key \
+         management now needs only the PIN: pass --mgm-key-protected."
+    );
     Ok(())
 }
 

@@ -18,10 +18,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
-
-/// Targets whose logs never go below `warn`, whatever the configured filter: the `yubikey`
-/// crate logs APDUs at trace level, and a VERIFY APDU holds the PIN.
-const CAPPED_TARGETS: &[&str] = &["yubikey", "pcsc"];
+use crate::signer::piv;
 
 /// Swaps the filter at run time.
 #[derive(Clone)]
@@ -35,22 +32,13 @@ impl FilterHandle {
     }
 }
 
-/// `filter` with the hardware crates capped at `warn`: any directive of the user's for
-/// those targets is dropped, then the caps are appended.
+/// `filter` with the hardware crates capped at `warn` ([`piv::capped_log_filter`]: the
+/// `yubikey` crate logs APDUs at trace level, and a VERIFY APDU holds the PIN). Any
+/// directive of the user's for those targets, or for a span without a target, is dropped,
+/// then the caps are appended.
 pub fn capped_filter(filter: &str) -> Result<EnvFilter, String> {
-    let mut directives: Vec<&str> = filter
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .filter(|d| {
-            !CAPPED_TARGETS
-                .iter()
-                .any(|t| d.starts_with(t) && d[t.len()..].starts_with(['=', ':', '[']))
-        })
-        .collect();
-    let caps: Vec<String> = CAPPED_TARGETS.iter().map(|t| format!("{t}=warn")).collect();
-    directives.extend(caps.iter().map(String::as_str));
-    EnvFilter::try_new(directives.join(",")).map_err(|e| format!("bad log filter {filter:?}: {e}"))
+    EnvFilter::try_new(piv::capped_log_filter(filter))
+        .map_err(|e| format!("bad log filter {filter:?}: {e}"))
 }
 
 /// Installs the global subscriber. Returns the handle that swaps its filter.
@@ -138,6 +126,9 @@ mod tests {
             .to_string()
             .contains("yubikeyish=trace"));
         assert!(capped_filter("a=b=c").is_err());
+        // A span directive without a target would enable the crates' events inside it.
+        let text = capped_filter("[sign]=trace").unwrap().to_string();
+        assert!(!text.contains("[sign]"), "{text}");
     }
 
     #[test]

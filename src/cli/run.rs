@@ -283,6 +283,8 @@ pub(crate) fn open_key(
 ) -> Result<Handle, SignerError> {
     let (info, workers) = match key {
         KeyConfig::Pkcs11(settings) => signer::pkcs11::open(settings, 0)?,
+        // One worker: one owner of the card.
+        KeyConfig::Piv(settings) => signer::piv::open(settings)?,
         KeyConfig::Soft(soft) => {
             let signing_key = signer::soft::load_key(&soft.key_file)?;
             signer::soft::open(signing_key, soft.key_file.display().to_string(), 1)

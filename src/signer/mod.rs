@@ -1,6 +1,6 @@
 //! Signers: the private-key math, behind an async [`Handle`].
 //!
-//! Owns the [`Signer`] trait that each backend ([`pkcs11`], [`soft`], later `piv`) implements, and
+//! Owns the [`Signer`] trait that each backend ([`pkcs11`], [`piv`], [`soft`]) implements, and
 //! the actor that runs them: one or more named OS threads, each owning one backend worker
 //! (e.g. a PKCS#11 session), fed by one bounded queue. The async side ([`Handle`]) hashes the
 //! message on the host, enqueues the digest with a oneshot reply, answers `Busy` when the
@@ -11,6 +11,7 @@
 //! This module never imports `server` or `token`.
 
 pub mod pin;
+pub mod piv;
 pub mod pkcs11;
 pub mod soft;
 
@@ -72,6 +73,13 @@ pub enum SignerError {
     Pkcs11 {
         func: &'static str,
         rv: String,
+        hint: &'static str,
+    },
+    /// A YubiKey PIV operation failed (not a transport problem: those are `Unavailable`).
+    #[error("YubiKey {op} failed: {error}{}", hint_suffix(hint))]
+    Piv {
+        op: &'static str,
+        error: String,
         hint: &'static str,
     },
     #[error("key not found: {0}")]
