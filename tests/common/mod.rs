@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod daemon;
 pub mod softhsm;
 
 /// Decodes base64url without padding; written here on purpose instead of using `jose` or
