@@ -152,11 +152,19 @@ fn parse_http_url(what: &str, text: &str) -> Result<Url, ApiError> {
         .map_err(|e| ApiError::Config(format!("{what} {text:?} is not a URL: {e}")))?;
     if url.scheme() != "https" && url.scheme() != "http" {
         return Err(ApiError::Config(format!(
-            "{what} {text:?} must be an https:// (or, for tests, http://) URL"
+            "{what} {text:?} must be an https:// URL (http:// only for a loopback test server)"
         )));
     }
     if url.host_str().is_none() {
         return Err(ApiError::Config(format!("{what} {text:?} has no host")));
+    }
+    // Tokens and refresh tokens travel in these requests: in clear text only to this
+    // machine (a local simulator), never over a network.
+    if url.scheme() == "http" && !is_loopback(&url) {
+        return Err(ApiError::Config(format!(
+            "{what} {text:?} uses plain http:// to a non-loopback host: use https:// \
+             (http:// is allowed only for 127.0.0.0/8, ::1 and localhost)"
+        )));
     }
     Ok(url)
 }
@@ -211,8 +219,13 @@ pub enum ApiError {
     },
     #[error("Auth API rate limit (HTTP 429){}", retry_hint(*retry_after))]
     RateLimited { retry_after: Option<Duration> },
-    #[error("Auth API server error (HTTP {status}): {message}")]
-    Server { status: u16, message: String },
+    #[error("Auth API server error (HTTP {status}): {message}{}", retry_hint(*retry_after))]
+    Server {
+        status: u16,
+        message: String,
+        /// `Retry-After` of a 503 (unavailable for a known time, e.g. maintenance).
+        retry_after: Option<Duration>,
+    },
     #[error("cannot reach the Auth API ({kind}): {detail}")]
     Transport { kind: TransportKind, detail: String },
     #[error("unexpected Auth API response: {0}")]
@@ -320,7 +333,8 @@ pub struct TokenPair {
     pub access_token: Arc<str>,
     /// Rotating: only the newest one is good. Never leaves the token manager.
     pub refresh_token: SecretString,
-    /// `expires_in` (an RFC 3339 time despite its name), as the server stated it.
+    /// `expires_in` (an RFC 3339 time despite its name) on the server's clock; a
+    /// seconds-form `expires_in` is counted from the server's `now`.
     pub expires_at: SystemTime,
     /// Always `Bearer` in practice.
     pub token_type: String,
@@ -379,15 +393,18 @@ impl ServerClock {
     /// the round trip) too small, and an expiry must never be placed after the real one.
     pub fn to_local(&self, server_time: SystemTime) -> SystemTime {
         match self.offset_ms() {
-            Some(offset) => shift(server_time, -(offset + DATE_UNCERTAINTY_MS)),
+            Some(offset) => shift(
+                server_time,
+                offset.saturating_add(DATE_UNCERTAINTY_MS).saturating_neg(),
+            ),
             None => server_time,
         }
     }
 
     /// Records a `Date` header received at local time `received`.
     pub fn observe(&self, date: SystemTime, received: SystemTime) {
-        let date_ms = signed_ms(date) + 500;
-        self.set_offset_ms(date_ms - signed_ms(received));
+        let date_ms = signed_ms(date).saturating_add(500);
+        self.set_offset_ms(date_ms.saturating_sub(signed_ms(received)));
     }
 
     /// Sets the offset directly (tests, or a config override).
@@ -487,13 +504,10 @@ impl Client {
 
     /// `POST {base}/api-key/token` with a signed challenge.
     pub async fn mint(&self, body: &jose::ChallengeBody) -> Result<TokenPair, ApiError> {
-        let json = Zeroizing::new(
-            serde_json::to_vec(body).map_err(|e| ApiError::Protocol(e.to_string()))?,
-        );
-        let bytes = self
-            .post(self.endpoints.mint.clone(), json.to_vec())
-            .await?;
-        parse_pair(&bytes)
+        let hint = body.key_id.len() + body.signature.len() + 64;
+        let json = secret_json(body, hint)?;
+        let bytes = self.post(self.endpoints.mint.clone(), json).await?;
+        parse_pair(&bytes, self.clock.server_now())
     }
 
     /// `POST {base}/token/refresh`. The old refresh token must not be used again after this.
@@ -502,16 +516,15 @@ impl Client {
         struct Body<'a> {
             refresh_token: &'a str,
         }
-        let json = Zeroizing::new(
-            serde_json::to_vec(&Body {
-                refresh_token: refresh_token.expose_secret(),
-            })
-            .map_err(|e| ApiError::Protocol(e.to_string()))?,
-        );
-        let bytes = self
-            .post(self.endpoints.refresh.clone(), json.to_vec())
-            .await?;
-        parse_pair(&bytes)
+        let token = refresh_token.expose_secret();
+        let json = secret_json(
+            &Body {
+                refresh_token: token,
+            },
+            token.len() + 32,
+        )?;
+        let bytes = self.post(self.endpoints.refresh.clone(), json).await?;
+        parse_pair(&bytes, self.clock.server_now())
     }
 
     /// `GET` the JWKS.
@@ -524,13 +537,21 @@ impl Client {
         parse_jwks(&bytes)
     }
 
-    async fn post(&self, url: Url, body: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    /// The body (holding a refresh token or a signature) is handed over without a copy:
+    /// `Bytes::from_owner` makes the `Zeroizing` buffer the owner of the bytes, so it is
+    /// wiped once reqwest and hyper let go of it. What they and rustls copy while writing
+    /// it out (their buffers, the TLS plaintext) is beyond our reach and is not wiped.
+    async fn post(
+        &self,
+        url: Url,
+        body: Zeroizing<Vec<u8>>,
+    ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
         let req = self
             .http
             .post(url)
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
-            .body(body);
+            .body(bytes::Bytes::from_owner(body));
         self.send(req).await
     }
 
@@ -560,6 +581,16 @@ impl Client {
             Err(error_from_response(status, retry_after, &body))
         }
     }
+}
+
+/// 127.0.0.0/8, ::1 or `localhost` (the URL parser has already lowercased domain names
+/// and normalised IP literals; IPv6 ones come bracketed).
+/// `value` as JSON in a zeroized buffer, allocated once at `hint` bytes (enough for the
+/// usual, escape-free content) so that growing it leaves no partial copies in freed memory.
+fn secret_json(value: &impl serde::Serialize, hint: usize) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(hint));
+    serde_json::to_writer(&mut *buf, value).map_err(|e| ApiError::Protocol(e.to_string()))?;
+    Ok(buf)
 }
 
 fn is_loopback(url: &Url) -> bool {
@@ -612,7 +643,17 @@ fn error_from_response(status: StatusCode, retry_after: Option<Duration>, body: 
             request_id,
         },
         429 => ApiError::RateLimited { retry_after },
-        s if s >= 500 => ApiError::Server { status: s, message },
+        // Retry-After only has a defined meaning on a 503 among the 5xx (RFC 9110 §10.2.3).
+        503 => ApiError::Server {
+            status: 503,
+            message,
+            retry_after,
+        },
+        s if s >= 500 => ApiError::Server {
+            status: s,
+            message,
+            retry_after: None,
+        },
         s => ApiError::BadRequest {
             status: s,
             message,
@@ -671,7 +712,10 @@ enum ExpiresIn {
     Seconds(u64),
 }
 
-fn parse_pair(body: &[u8]) -> Result<TokenPair, ApiError> {
+/// Parses a token response; `server_now` (the server clock, just updated from this
+/// response's `Date`) anchors a seconds-form `expires_in`, so that `expires_at` is on the
+/// server clock in both forms, like the JWT `exp`, and is converted to local time once.
+fn parse_pair(body: &[u8], server_now: SystemTime) -> Result<TokenPair, ApiError> {
     #[derive(Deserialize)]
     struct Raw {
         access_token: String,
@@ -683,7 +727,9 @@ fn parse_pair(body: &[u8]) -> Result<TokenPair, ApiError> {
     let raw: Raw = serde_json::from_slice(body).map_err(|e| json_error("token response", &e))?;
     let expires_at = match raw.expires_in {
         ExpiresIn::Time(text) => parse_rfc3339(&text)?,
-        ExpiresIn::Seconds(secs) => SystemTime::now() + Duration::from_secs(secs),
+        ExpiresIn::Seconds(secs) => server_now
+            .checked_add(Duration::from_secs(secs))
+            .ok_or_else(|| ApiError::Protocol(format!("expires_in {secs} s is out of range")))?,
     };
     if raw.access_token.is_empty() || raw.refresh_token.is_empty() {
         return Err(ApiError::Protocol(
@@ -829,7 +875,7 @@ mod tests {
     #[test]
     fn pair_parsing_is_strict_about_expires_in_and_redacts() {
         let body = br#"{"access_token":"eyJa.b.c","refresh_token":"eyJr.s.t","expires_in":"2030-01-02T03:04:05Z","token_type":"Bearer"}"#;
-        let pair = parse_pair(body).unwrap();
+        let pair = parse_pair(body, SystemTime::now()).unwrap();
         assert_eq!(
             pair.expires_at,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_553_445)
@@ -838,12 +884,91 @@ mod tests {
         assert!(!dbg.contains("eyJ"), "{dbg}");
         let bad =
             br#"{"access_token":"eyJsecret.x.y","refresh_token":"r","expires_in":"tomorrow"}"#;
-        let err = parse_pair(bad).unwrap_err();
+        let err = parse_pair(bad, SystemTime::now()).unwrap_err();
         assert_eq!(err.code(), "protocol");
         // A type error must not quote the token it choked on.
         let wrong = br#"{"access_token":7,"refresh_token":"eyJsecret.x.y","expires_in":"x"}"#;
-        let err = parse_pair(wrong).unwrap_err();
+        let err = parse_pair(wrong, SystemTime::now()).unwrap_err();
         assert!(!err.to_string().contains("eyJ"), "{err}");
+    }
+
+    #[test]
+    fn seconds_form_expires_in_counts_from_the_server_clock() {
+        let server_now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let body = br#"{"access_token":"a.b.c","refresh_token":"r","expires_in":900}"#;
+        let pair = parse_pair(body, server_now).unwrap();
+        assert_eq!(pair.expires_at, server_now + Duration::from_secs(900));
+        // to_local then applies the offset once: 40 s ahead → 40 s (+ slack) earlier locally.
+        let clock = ServerClock::default();
+        clock.set_offset_ms(40_000);
+        assert_eq!(
+            clock.to_local(pair.expires_at),
+            server_now + Duration::from_secs(900) - Duration::from_millis(40_600)
+        );
+    }
+
+    #[test]
+    fn huge_expires_in_is_a_protocol_error_not_a_panic() {
+        let now = SystemTime::now();
+        for expires_in in [
+            "18446744073709551615",
+            "9223372036854775807",
+            "1e300",
+            "-1",
+            r#""+999999-01-01T00:00:00Z""#,
+        ] {
+            let body = format!(
+                r#"{{"access_token":"a.b.c","refresh_token":"r","expires_in":{expires_in}}}"#
+            );
+            let err = parse_pair(body.as_bytes(), now).unwrap_err();
+            assert_eq!(err.code(), "protocol", "{expires_in}: {err}");
+        }
+    }
+
+    #[test]
+    fn secret_json_is_written_in_one_allocation() {
+        let token = format!("eyJ{}", "x".repeat(900));
+        let hint = token.len() + 32;
+        let json = secret_json(&serde_json::json!({ "refresh_token": token }), hint).unwrap();
+        assert_eq!(
+            json.capacity(),
+            hint,
+            "the buffer grew: copies were left behind"
+        );
+        assert_eq!(&json[..21], br#"{"refresh_token":"eyJ"#);
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        for ok in [
+            "http://127.0.0.1:8080/v1/auth",
+            "http://127.9.8.7/v1/auth",
+            "http://localhost:1/v1/auth",
+            "http://LOCALHOST/v1/auth",
+            "http://[::1]:9/v1/auth",
+            "https://auth.example/v1/auth",
+        ] {
+            let ep = ApiSettings::custom(ok).endpoints();
+            assert!(ep.is_ok(), "{ok}: {ep:?}");
+        }
+        for bad in [
+            "http://auth.example/v1/auth",
+            "http://10.0.0.1/v1/auth",
+            "http://[::ffff:10.0.0.1]/v1/auth",
+            "http://localhost.evil.example/v1/auth",
+            "http://0.0.0.0/v1/auth",
+        ] {
+            match ApiSettings::custom(bad).endpoints() {
+                Err(ApiError::Config(m)) => assert!(m.contains("use https://"), "{m}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        // The JWKS URL is held to the same rule.
+        let s = ApiSettings {
+            jwks_url: Some("http://keys.example/jwks".into()),
+            ..ApiSettings::custom("https://auth.example/v1/auth")
+        };
+        assert!(matches!(s.endpoints(), Err(ApiError::Config(_))));
     }
 
     #[test]
@@ -874,6 +999,30 @@ mod tests {
             b"",
         );
         assert!(matches!(e, ApiError::RateLimited { retry_after: Some(d) } if d.as_secs() == 3));
+        let e = error_from_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(4)),
+            b"",
+        );
+        assert!(
+            matches!(e, ApiError::Server { status: 503, retry_after: Some(d), .. } if d.as_secs() == 4)
+        );
+        assert!(e.to_string().contains("retry after 4 s"), "{e}");
+        let e = error_from_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some(Duration::from_secs(4)),
+            b"",
+        );
+        assert!(
+            matches!(
+                e,
+                ApiError::Server {
+                    retry_after: None,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         let leak = br#"{"message":"bad token eyJhbGciOi.eyJzdWIi.sig here"}"#;
         let e = error_from_response(StatusCode::UNAUTHORIZED, None, leak);
         assert!(!e.to_string().contains("eyJ"), "{e}");
@@ -976,6 +1125,25 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_huge_expires_in_over_http_is_a_protocol_error() {
+        let body = r#"{"access_token":"a.b.c","refresh_token":"r","expires_in":18446744073709551615,"token_type":"Bearer"}"#;
+        let resp: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let (url, _t) = canned(resp).await;
+        let client = Client::new(&ApiSettings::custom(url)).unwrap();
+        let err = client
+            .refresh(&SecretString::from("r".to_string()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "protocol", "{err}");
     }
 
     #[tokio::test]

@@ -767,6 +767,18 @@ async fn counters_and_admin_routes() {
         "bad_request",
         "unknown kind",
     );
+    // A huge `secs` once panicked the admin handler (Duration::from_secs_f64).
+    assert_envelope(
+        &post(
+            &client,
+            &format!("{base}/_sim/faults"),
+            &json!({"kind": "hang", "secs": 1e300}),
+        )
+        .await,
+        400,
+        "bad_request",
+        "secs",
+    );
     assert_envelope(
         &post(
             &client,

@@ -157,7 +157,13 @@ impl FaultSpec {
             .map_err(|e| SimError::Fault(format!("bad fault JSON: {e}")))?;
         let duration = || -> Result<Duration, SimError> {
             match (req.secs, req.ms) {
-                (Some(s), None) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
+                // try_: a negative, non-finite or huge `secs` is a 400, not a panic.
+                (Some(s), None) => Duration::try_from_secs_f64(s).map_err(|_| {
+                    SimError::Fault(format!(
+                        "{} `secs` {s:?} is not a duration in seconds (>= 0, finite, in range)",
+                        req.kind
+                    ))
+                }),
                 (None, Some(ms)) => Ok(Duration::from_millis(ms)),
                 _ => Err(SimError::Fault(format!(
                     "{} needs exactly one of `secs` (>= 0) or `ms`",
@@ -326,7 +332,7 @@ impl FaultTable {
             }
             d.served.push(f.spec.counter());
             match &f.spec.kind {
-                FaultKind::Latency(l) => d.latency += *l,
+                FaultKind::Latency(l) => d.latency = d.latency.saturating_add(*l),
                 FaultKind::Status {
                     status,
                     retry_after_secs,
@@ -428,8 +434,21 @@ mod tests {
             json!({"kind": "hang"}),
             json!({"kind": "reset", "count": 1, "rate": 0.1}),
             json!({"kind": "reset", "extra": 1}),
+            json!({"kind": "hang", "secs": 1e300}),
+            json!({"kind": "latency", "secs": -1}),
+            json!({"kind": "latency", "secs": 2, "ms": 5}),
         ] {
             assert!(FaultSpec::from_json(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn huge_latencies_saturate_instead_of_overflowing() {
+        let mut t = FaultTable::default();
+        for _ in 0..2 {
+            let huge = FaultSpec::from_json(&json!({"kind": "latency", "secs": 1.5e19})).unwrap();
+            t.add(huge).unwrap();
+        }
+        assert_eq!(t.decide(Endpoint::Mint).latency, Duration::MAX);
     }
 }

@@ -31,6 +31,8 @@ pub enum JwtError {
     BadSignature(String),
     #[error("access token has no numeric exp claim")]
     MissingExp,
+    #[error("access token exp claim is out of range")]
+    InvalidExp,
     #[error("access token expired (exp is {0} s in the past on the server clock)")]
     Expired(u64),
     #[error("access token iss {found:?} is not the configured issuer {expected:?}")]
@@ -91,13 +93,13 @@ pub fn parse(token: &str) -> Result<Parsed, JwtError> {
         jose::b64url_decode(p).map_err(|_| JwtError::Malformed("payload is not base64url"))?;
     let claims: RawClaims = serde_json::from_slice(&payload_bytes)
         .map_err(|_| JwtError::Malformed("payload is not a JSON object"))?;
-    let exp = claims
-        .exp
-        .filter(|e| e.is_finite() && *e >= 0.0)
-        .ok_or(JwtError::MissingExp)?;
-    let exp = SystemTime::UNIX_EPOCH
-        .checked_add(Duration::from_secs_f64(exp))
-        .ok_or(JwtError::MissingExp)?;
+    // `exp` is read before the signature is checked, so it is attacker-controlled here:
+    // any value must give an error, never a panic.
+    let exp = claims.exp.ok_or(JwtError::MissingExp)?;
+    let exp = Duration::try_from_secs_f64(exp)
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+        .ok_or(JwtError::InvalidExp)?;
     let raw_sig =
         jose::b64url_decode(s).map_err(|_| JwtError::Malformed("signature is not base64url"))?;
     let signature = jose::signature_from_raw(&raw_sig)
@@ -296,6 +298,30 @@ mod tests {
         assert_eq!(parse(&no_kid).unwrap_err(), JwtError::MissingKid);
         let no_exp = sign_for_test(&k, "a", &serde_json::json!({"sub": "x"}));
         assert_eq!(parse(&no_exp).unwrap_err(), JwtError::MissingExp);
+    }
+
+    #[test]
+    fn out_of_range_exp_is_rejected_without_panicking() {
+        let k = key(5);
+        // 1e300 once panicked in Duration::from_secs_f64, before the signature check.
+        for exp in [
+            serde_json::json!(1e300),
+            serde_json::json!(f64::MAX),
+            serde_json::json!(1.8446744073709552e19),
+            serde_json::json!(u64::MAX),
+            serde_json::json!(-1),
+            serde_json::json!(-1e300),
+        ] {
+            let t = sign_for_test(&k, "a", &serde_json::json!({ "exp": exp }));
+            assert_eq!(parse(&t).unwrap_err(), JwtError::InvalidExp, "exp {exp}");
+        }
+        // Unsigned garbage gets the same answer: nothing is trusted before verification.
+        let forged = format!(
+            "{}.{}.AAAA",
+            jose::b64url(br#"{"alg":"ES256","kid":"a"}"#),
+            jose::b64url(br#"{"exp":1e300}"#)
+        );
+        assert_eq!(parse(&forged).unwrap_err(), JwtError::InvalidExp);
     }
 
     #[test]

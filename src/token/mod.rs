@@ -12,7 +12,9 @@
 //! otherwise it posts a renewal demand and waits for the task's next outcome, so any number
 //! of callers share one renewal (single-flight). The task sleeps until its next deadline
 //! (`sleep_until`) or a demand, never polls. The two std mutexes (status, demand) are held
-//! for a copy only, never across `.await`. Shutdown: cancel the `CancellationToken`.
+//! for a copy only, never across `.await`. Shutdown: cancel the `CancellationToken`. If the
+//! task ends any other way (a panic), a drop guard still marks the manager stopped,
+//! withdraws the token and wakes waiting callers, who then get `unavailable` at once.
 //!
 //! Clocks: challenge timestamps and JWT `exp` checks use the server clock (local + offset
 //! learned from `Date` headers, see [`auth_api::ServerClock`]); `expires_at` handed out is
@@ -106,13 +108,9 @@ pub struct TokenStatus {
     pub last_error: Option<String>,
     /// Server clock minus local clock, learned from `Date`.
     pub clock_offset_secs: i64,
-    /// When the last error happened.
-    pub last_error_at: Option<SystemTime>,
     /// Successful mints and refreshes since start.
     pub mints: u64,
     pub refreshes: u64,
-    /// A renewal is in flight.
-    pub renewing: bool,
 }
 
 /// Token policy of one profile. Durations are seconds (integer or fractional) in config
@@ -339,9 +337,97 @@ struct Shared {
     stopped: AtomicBool,
 }
 
+/// The message of the `stopped` outcome after an orderly stop.
+const STOPPED: &str = "the token manager has stopped";
+
+impl Shared {
+    /// Marks the manager stopped, withdraws the token and wakes every waiting caller with a
+    /// `stopped` outcome. `stopped` is set first, so a waiter woken by the outcome sees it.
+    /// Must not panic: it also runs while a panic unwinds (see [`StopGuard`]).
+    fn stop(&self, message: &str) {
+        self.stopped.store(true, Ordering::Release);
+        self.current.send_replace(None);
+        self.outcomes.send_modify(|o| {
+            o.seq += 1;
+            o.error = Some(("stopped".into(), message.into()));
+            o.retry_at = None;
+        });
+    }
+}
+
+/// Stops the manager however the worker's task ends: after cancellation (orderly, also
+/// when the runtime drops the task before it saw the cancellation, as at the daemon's
+/// exit), on a panic (tokio drops a panicking task's future while unwinding; without this
+/// nothing would ever tell the callers, who would wait for outcomes that never come), or
+/// when the runtime drops the task uncancelled.
+struct StopGuard {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    /// `run` ended by cancellation.
+    orderly: bool,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let panicked = std::thread::panicking();
+        if !panicked && (self.orderly || self.cancel.is_cancelled()) {
+            self.shared.stop(STOPPED);
+            tracing::info!("token manager stopped");
+            return;
+        }
+        let message = if panicked {
+            "the token manager failed (internal error, see the agent's log); restart the agent"
+        } else {
+            "the token manager ended unexpectedly; restart the agent"
+        };
+        {
+            let mut s = lock(&self.shared.status);
+            s.last_error_code = Some("internal".into());
+            s.last_error = Some(message.into());
+            s.next_refresh = None;
+        }
+        self.shared.stop(message);
+        if panicked {
+            tracing::error!(
+                key_id = %self.shared.settings.key_id,
+                "token task panicked: the profile's token is withdrawn and token requests \
+                 answer `unavailable` until the agent is restarted"
+            );
+        } else {
+            // Only a runtime shutting down drops a spawned task uncancelled.
+            tracing::debug!(
+                key_id = %self.shared.settings.key_id,
+                "token task dropped without cancellation (runtime shutting down)"
+            );
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain data behind short locks: a panic elsewhere leaves it usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The largest `min_ttl` a caller may ask for; more is treated as this (tokens live
+/// minutes to hours, and `usable` caps the ask at 90% of a token's life anyway).
+const MAX_MIN_TTL: Duration = Duration::from_secs(86_400);
+
+/// Far enough to mean "never" for a deadline (as tokio's own far future: ~30 years).
+const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `at + d` without the panic of `+` on overflow: durations here come from clients, the
+/// config or the server (token lifetimes), so an absurd one must saturate, not abort.
+fn instant_after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
+}
+
+/// As [`instant_after`], for the wall clock.
+fn time_after(at: SystemTime, d: Duration) -> SystemTime {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
 }
 
 /// The handle of one profile's token manager. Cheap to clone.
@@ -417,7 +503,8 @@ impl Manager {
     /// do better), and a token renewed after the call began is returned even if it falls
     /// short of `min_ttl`. Never returns an expired token.
     pub async fn token(&self, min_ttl: Option<Duration>) -> Result<Arc<AccessToken>, TokenError> {
-        let need = min_ttl.unwrap_or_default();
+        // Capped here, before any clock arithmetic: `min_ttl` comes straight from a client.
+        let need = min_ttl.unwrap_or_default().min(MAX_MIN_TTL);
         if let Some(tok) = self.usable(need) {
             return Ok(tok);
         }
@@ -440,12 +527,10 @@ impl Manager {
 
     async fn renew_and_wait(&self, need: Duration) -> Result<Arc<AccessToken>, TokenError> {
         if self.shared.stopped.load(Ordering::Acquire) {
-            return Err(TokenError::Unavailable(
-                "the token manager has stopped".into(),
-            ));
+            return Err(self.stopped_error());
         }
         let timeout = self.shared.settings.renew_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = instant_after(Instant::now(), timeout);
         let mut outcomes = self.shared.outcomes.subscribe();
         if let Some(err) = self.hopeless(&outcomes.borrow_and_update(), deadline) {
             return Err(err);
@@ -454,7 +539,7 @@ impl Manager {
             let mut demand = lock(&self.shared.demand);
             let mine = Demand {
                 requested: Instant::now(),
-                until: SystemTime::now() + need,
+                until: time_after(SystemTime::now(), need),
             };
             *demand = Some(match *demand {
                 Some(d) => Demand {
@@ -468,11 +553,7 @@ impl Manager {
         loop {
             match tokio::time::timeout_at(deadline, outcomes.changed()).await {
                 Err(_) => return Err(TokenError::Timeout(timeout)),
-                Ok(Err(_)) => {
-                    return Err(TokenError::Unavailable(
-                        "the token manager has stopped".into(),
-                    ))
-                }
+                Ok(Err(_)) => return Err(self.stopped_error()),
                 Ok(Ok(())) => {}
             }
             let outcome = outcomes.borrow_and_update().clone();
@@ -484,6 +565,9 @@ impl Manager {
                 if let Some(tok) = self.usable(Duration::ZERO) {
                     return Ok(tok);
                 }
+            }
+            if self.shared.stopped.load(Ordering::Acquire) {
+                return Err(self.stopped_error());
             }
             if let Some((code, message)) = outcome.error {
                 // Don't hold the caller through a series of retries: say what is wrong.
@@ -501,6 +585,15 @@ impl Manager {
         }
     }
 
+    /// Why a stopped manager has no token: the stop's own message when it is published.
+    fn stopped_error(&self) -> TokenError {
+        let message = match &self.shared.outcomes.borrow().error {
+            Some((code, message)) if code == "stopped" => message.clone(),
+            _ => STOPPED.into(),
+        };
+        TokenError::Unavailable(message)
+    }
+
     /// A failure whose next retry is beyond our deadline: say so now instead of timing out.
     fn hopeless(&self, outcome: &Outcome, deadline: Instant) -> Option<TokenError> {
         let (code, message) = outcome.error.as_ref()?;
@@ -515,14 +608,23 @@ impl Manager {
         )))
     }
 
-    /// Waits until the first token is there (or `timeout` passes).
+    /// Waits until the first token is there (or `timeout` passes, or the manager stops).
     pub async fn wait_ready(&self, timeout: Duration) -> Result<Arc<AccessToken>, TokenError> {
         let mut rx = self.current.clone();
-        let waited = tokio::time::timeout(timeout, rx.wait_for(|t| t.is_some())).await;
-        if let Ok(Ok(tok)) = waited {
-            if let Some(tok) = tok.clone() {
-                return Ok(tok);
+        let mut outcomes = self.shared.outcomes.subscribe();
+        let stopped = &self.shared.stopped;
+        let waited = tokio::time::timeout(timeout, async {
+            tokio::select! {
+                tok = rx.wait_for(|t| t.is_some()) => tok.ok().and_then(|t| t.clone()),
+                _ = outcomes.wait_for(|_| stopped.load(Ordering::Acquire)) => None,
             }
+        })
+        .await;
+        if let Ok(Some(tok)) = waited {
+            return Ok(tok);
+        }
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(self.stopped_error());
         }
         let status = self.status();
         match (status.last_error_code, status.last_error) {
@@ -567,7 +669,9 @@ struct Failure {
 impl From<ApiError> for Failure {
     fn from(e: ApiError) -> Self {
         let retry_after = match &e {
-            ApiError::RateLimited { retry_after } => *retry_after,
+            ApiError::RateLimited { retry_after } | ApiError::Server { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         };
         Failure {
@@ -634,6 +738,11 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 impl<A: Api> Worker<A> {
     async fn run(mut self) {
+        let mut guard = StopGuard {
+            shared: Arc::clone(&self.shared),
+            cancel: self.cancel.clone(),
+            orderly: false,
+        };
         let cancel = self.cancel.clone();
         tokio::select! {
             _ = cancel.cancelled() => {}
@@ -651,14 +760,7 @@ impl<A: Api> Worker<A> {
                 }
             } => {}
         }
-        self.shared.stopped.store(true, Ordering::Release);
-        self.shared.current.send_replace(None);
-        self.shared.outcomes.send_modify(|o| {
-            o.seq += 1;
-            o.error = Some(("stopped".into(), "the token manager has stopped".into()));
-            o.retry_at = None;
-        });
-        tracing::info!("token manager stopped");
+        guard.orderly = true;
     }
 
     async fn on_deadline(&mut self) {
@@ -676,7 +778,7 @@ impl<A: Api> Worker<A> {
                 tracing::warn!("access token expired with no replacement");
             } else if let Some(t) = self.shared.current.borrow().as_ref() {
                 // The wall clock and the monotonic one disagree: look again later.
-                self.expiry = Some(now + t.remaining(SystemTime::now()));
+                self.expiry = Some(instant_after(now, t.remaining(SystemTime::now())));
             }
         }
         if self.next_attempt.is_some_and(|a| a <= now) {
@@ -708,7 +810,6 @@ impl<A: Api> Worker<A> {
     }
 
     async fn attempt(&mut self) {
-        lock(&self.shared.status).renewing = true;
         let result = self.renew().await;
         let now = Instant::now();
         let error = match result {
@@ -718,12 +819,12 @@ impl<A: Api> Worker<A> {
                 let lifetime = token.lifetime();
                 let unit = rand::thread_rng().gen_range(-1.0..=1.0);
                 let delay = refresh_delay(lifetime, &self.shared.settings, unit);
-                self.next_attempt = Some(now + delay);
-                self.expiry = Some(now + token.remaining(SystemTime::now()));
-                let next_refresh = SystemTime::now() + delay;
+                // A token's life is the server's say: saturate, never overflow.
+                self.next_attempt = Some(instant_after(now, delay));
+                self.expiry = Some(instant_after(now, token.remaining(SystemTime::now())));
+                let next_refresh = time_after(SystemTime::now(), delay);
                 {
                     let mut s = lock(&self.shared.status);
-                    s.renewing = false;
                     s.expires_at = Some(token.expires_at);
                     s.next_refresh = Some(next_refresh);
                     s.consecutive_failures = 0;
@@ -765,15 +866,13 @@ impl<A: Api> Worker<A> {
                     unit,
                     failure.retry_after,
                 );
-                self.next_attempt = Some(now + delay);
+                self.next_attempt = Some(instant_after(now, delay));
                 {
                     let mut s = lock(&self.shared.status);
-                    s.renewing = false;
                     s.consecutive_failures = self.failures;
                     s.last_error_code = Some(failure.code.to_string());
                     s.last_error = Some(failure.message.clone());
-                    s.last_error_at = Some(SystemTime::now());
-                    s.next_refresh = Some(SystemTime::now() + delay);
+                    s.next_refresh = Some(time_after(SystemTime::now(), delay));
                 }
                 tracing::warn!(
                     code = failure.code,

@@ -148,6 +148,10 @@ struct FakeState {
     live: HashSet<String>,
     serial: u64,
     latency: Duration,
+    /// The next mint/refresh panics (a bug in the API client, say).
+    panic: bool,
+    /// Replaces the `exp` claim of issued access tokens.
+    exp_claim: Option<serde_json::Value>,
 }
 
 #[derive(Clone)]
@@ -172,6 +176,8 @@ impl Fake {
                 live: HashSet::new(),
                 serial: 0,
                 latency: Duration::from_millis(20),
+                panic: false,
+                exp_claim: None,
             })),
             n: Arc::new(Counters::default()),
         }
@@ -197,7 +203,11 @@ impl Fake {
         let access = jwt::sign_for_test(
             &key,
             &st.kid,
-            &serde_json::json!({"exp": exp_secs, "iss": "fake", "n": st.serial}),
+            &serde_json::json!({
+                "exp": st.exp_claim.clone().unwrap_or(exp_secs.into()),
+                "iss": "fake",
+                "n": st.serial
+            }),
         );
         let refresh = format!("rt-{}", st.serial);
         st.live.insert(refresh.clone());
@@ -215,11 +225,15 @@ impl Fake {
         tokio::time::sleep(latency).await;
         let offset = self.with(|s| s.server_offset_ms);
         self.clock.set_offset_ms(offset);
+        if self.with(|s| std::mem::take(&mut s.panic)) {
+            panic!("fake Auth API client bug (expected by this test)");
+        }
         self.with(|s| {
             if s.outage {
                 return Err(ApiError::Server {
                     status: 503,
                     message: "Service Unavailable".into(),
+                    retry_after: None,
                 });
             }
             if s.script.is_empty() {
@@ -532,4 +546,137 @@ async fn renewal_waits_are_bounded_by_renew_timeout() {
     let err = m.token(None).await.unwrap_err();
     assert_eq!(err.wire_code(), "timeout");
     assert!(t0.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn rate_limit_retry_after_of_a_503_is_honoured() {
+    let fake = Fake::new(Duration::from_secs(30));
+    fake.with(|s| {
+        s.script.push(ApiError::Server {
+            status: 503,
+            message: "maintenance".into(),
+            retry_after: Some(Duration::from_secs(1)),
+        })
+    });
+    let (m, _cancel) = start(&fake, settings());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // backoff_max is 400 ms here, but the server asked for 1 s.
+    assert_eq!(fake.n.mint_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(m.status().last_error_code.as_deref(), Some("server_error"));
+    m.wait_ready(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(fake.n.mint_calls.load(Ordering::SeqCst), 2);
+}
+
+/// `min_ttl` comes from clients: `Duration::MAX` once panicked in `SystemTime + Duration`.
+#[tokio::test]
+async fn a_huge_min_ttl_neither_panics_nor_spins() {
+    let fake = Fake::new(Duration::from_secs(30));
+    fake.with(|s| s.latency = Duration::from_millis(100));
+    let (m, _cancel) = start(&fake, settings());
+    // No token yet: this takes the renewal path, where the demand is dated.
+    let t = m.token(Some(Duration::MAX)).await.unwrap();
+    assert!(t.expires_at > SystemTime::now());
+    // A token in hand: answered from memory (the ask is capped at 90% of its life)...
+    let again = m.token(Some(Duration::MAX)).await.unwrap();
+    assert!(again.expires_at > SystemTime::now());
+    let u = m.token(Some(Duration::from_secs(u64::MAX))).await.unwrap();
+    assert!(u.expires_at > SystemTime::now());
+    // ... and the manager is alive and well afterwards.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!m.shared.stopped.load(Ordering::Acquire));
+    assert!(m.token(None).await.is_ok());
+    assert!(
+        fake.n.mint_calls.load(Ordering::SeqCst) + fake.n.refresh_calls.load(Ordering::SeqCst) <= 3
+    );
+}
+
+/// A panic in the worker (here: in the API client) must not leave callers waiting for
+/// outcomes that never come: they hear `unavailable` at once, and the token is withdrawn.
+#[tokio::test]
+async fn a_panicking_worker_answers_unavailable_at_once() {
+    let patient = || TokenSettings {
+        renew_timeout: Duration::from_secs(10),
+        ..settings()
+    };
+    // Mid-life: a caller is waiting for a renewal when the task panics.
+    let fake = Fake::new(Duration::from_secs(3));
+    let (m, _cancel) = start(&fake, patient());
+    m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    fake.with(|s| s.panic = true);
+    // As in `hundred_callers_share_one_renewal`: a min_ttl the current token cannot meet.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let t0 = Instant::now();
+    let err = m
+        .token(Some(Duration::from_millis(2600)))
+        .await
+        .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert!(err.to_string().contains("internal error"), "{err}");
+    assert!(m.subscribe().borrow().is_none(), "token not withdrawn");
+    // Later callers, with or without min_ttl, too.
+    let t0 = Instant::now();
+    assert_eq!(m.token(None).await.unwrap_err().wire_code(), "unavailable");
+    assert!(t0.elapsed() < Duration::from_millis(100));
+    let st = m.status();
+    assert_eq!(st.last_error_code.as_deref(), Some("internal"));
+    assert_eq!(st.next_refresh, None);
+
+    // At start: the very first mint panics; wait_ready does not sit out its timeout.
+    let fake = Fake::new(Duration::from_secs(30));
+    fake.with(|s| s.panic = true);
+    let (m, _cancel) = start(&fake, patient());
+    let t0 = Instant::now();
+    let err = m.wait_ready(Duration::from_secs(10)).await.unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert_eq!(m.token(None).await.unwrap_err().wire_code(), "unavailable");
+}
+
+/// An orderly stop answers `unavailable` to a caller already waiting for a renewal.
+#[tokio::test]
+async fn cancellation_wakes_waiting_callers() {
+    let fake = Fake::new(Duration::from_secs(30));
+    fake.with(|s| s.latency = Duration::from_secs(5));
+    let (m, cancel) = start(
+        &fake,
+        TokenSettings {
+            renew_timeout: Duration::from_secs(10),
+            ..settings()
+        },
+    );
+    let waiter = tokio::spawn({
+        let m = m.clone();
+        async move { m.token(None).await }
+    });
+    let ready = tokio::spawn({
+        let m = m.clone();
+        async move { m.wait_ready(Duration::from_secs(10)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    cancel.cancel();
+    let err = waiter.await.unwrap().unwrap_err();
+    assert_eq!(err.wire_code(), "unavailable");
+    assert!(err.to_string().contains("stopped"), "{err}");
+    assert_eq!(ready.await.unwrap().unwrap_err().wire_code(), "unavailable");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+}
+
+/// An `exp` of 1e300 once panicked the worker (before the signature check), killing the
+/// profile's refresh for good. Now it is an invalid token like any other.
+#[tokio::test]
+async fn an_absurd_exp_is_an_invalid_token_not_a_dead_worker() {
+    let fake = Fake::new(Duration::from_secs(30));
+    fake.with(|s| s.exp_claim = Some(serde_json::json!(1e300)));
+    let (m, _cancel) = start(&fake, settings());
+    let err = m.wait_ready(Duration::from_millis(500)).await.unwrap_err();
+    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    let st = m.status();
+    assert_eq!(st.last_error_code.as_deref(), Some("invalid_token"));
+    assert!(st.last_error.unwrap().contains("exp"));
+    assert!(!m.shared.stopped.load(Ordering::Acquire));
+    fake.with(|s| s.exp_claim = None);
+    let t = m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    assert!(t.expires_at > SystemTime::now());
 }
