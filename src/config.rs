@@ -314,6 +314,15 @@ impl Config {
                 self.socket.mode
             ));
         }
+        for (field, value) in [
+            ("idle_timeout_secs", self.server.idle_timeout),
+            ("line_timeout_secs", self.server.line_timeout),
+            ("write_timeout_secs", self.server.write_timeout),
+        ] {
+            if value > Duration::from_secs(86_400) {
+                problems.push(format!("server.{field} must be at most 86400 (a day)"));
+            }
+        }
         for (name, key) in &self.keys {
             match key {
                 KeyConfig::Pkcs11(settings) => {
@@ -511,6 +520,8 @@ key_id = "not-a-uuid"
 base_url = "ftp://x"
 refresh_at_fraction = 1.5
 backoff_min_secs = -1
+[server]
+idle_timeout_secs = 99999999999
 [[access]]
 uid = 1000
 ops = ["token"]
@@ -528,10 +539,11 @@ profiles = ["nope"]
             "backoff_min_secs",
             "profile \"nope\"",
             "used by no profile",
+            "server.idle_timeout_secs",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        assert!(problems.len() >= 9, "{problems:#?}");
+        assert!(problems.len() >= 10, "{problems:#?}");
     }
 
     #[test]
