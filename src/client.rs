@@ -174,7 +174,7 @@ fn into_result<T: DeserializeOwned>(reply: Response<serde_json::Value>) -> Resul
             .ok_or_else(|| ClientError::Protocol("an error reply without `error`".into()))?;
         Err(ClientError::Agent {
             code: error.code,
-            message: error.message,
+            message: error.message.into_owned(),
         })
     }
 }

@@ -1,6 +1,7 @@
-//! Wire errors: the stable codes (re-exported from [`crate::protocol`]) and the one mapping
-//! from the agent's internal errors ([`SignerError`], [`TokenError`], access refusals) to what
-//! a client is told.
+//! Wire errors: the stable codes and the error object (both defined, and re-exported from,
+//! [`crate::protocol`]) and the one mapping from the agent's internal errors
+//! ([`SignerError`], [`TokenError`], access refusals) to what a client is told. The internal
+//! errors name their [`ErrorCode`] themselves (`wire_code()`); the messages are made here.
 //!
 //! The rule: the client gets the code and a short message that says what to do; the details
 //! (PKCS#11 return values, HTTP bodies, paths) go to the agent's log only. Pure functions, no
@@ -8,25 +9,11 @@
 
 use std::borrow::Cow;
 
-pub use crate::protocol::ErrorCode;
+pub use crate::protocol::{ErrorCode, WireError};
 use crate::signer::SignerError;
 use crate::token::TokenError;
 
-/// An error as sent to a client: a stable code and a safe message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireError {
-    pub code: ErrorCode,
-    pub message: Cow<'static, str>,
-}
-
 impl WireError {
-    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        WireError {
-            code,
-            message: message.into(),
-        }
-    }
-
     pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
         WireError::new(ErrorCode::BadRequest, message)
     }
@@ -65,7 +52,7 @@ impl WireError {
 
     /// The code and message for a signing failure. The full error belongs in the log.
     pub fn from_signer(err: &SignerError) -> Self {
-        let code = ErrorCode::from_name(err.wire_code());
+        let code = err.wire_code();
         let message = match code {
             ErrorCode::Busy => "the signer is busy: retry shortly",
             ErrorCode::Timeout => {
@@ -76,12 +63,12 @@ impl WireError {
             }
             _ => "signing failed: see the agent's log (journalctl -u tm-agent)",
         };
-        WireError::new(code_or_internal(code), message)
+        WireError::new(code, message)
     }
 
     /// The code and message for a token that cannot be handed out.
     pub fn from_token(err: &TokenError, profile: &str) -> Self {
-        let code = ErrorCode::from_name(err.wire_code());
+        let code = err.wire_code();
         let message = match code {
             ErrorCode::Timeout => format!(
                 "renewing the access token of profile `{profile}` did not finish in time: retry shortly"
@@ -91,14 +78,7 @@ impl WireError {
                  and the agent's log"
             ),
         };
-        WireError::new(code_or_internal(code), message)
-    }
-}
-
-fn code_or_internal(code: ErrorCode) -> ErrorCode {
-    match code {
-        ErrorCode::Unknown => ErrorCode::Internal,
-        code => code,
+        WireError::new(code, message)
     }
 }
 

@@ -445,11 +445,21 @@ pub enum Event {
     End,
 }
 
-/// The error object of a failed reply.
+/// The error object of a failed reply: a stable code and a message safe to show the
+/// client. The one mapping from the agent's internal errors to these is in `crate::error`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireError {
     pub code: ErrorCode,
-    pub message: String,
+    pub message: Cow<'static, str>,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// A reply line. `id` is null only when the request's id could not be read (e.g. the line
