@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 
+use crate::protocol::{excerpt, ECHO_MAX};
 pub use crate::protocol::{ErrorCode, WireError};
 use crate::signer::SignerError;
 use crate::token::TokenError;
@@ -18,10 +19,23 @@ impl WireError {
         WireError::new(ErrorCode::BadRequest, message)
     }
 
+    /// A request line the JSON parser refused. Its message may quote the client's input
+    /// (the name of an unknown field): only an escaped excerpt is echoed, then the position.
+    pub fn invalid_json(err: &serde_json::Error) -> Self {
+        let full = err.to_string();
+        let position = if err.line() == 0 {
+            String::new()
+        } else {
+            format!(" at line {} column {}", err.line(), err.column())
+        };
+        let what = full.strip_suffix(position.as_str()).unwrap_or(&full);
+        WireError::bad_request(format!("invalid request: {}{position}", excerpt(what, 200)))
+    }
+
     /// The peer's access rules do not allow `op` on `profile`.
     pub fn forbidden(op: &str, profile: Option<&str>) -> Self {
         let what = match profile {
-            Some(p) => format!("`{op}` on profile `{p}`"),
+            Some(p) => format!("`{op}` on profile `{}`", excerpt(p, ECHO_MAX)),
             None => format!("`{op}`"),
         };
         WireError::new(
@@ -38,7 +52,7 @@ impl WireError {
             ErrorCode::UnknownProfile,
             format!(
                 "no profile `{}` in this agent (see `tm-agent status`)",
-                crate::protocol::truncate(profile, 128)
+                excerpt(profile, ECHO_MAX)
             ),
         )
     }
@@ -102,6 +116,45 @@ mod tests {
         assert_eq!(e.code, ErrorCode::Timeout);
         let e = WireError::from_signer(&SignerError::Closed);
         assert_eq!(e.code, ErrorCode::Unavailable);
+    }
+
+    #[test]
+    fn client_text_is_echoed_escaped_and_bounded() {
+        let forged = format!("x\n<0>audit: FORGED{}", "z".repeat(60_000));
+        let line = format!(
+            r#"{{"v":1,"id":1,"op":"ping","{}":1}}"#,
+            forged.replace('\n', "\\n")
+        );
+        let err = serde_json::from_str::<crate::protocol::RawRequest>(&line).unwrap_err();
+        let e = WireError::invalid_json(&err);
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(
+            e.message.len() < 300 && !e.message.contains('\n'),
+            "{}",
+            e.message
+        );
+        assert!(e
+            .message
+            .starts_with("invalid request: unknown field `x\\n<0>audit: FORGED"));
+        assert!(e
+            .message
+            .ends_with(&format!(" at line 1 column {}", err.column())));
+        for e in [
+            WireError::forbidden("token", Some(&forged)),
+            WireError::unknown_profile(&forged),
+        ] {
+            assert!(
+                e.message.len() < 400 && !e.message.contains('\n'),
+                "{}",
+                e.message
+            );
+        }
+        let e = WireError::invalid_json(&serde_json::from_str::<u8>("").unwrap_err());
+        assert!(
+            e.message.starts_with("invalid request: EOF"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

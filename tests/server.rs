@@ -287,6 +287,61 @@ fn malformed_unknown_and_wrong_version_requests_are_answered_and_the_connection_
     assert_eq!(r, json!({"id":9,"ok":true,"result":{"pong":true}}));
 }
 
+/// Client text reaches the log only escaped and cut short: a newline in a field name, an
+/// op or a profile cannot start a forged record (under journald, `<0>` would make it an
+/// emergency-priority entry of its own), and error messages stay short.
+#[test]
+fn client_text_cannot_forge_log_lines_or_bloat_replies() {
+    let agent = TestAgent::builder()
+        .rules(vec![
+            root_rule("token", "prod"),
+            root_rule("public_key", "*"),
+        ])
+        .start();
+    let mut raw = Raw::connect(&agent);
+    let forged = "\n<0>audit: FORGED op=stamp result=ok\n";
+    let long = format!("{forged}{}", "z".repeat(60_000));
+    let requests = [
+        // An unknown field: serde's message quotes its name.
+        json!({"v":1,"id":1,"op":"ping", forged: 1}),
+        json!({"v":1,"id":2,"op":"ping", long.clone(): 1}),
+        json!({"v":1,"id":3,"op": format!("fly{forged}")}),
+        json!({"v":1,"id":4,"op": long.clone()}),
+        // Refused by the rules (audited with the profile), then unknown (same).
+        json!({"v":1,"id":5,"op":"token","profile": format!("p{forged}")}),
+        json!({"v":1,"id":6,"op":"token","profile": long.clone()}),
+        json!({"v":1,"id":7,"op":"public_key","profile": format!("p{forged}")}),
+        json!({"v":1,"id":8,"op":"public_key","profile": long.clone()}),
+    ];
+    for (n, request) in requests.iter().enumerate() {
+        let r = raw.call(request.clone());
+        let expected = match n {
+            0..=3 => "bad_request",
+            4 | 5 => "forbidden",
+            _ => "unknown_profile",
+        };
+        assert_eq!((r["id"].clone(), code(&r)), (json!(n + 1), expected), "{r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.len() < 400, "{n}: {} bytes", message.len());
+        assert!(!message.contains('\n'), "{n}: {message}");
+        if n % 2 == 0 {
+            assert!(message.contains("\\n<0>audit: FORGED"), "{n}: {message}");
+        }
+    }
+    drop(raw);
+    std::thread::sleep(Duration::from_millis(100));
+    let logs = agent.logs.text();
+    assert!(logs.contains("FORGED"), "the refusals were logged:\n{logs}");
+    for line in logs.lines() {
+        // Every line is a record of its own, starting with its timestamp.
+        assert!(
+            line.as_bytes().first().is_some_and(u8::is_ascii_digit),
+            "a line that is not a record: {line:?}"
+        );
+        assert!(line.len() < 1500, "a record of {} bytes", line.len());
+    }
+}
+
 #[test]
 fn pipelined_requests_are_answered_by_id() {
     let agent = TestAgent::start_default();

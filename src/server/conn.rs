@@ -39,6 +39,9 @@ use crate::token::AccessToken;
 /// when the connection closes, so a misbehaving client cannot flood the log.
 const AUDITED_REFUSALS: u32 = 16;
 
+/// The longest executable path written into an audit record, in characters.
+const EXE_MAX: usize = 200;
+
 /// Answers a connection over the cap with one error line and closes it.
 pub(super) fn reject(stream: UnixStream, max: usize) {
     let line = format!(
@@ -56,17 +59,20 @@ struct Peer {
 }
 
 impl Peer {
+    /// The peer's executable, for audit records. The peer chose its name: escaped and cut
+    /// like any client-supplied text.
     fn exe(&self) -> &str {
-        self.exe.get_or_init(|| {
-            self.cred
-                .exe()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "?".into())
+        self.exe.get_or_init(|| match self.cred.exe() {
+            Some(path) => protocol::excerpt(&path.display().to_string(), EXE_MAX).into_owned(),
+            None => "?".into(),
         })
     }
 
     fn audit(&self, op: Op, profile: Option<&str>, result: &str) {
         let pid = self.cred.pid.unwrap_or(0);
+        // The client names the profile: a refused request may carry anything there.
+        let profile = protocol::excerpt(profile.unwrap_or("-"), protocol::ECHO_MAX);
+        let profile = profile.as_ref();
         if result == "ok" {
             tracing::info!(
                 target: "audit",
@@ -75,7 +81,7 @@ impl Peer {
                 pid,
                 exe = self.exe(),
                 op = op.as_str(),
-                profile = profile.unwrap_or("-"),
+                profile,
                 result,
                 "request"
             );
@@ -87,7 +93,7 @@ impl Peer {
                 pid,
                 exe = self.exe(),
                 op = op.as_str(),
-                profile = profile.unwrap_or("-"),
+                profile,
                 result,
                 "request"
             );
@@ -382,14 +388,13 @@ impl Conn {
                 let id = serde_json::from_slice::<protocol::IdOnly>(line)
                     .ok()
                     .and_then(|i| i.id);
-                let message = format!("invalid request: {err}");
-                return self.refuse(out, id, None, WireError::bad_request(message));
+                return self.refuse(out, id, None, WireError::invalid_json(&err));
             }
         };
         let request = match raw.validate() {
             Ok(request) => request,
             Err(err) => {
-                return self.refuse(out, err.id, None, WireError::new(err.code, err.message))
+                return self.refuse(out, err.id, None, WireError::new(err.code, err.message));
             }
         };
         let id = request.id;
@@ -463,7 +468,9 @@ impl Conn {
                     pid = self.peer.cred.pid.unwrap_or(0),
                     exe = self.peer.exe(),
                     result = err.code.as_str(),
-                    reason = %err.message,
+                    // Never Display: the message may echo (escaped) client input, and a
+                    // `&str` field is escaped by every formatter in use (text, JSON).
+                    reason = err.message.as_ref(),
                     "malformed request"
                 ),
             }
