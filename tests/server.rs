@@ -647,15 +647,24 @@ fn access_rules_per_op_and_profile_and_reload() {
         ["uat"]
     );
 
-    // "*" does not include stamp; stamp must be named.
+    // "*" includes neither sign_challenge nor stamp; they must be named.
     agent
         .state
         .reload_rules(tm_agent::authz::Rules::compile(&[root_rule("*", "*")]).unwrap());
-    c.sign_challenge("prod", None).unwrap();
+    c.token("prod", None).unwrap();
+    assert_eq!(
+        c.sign_challenge("prod", None).unwrap_err().code(),
+        Some(ErrorCode::Forbidden)
+    );
     assert_eq!(
         c.stamp("prod", "x").unwrap_err().code(),
         Some(ErrorCode::Forbidden)
     );
+    agent.state.reload_rules(
+        tm_agent::authz::Rules::compile(&[root_rule("*", "*"), root_rule("sign_challenge", "*")])
+            .unwrap(),
+    );
+    c.sign_challenge("prod", None).unwrap();
     agent
         .state
         .reload_rules(tm_agent::authz::Rules::compile(&[root_rule("stamp", "prod")]).unwrap());
@@ -733,7 +742,10 @@ fn shutdown_with_clients_connected_returns_cleanly() {
 fn audit_log_has_the_records_and_no_secrets() {
     let agent = TestAgent::builder()
         .profiles(&["prod", "uat"])
-        .rules(vec![root_rule("*", "prod"), root_rule("stamp", "prod")])
+        .rules(vec![
+            root_rule("*", "prod"),
+            root_rule("sign_challenge,stamp", "prod"),
+        ])
         .start();
     let mut c = agent.client();
     let token = c.token("prod", None).unwrap().access_token;
