@@ -385,7 +385,7 @@ fn an_oversize_line_is_refused_and_closed_while_others_are_served() {
     assert_eq!(r["ok"], json!(true));
 
     // Exactly 64 KiB is still fine.
-    let payload = "p".repeat(65536 - 64);
+    let payload = json!({ "p": "p".repeat(65536 - 80) }).to_string();
     let line = json!({"v":1,"id":2,"op":"stamp","profile":"prod","payload":payload}).to_string();
     assert!(line.len() <= 65536, "{}", line.len());
     let r = other.call(serde_json::from_str(&line).unwrap());
@@ -622,6 +622,44 @@ fn sign_challenge_refuses_stale_timestamps_and_other_key_ids() {
     assert_eq!(r["ok"], json!(true), "{r}");
 }
 
+/// `stamp` is not a general signing oracle either: it signs JSON objects (Turnkey activity
+/// payloads) only, so it cannot make a challenge signature for a time of the client's
+/// choosing (a token-minting credential that would outlive a revocation).
+#[test]
+fn stamp_refuses_anything_but_a_json_object() {
+    let agent = TestAgent::start_default();
+    let signer = agent.state.profiles().next().unwrap().signer.clone();
+    let mut c = agent.client();
+    let future = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 86_400;
+    let challenge = format!("{KEY_ID_PREFIX}0.{future}");
+    for payload in [
+        challenge.as_str(),
+        "x",
+        "",
+        "[{}]",
+        "\"{}\"",
+        "{\"a\":1} trailing",
+        "{",
+    ] {
+        let err = c.stamp("prod", payload).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{payload:?}: {err}");
+        assert!(err.to_string().contains("JSON object"), "{err}");
+    }
+    assert_eq!(signer.health().signatures, 0, "nothing was signed");
+    let stamp = c.stamp("prod", r#"{"type":"ACTIVITY_TYPE_X"}"#).unwrap();
+    assert!(jose::decode_turnkey_stamp(&stamp.stamp).is_ok());
+    let logs = agent.logs.text();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("op=\"stamp\"") && l.contains("result=\"forbidden\"")),
+        "{logs}"
+    );
+}
+
 #[test]
 fn access_rules_per_op_and_profile_and_reload() {
     let agent = TestAgent::builder()
@@ -657,7 +695,7 @@ fn access_rules_per_op_and_profile_and_reload() {
         Some(ErrorCode::Forbidden)
     );
     assert_eq!(
-        c.stamp("prod", "x").unwrap_err().code(),
+        c.stamp("prod", "{}").unwrap_err().code(),
         Some(ErrorCode::Forbidden)
     );
     agent.state.reload_rules(
@@ -668,7 +706,7 @@ fn access_rules_per_op_and_profile_and_reload() {
     agent
         .state
         .reload_rules(tm_agent::authz::Rules::compile(&[root_rule("stamp", "prod")]).unwrap());
-    c.stamp("prod", "x").unwrap();
+    c.stamp("prod", "{}").unwrap();
     assert_eq!(
         c.token("prod", None).unwrap_err().code(),
         Some(ErrorCode::Forbidden)
@@ -751,7 +789,7 @@ fn audit_log_has_the_records_and_no_secrets() {
     let token = c.token("prod", None).unwrap().access_token;
     c.token("prod", None).unwrap();
     let body = c.sign_challenge("prod", None).unwrap();
-    let payload = "turnkey-payload-SECRET-CONTENT";
+    let payload = r#"{"note":"turnkey-payload-SECRET-CONTENT"}"#;
     let stamp = c.stamp("prod", payload).unwrap().stamp;
     c.token("uat", None).unwrap_err();
     // A malformed line is logged without echoing it.
@@ -772,6 +810,20 @@ fn audit_log_has_the_records_and_no_secrets() {
     assert!(has("token", "ok"), "{logs}");
     assert!(has("sign_challenge", "ok"), "{logs}");
     assert!(has("stamp", "ok"), "{logs}");
+    // What was signed is on record, without the credential or the payload.
+    let digest = hex::encode(jose::sha256(payload.as_bytes()));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("op=\"stamp\"")
+                && l.contains(&format!("payload_sha256=\"{digest}\""))),
+        "{logs}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("op=\"sign_challenge\"")
+            && l.contains(&format!("timestamp={}", body.timestamp))),
+        "{logs}"
+    );
     assert!(has("token", "forbidden"), "{logs}");
     // Only the first token on a connection is audited.
     let tokens_ok = audit
@@ -869,14 +921,14 @@ fn cli_commands_print_what_they_promise() {
             profile: prod(),
             strip_newline: true,
         },
-        "payload\n",
+        "{\"type\":\"ACTIVITY\"}\n",
     );
     assert_eq!(code, 0);
     let stamp = jose::decode_turnkey_stamp(out.trim()).unwrap();
     let sig = p256::ecdsa::Signature::from_der(&hex::decode(stamp.signature).unwrap()).unwrap();
     test_key(0)
         .verifying_key()
-        .verify(b"payload", &sig)
+        .verify(br#"{"type":"ACTIVITY"}"#, &sig)
         .unwrap();
 
     let (code, out, _) = cli(

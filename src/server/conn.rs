@@ -33,6 +33,7 @@ use crate::authz::{Grants, PeerCred};
 use crate::error::WireError;
 use crate::jose;
 use crate::protocol::{self, codec::LineBuffer, Body, ErrorCode, Op, RawRequest};
+use crate::signer::SignerError;
 use crate::token::AccessToken;
 
 /// Refused requests audited one by one per connection; the rest are counted and summarised
@@ -69,7 +70,17 @@ impl Peer {
     }
 
     fn audit(&self, op: Op, profile: Option<&str>, result: &str) {
+        self.audit_with(op, profile, result, Detail::None);
+    }
+
+    fn audit_with(&self, op: Op, profile: Option<&str>, result: &str, detail: Detail) {
         let pid = self.cred.pid.unwrap_or(0);
+        let (timestamp, payload) = match detail {
+            Detail::None => (None, None),
+            Detail::Timestamp(t) => (Some(t), None),
+            Detail::PayloadSha256(digest) => (None, Some(hex::encode(digest))),
+        };
+        let payload_sha256 = payload.as_deref();
         // The client names the profile: a refused request may carry anything there.
         let profile = protocol::excerpt(profile.unwrap_or("-"), protocol::ECHO_MAX);
         let profile = profile.as_ref();
@@ -82,6 +93,8 @@ impl Peer {
                 exe = self.exe(),
                 op = op.as_str(),
                 profile,
+                timestamp,
+                payload_sha256,
                 result,
                 "request"
             );
@@ -94,11 +107,24 @@ impl Peer {
                 exe = self.exe(),
                 op = op.as_str(),
                 profile,
+                timestamp,
+                payload_sha256,
                 result,
                 "request"
             );
         }
     }
+}
+
+/// What an audit record says about a signature beyond op and profile: what was signed,
+/// without handing the record a credential.
+#[derive(Debug, Clone, Copy)]
+enum Detail {
+    None,
+    /// The `sign_challenge` timestamp (with the profile, it names the message signed).
+    Timestamp(i64),
+    /// SHA-256 of a `stamp` payload; the payload itself stays out of the log.
+    PayloadSha256([u8; 32]),
 }
 
 /// The token last seen for one profile, with its `result` object rendered once.
@@ -360,7 +386,7 @@ impl Conn {
         &self,
         permit: OwnedSemaphorePermit,
         replies: mpsc::Sender<Vec<u8>>,
-        audit: Option<(Op, String)>,
+        audit: Option<(Op, String, Detail)>,
         work: impl std::future::Future<Output = Vec<u8>> + Send + 'static,
     ) {
         let cancel = self.requests.clone();
@@ -369,8 +395,8 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    if let Some((op, profile)) = audit {
-                        peer.audit(op, Some(&profile), "cancelled");
+                    if let Some((op, profile, detail)) = audit {
+                        peer.audit_with(op, Some(&profile), "cancelled", detail);
                     }
                 }
                 line = work => {
@@ -541,7 +567,7 @@ impl Conn {
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
         let audit_first = !std::mem::replace(&mut self.token_audited, true);
-        let audit = audit_first.then(|| (Op::Token, name.clone()));
+        let audit = audit_first.then(|| (Op::Token, name.clone(), Detail::None));
         self.spawn_request(permit, replies, audit, async move {
             let mut line = Vec::new();
             match tokens.token(min_ttl).await {
@@ -598,65 +624,72 @@ impl Conn {
             ));
             return self.refuse(out, Some(id), Some((Op::SignChallenge, Some(name))), err);
         }
-        let Some((permit, replies)) = self.begin_task(out, id, Op::SignChallenge, name) else {
-            return;
-        };
         let signer = profile.signer.clone();
         let key_id = profile.key_id.clone();
-        let name = name.to_owned();
-        let peer = Arc::clone(&self.peer);
-        let audit = Some((Op::SignChallenge, name.clone()));
-        self.spawn_request(permit, replies, audit, async move {
-            let mut line = Vec::new();
-            match signer.sign_challenge(&key_id, timestamp).await {
-                Ok(body) => {
-                    let result = protocol::SignChallengeResult {
-                        key_id: body.key_id,
-                        timestamp: body.timestamp,
-                        signature: body.signature,
-                    };
-                    write_ok(&mut line, id, None, &to_json(&result));
-                    peer.audit(Op::SignChallenge, Some(&name), "ok");
-                }
-                Err(err) => {
-                    tracing::warn!(profile = %name, error = %err, "sign_challenge failed");
-                    let wire = WireError::from_signer(&err);
-                    state.counters.error(wire.code);
-                    peer.audit(Op::SignChallenge, Some(&name), wire.code.as_str());
-                    write_err(&mut line, Some(id), &wire);
-                }
-            }
-            line
-        });
+        // Lazy: nothing is signed unless the task gets its in-flight permit.
+        let sign = async move {
+            let body = signer.sign_challenge(&key_id, timestamp).await?;
+            Ok(to_json(&protocol::SignChallengeResult {
+                key_id: body.key_id,
+                timestamp: body.timestamp,
+                signature: body.signature,
+            }))
+        };
+        let detail = Detail::Timestamp(timestamp);
+        self.spawn_signature(out, id, index, Op::SignChallenge, detail, sign);
     }
 
     fn stamp(&mut self, out: &mut Vec<u8>, id: u64, index: usize, payload: Cow<'_, str>) {
-        let name = self.profile(index).name.clone();
-        let Some((permit, replies)) = self.begin_task(out, id, Op::Stamp, &name) else {
-            return;
-        };
+        if !is_json_object(&payload) {
+            let name = self.profile(index).name.clone();
+            let err = WireError::new(
+                ErrorCode::Forbidden,
+                "`stamp` signs only Turnkey activity payloads, which are JSON objects; this \
+                 payload is not one, and the agent does not sign arbitrary data",
+            );
+            return self.refuse(out, Some(id), Some((Op::Stamp, Some(&name))), err);
+        }
+        let detail = Detail::PayloadSha256(jose::sha256(payload.as_bytes()));
         let payload = payload.into_owned();
         let signer = self.profile(index).signer.clone();
+        let sign = async move {
+            let stamp = signer.stamp(payload.as_bytes()).await?;
+            Ok(to_json(&protocol::StampResult { stamp }))
+        };
+        self.spawn_signature(out, id, index, Op::Stamp, detail, sign);
+    }
+
+    /// Runs a signature for the client (`sign_challenge`, `stamp`) as a task. `sign` yields
+    /// the `result` object. Every outcome is audit-logged with `detail`: `ok`, the error
+    /// code, or `cancelled` when the client left first.
+    fn spawn_signature(
+        &mut self,
+        out: &mut Vec<u8>,
+        id: u64,
+        index: usize,
+        op: Op,
+        detail: Detail,
+        sign: impl std::future::Future<Output = Result<Vec<u8>, SignerError>> + Send + 'static,
+    ) {
+        let name = self.profile(index).name.clone();
+        let Some((permit, replies)) = self.begin_task(out, id, op, &name) else {
+            return;
+        };
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
-        let audit = Some((Op::Stamp, name.clone()));
+        let audit = Some((op, name.clone(), detail));
         self.spawn_request(permit, replies, audit, async move {
             let mut line = Vec::new();
-            match signer.stamp(payload.as_bytes()).await {
-                Ok(stamp) => {
-                    write_ok(
-                        &mut line,
-                        id,
-                        None,
-                        &to_json(&protocol::StampResult { stamp }),
-                    );
-                    peer.audit(Op::Stamp, Some(&name), "ok");
+            match sign.await {
+                Ok(result) => {
+                    write_ok(&mut line, id, None, &result);
+                    peer.audit_with(op, Some(&name), "ok", detail);
                 }
                 Err(err) => {
-                    tracing::warn!(profile = %name, error = %err, "stamp failed");
+                    tracing::warn!(profile = %name, op = op.as_str(), error = %err, "signing failed");
                     let wire = WireError::from_signer(&err);
                     state.counters.error(wire.code);
-                    peer.audit(Op::Stamp, Some(&name), wire.code.as_str());
+                    peer.audit_with(op, Some(&name), wire.code.as_str(), detail);
                     write_err(&mut line, Some(id), &wire);
                 }
             }
@@ -789,6 +822,14 @@ fn profile_status(p: &Profile) -> protocol::ProfileStatus {
     }
 }
 
+/// True if `text` is one JSON object, as every Turnkey activity payload is. `stamp` signs
+/// nothing else: in particular not `{key_id}.{timestamp}`, whose signature would mint
+/// tokens for any time the client chose, outliving a revocation of its access.
+fn is_json_object(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
 /// True if `token` stays valid for at least `min_ttl` (default: is valid at all).
 fn fresh_enough(token: &AccessToken, min_ttl: Option<Duration>, now: SystemTime) -> bool {
     match token.expires_at.duration_since(now) {
@@ -901,6 +942,26 @@ mod tests {
         assert_eq!(v["id"], serde_json::Value::Null);
         assert_eq!(v["error"]["code"], "bad_request");
         assert_eq!(v["error"]["message"], "bad \"x\"\n");
+    }
+
+    #[test]
+    fn stamp_payloads_must_be_json_objects() {
+        for ok in [r#"{}"#, r#" {"type":"ACTIVITY","n":[1,{"a":null}]} "#] {
+            assert!(is_json_object(ok), "{ok}");
+        }
+        for bad in [
+            "0b6d2f8e-7c1a-4e3b-9a5d-000000000000.1999999999",
+            "x",
+            "",
+            "[1]",
+            "\"{}\"",
+            "{",
+            "{} {}",
+            "{}x",
+            r#"{"a":}"#,
+        ] {
+            assert!(!is_json_object(bad), "{bad}");
+        }
     }
 
     #[test]
