@@ -717,6 +717,74 @@ fn access_rules_per_op_and_profile_and_reload() {
 }
 
 #[test]
+fn a_reload_that_withdraws_watch_ends_running_streams() {
+    let agent = TestAgent::builder()
+        .profiles(&["prod", "uat"])
+        .rules(vec![root_rule("watch", "*")])
+        .start();
+    let reload = |rules: &[tm_agent::authz::AccessRule]| {
+        agent
+            .state
+            .reload_rules(tm_agent::authz::Rules::compile(rules).unwrap())
+    };
+    let mut prod = Raw::connect(&agent);
+    prod.send("{\"v\":1,\"id\":1,\"op\":\"watch\",\"profile\":\"prod\"}\n");
+    assert_eq!(prod.recv()["event"], json!("token"));
+    let mut uat = Raw::connect(&agent);
+    uat.send("{\"v\":1,\"id\":1,\"op\":\"watch\",\"profile\":\"uat\"}\n");
+    assert_eq!(uat.recv()["event"], json!("token"));
+
+    // A reload that keeps the access changes nothing.
+    reload(&[root_rule("watch,token", "*")]);
+    let rotated = agent.tokens("prod").rotate();
+    let r = prod.recv();
+    assert_eq!(r["result"]["access_token"], json!(rotated), "{r}");
+
+    // Withdrawn on prod: the stream ends with forbidden, and the next token never comes.
+    reload(&[root_rule("watch", "uat")]);
+    let rotated = agent.tokens("prod").rotate();
+    let r = prod.recv();
+    assert_eq!((r["id"].clone(), code(&r)), (json!(1), "forbidden"), "{r}");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rules were reloaded"));
+    prod.reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut more = String::new();
+    let after = prod.reader.read_line(&mut more);
+    assert!(after.is_err() && more.is_empty(), "{after:?} {more}");
+    assert!(!more.contains(&rotated));
+    // The connection itself stays usable.
+    prod.reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        prod.call(json!({"v":1,"id":2,"op":"ping"}))["ok"],
+        json!(true)
+    );
+
+    // The uat stream is still allowed and goes on.
+    let rotated = agent.tokens("uat").rotate();
+    let r = uat.recv();
+    assert_eq!(r["result"]["access_token"], json!(rotated), "{r}");
+
+    // Withdrawn without any rotation: the stream ends at once.
+    agent.state.reload_rules(tm_agent::authz::Rules::deny_all());
+    let r = uat.recv();
+    assert_eq!(code(&r), "forbidden", "{r}");
+    let logs = agent.logs.text();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("op=\"watch\"") && l.contains("result=\"forbidden\"")),
+        "{logs}"
+    );
+}
+
+#[test]
 fn token_unavailable_and_renewal_failures_map_to_codes() {
     let agent = TestAgent::start_default();
     let fake = agent.tokens("prod");

@@ -15,8 +15,9 @@
 //!
 //! Ending: on EOF the task stops reading, ends its `watch` streams, delivers the replies of
 //! requests still in flight and closes. On shutdown it does the same, and each `watch`
-//! stream gets a final `end` event. Nothing here blocks the runtime; no lock is held across
-//! an `.await`.
+//! stream gets a final `end` event. A `watch` stream also ends, with `forbidden`, when a
+//! reload of the access rules withdraws it (it wakes on the reload; no polling). Nothing
+//! here blocks the runtime; no lock is held across an `.await`.
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -29,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Profile, State};
-use crate::authz::{Grants, PeerCred};
+use crate::authz::{Grants, PeerCred, Rules};
 use crate::error::WireError;
 use crate::jose;
 use crate::protocol::{self, codec::LineBuffer, Body, ErrorCode, Op, RawRequest};
@@ -137,7 +138,8 @@ struct Conn {
     state: Arc<State>,
     peer: Arc<Peer>,
     grants: Grants,
-    rules_generation: u64,
+    /// The rules `grants` was computed from; marked changed on a reload.
+    rules: tokio::sync::watch::Receiver<Arc<Rules>>,
     /// `None` once the connection stops taking requests.
     replies: Option<mpsc::Sender<Vec<u8>>>,
     in_flight: Arc<Semaphore>,
@@ -177,8 +179,8 @@ pub(super) async fn run(
         .counters
         .connections_open
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (rules_generation, rules) = state.rules();
-    let grants = rules.grants(&cred);
+    let mut rules = state.subscribe_rules();
+    let grants = rules.borrow_and_update().grants(&cred);
     let settings = state.settings.clone();
     let (tx, rx) = mpsc::channel(settings.max_in_flight.max(8));
     let mut conn = Conn {
@@ -189,7 +191,7 @@ pub(super) async fn run(
             exe: OnceLock::new(),
         }),
         grants,
-        rules_generation,
+        rules,
         replies: Some(tx),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
         streams: cancel.child_token(),
@@ -464,14 +466,9 @@ impl Conn {
     }
 
     fn refresh_grants(&mut self) {
-        let generation = self
-            .state
-            .rules_generation
-            .load(std::sync::atomic::Ordering::Acquire);
-        if generation != self.rules_generation {
-            let (generation, rules) = self.state.rules();
-            self.grants = rules.grants(&self.peer.cred);
-            self.rules_generation = generation;
+        // The sender lives in `State`, which outlives every connection.
+        if self.rules.has_changed().unwrap_or(false) {
+            self.grants = self.rules.borrow_and_update().grants(&self.peer.cred);
         }
     }
 
@@ -705,9 +702,38 @@ impl Conn {
         let mut rx = self.profile(index).tokens.subscribe();
         let streams = self.streams.clone();
         let shutdown = self.shutdown.clone();
+        // As seen by this request's access check: any reload since is a change.
+        let mut rules = self.rules.clone();
+        let state = Arc::clone(&self.state);
+        let peer = Arc::clone(&self.peer);
         self.tracker.spawn(async move {
             let mut sent: Option<Arc<AccessToken>> = None;
+            let mut rules_changed = false;
+            let mut rules_open = true;
             loop {
+                // Before anything is sent: a reload may have withdrawn this stream.
+                if std::mem::take(&mut rules_changed) || rules.has_changed().unwrap_or(false) {
+                    let allowed = rules
+                        .borrow_and_update()
+                        .grants(&peer.cred)
+                        .allows(Op::Watch, Some(&name));
+                    if !allowed {
+                        let err = WireError::new(
+                            ErrorCode::Forbidden,
+                            format!(
+                                "permission denied by the agent: the access rules were reloaded \
+                                 and your user may no longer use `watch` on profile `{name}`; \
+                                 the stream ends"
+                            ),
+                        );
+                        state.counters.error(err.code);
+                        peer.audit(Op::Watch, Some(&name), err.code.as_str());
+                        let mut line = Vec::new();
+                        write_err(&mut line, Some(id), &err);
+                        let _ = replies.send(line).await;
+                        break;
+                    }
+                }
                 let latest = rx.borrow_and_update().clone();
                 if let Some(token) = latest {
                     let new = sent.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &token));
@@ -731,6 +757,11 @@ impl Conn {
                         }
                         break;
                     }
+                    // Never fails while `state` is held; if it did, stop listening to it.
+                    changed = rules.changed(), if rules_open => match changed {
+                        Ok(()) => rules_changed = true,
+                        Err(_) => rules_open = false,
+                    },
                     changed = rx.changed() => if changed.is_err() {
                         let mut line = Vec::new();
                         let err = WireError::new(

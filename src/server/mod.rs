@@ -9,9 +9,11 @@
 //! and all the writing; requests that wait (`sign_challenge`, `stamp`, a `token` that needs a
 //! renewal, `watch`) run as their own tasks and hand their reply lines back to the
 //! connection task over a bounded channel. All tasks are tracked by one `TaskTracker`, so
-//! [`serve`] returns only after every connection has finished. The access rules sit behind
-//! a `RwLock<Arc<Rules>>` that is read (never held across `.await`) only when its generation
-//! counter changes; each connection caches what the rules grant its peer.
+//! [`serve`] returns only after every connection has finished. The access rules sit in a
+//! `tokio::sync::watch` channel: each connection caches what they grant its peer and
+//! re-reads them only when they changed (never holding the channel's lock across
+//! `.await`); each `watch` stream also wakes on a change and ends, with `forbidden`, when
+//! its peer lost access.
 
 mod conn;
 pub mod listener;
@@ -20,7 +22,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -225,8 +227,8 @@ struct ProfileEntry {
 /// Everything the connections share: profiles, access rules, settings, counters.
 pub struct State {
     profiles: Vec<ProfileEntry>,
-    rules: RwLock<Arc<Rules>>,
-    rules_generation: AtomicU64,
+    /// The access rules in force; a reload sends new ones.
+    rules: watch::Sender<Arc<Rules>>,
     settings: ServerSettings,
     counters: Counters,
     started_at: SystemTime,
@@ -274,8 +276,7 @@ impl State {
         }
         Ok(Arc::new(State {
             profiles: entries,
-            rules: RwLock::new(Arc::new(rules)),
-            rules_generation: AtomicU64::new(0),
+            rules: watch::Sender::new(Arc::new(rules)),
             settings,
             counters: Counters::default(),
             started_at: SystemTime::now(),
@@ -284,18 +285,15 @@ impl State {
     }
 
     /// Replaces the access rules (SIGHUP). Connections pick them up at their next request;
-    /// `watch` streams already running are not re-checked.
+    /// running `watch` streams re-check at once and end with `forbidden` if their peer may
+    /// no longer watch that profile.
     pub fn reload_rules(&self, rules: Rules) {
-        let rules = Arc::new(rules);
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
-        self.rules_generation.fetch_add(1, Ordering::Release);
+        self.rules.send_replace(Arc::new(rules));
     }
 
-    /// The current rules and their generation.
-    fn rules(&self) -> (u64, Arc<Rules>) {
-        let generation = self.rules_generation.load(Ordering::Acquire);
-        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
-        (generation, rules)
+    /// The rules, with notice of every reload.
+    fn subscribe_rules(&self) -> watch::Receiver<Arc<Rules>> {
+        self.rules.subscribe()
     }
 
     /// The profiles, in configuration order.
