@@ -368,6 +368,53 @@ fn pipelined_requests_are_answered_by_id() {
     assert_eq!(seen, (1..=51).collect());
 }
 
+/// 64 KiB of pipelined `status` requests would make ~2 MB of replies: the connection
+/// writes whenever 256 KiB is waiting, so its output buffer stays bounded, and every
+/// request is still answered, in order.
+#[test]
+fn a_flood_of_pipelined_requests_is_answered_with_bounded_buffering() {
+    let agent = TestAgent::start_default();
+    let mut raw = Raw::connect(&agent);
+    // A long first line grows the agent's read buffer to 64 KiB, so that each read brings
+    // ~2,000 requests.
+    let mut flood = format!(
+        "{{\"v\":1,\"id\":0,\"op\":\"ping\"{}}}\n",
+        " ".repeat(60_000)
+    );
+    let n = 6_000;
+    for id in 1..=n {
+        flood.push_str(&format!("{{\"v\":1,\"id\":{id},\"op\":\"status\"}}\n"));
+    }
+    let mut writer = raw.writer.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(flood.as_bytes()).unwrap());
+    for id in 0..=n {
+        let r = raw.recv();
+        assert_eq!((r["id"].clone(), r["ok"].clone()), (json!(id), json!(true)));
+    }
+    sender.join().unwrap();
+    drop(raw);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let peak = loop {
+        let logs = agent.logs.text();
+        let closed = logs.lines().find(|l| l.contains("connection closed"));
+        if let Some(line) = closed {
+            let value = line.split("peak_output_bytes=").nth(1).unwrap();
+            let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+            break digits.parse::<usize>().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no close record:\n{logs}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        peak > 64 * 1024,
+        "the flood was not buffered at all ({peak} bytes)"
+    );
+    assert!(
+        peak <= 256 * 1024 + 16 * 1024,
+        "{peak} bytes of output buffered at once"
+    );
+}
+
 #[test]
 fn an_oversize_line_is_refused_and_closed_while_others_are_served() {
     let agent = TestAgent::start_default();

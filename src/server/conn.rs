@@ -3,7 +3,8 @@
 //! One task per connection owns the socket. It reads, answers what it can from memory
 //! straight into its output buffer (`ping`, `token` while the current token is fresh enough,
 //! `public_key`, `status`, every refusal), and writes the buffer once per read, so a burst
-//! of pipelined requests becomes one write. Requests that must wait (`sign_challenge`,
+//! of pipelined requests becomes one write; once 256 KiB of output is waiting it writes
+//! before answering the rest, so the buffer stays bounded whatever the client pipelines. Requests that must wait (`sign_challenge`,
 //! `stamp`, a `token` that needs a renewal, `watch`) are spawned as tasks, each holding a
 //! permit of the connection's in-flight budget and a sender of the bounded reply channel;
 //! the connection task writes their lines as they come, in completion order.
@@ -40,6 +41,11 @@ use crate::token::AccessToken;
 /// Refused requests audited one by one per connection; the rest are counted and summarised
 /// when the connection closes, so a misbehaving client cannot flood the log.
 const AUDITED_REFUSALS: u32 = 16;
+
+/// Buffered requests are answered until this much output is waiting; then it is written
+/// before the rest are answered. Without the cap, 64 KiB of pipelined `status` requests
+/// would build megabytes of replies per connection before the first byte is written.
+const OUT_HIGH_WATER: usize = 256 * 1024;
 
 /// The longest executable path written into an audit record, in characters.
 const EXE_MAX: usize = 200;
@@ -154,6 +160,8 @@ struct Conn {
     tokens: Vec<Option<TokenSlot>>,
     token_audited: bool,
     refusals: u32,
+    /// The most output buffered at once (reported when the connection closes).
+    peak_out: usize,
 }
 
 pub(super) async fn run(
@@ -200,6 +208,7 @@ pub(super) async fn run(
         tracker,
         token_audited: false,
         refusals: 0,
+        peak_out: 0,
     };
     tracing::debug!(uid = cred.uid, pid = cred.pid, "connection opened");
     let end = conn.serve(stream, rx, &cancel, &settings).await;
@@ -217,6 +226,7 @@ pub(super) async fn run(
         uid = cred.uid,
         pid = cred.pid,
         reason = end,
+        peak_output_bytes = conn.peak_out,
         "connection closed"
     );
     state
@@ -247,9 +257,15 @@ impl Conn {
         tokio::pin!(cancelled);
 
         loop {
+            // Complete lines left unanswered because enough output was waiting.
+            let mut more_lines = false;
             if reading {
-                // Answer every complete line that is buffered.
+                // Answer the complete lines that are buffered, up to OUT_HIGH_WATER of output.
                 loop {
+                    if out.len() > OUT_HIGH_WATER {
+                        more_lines = true;
+                        break;
+                    }
                     match lines.next_line() {
                         Ok(Some(line)) => self.handle_line(line, &mut out),
                         Ok(None) => break,
@@ -268,7 +284,7 @@ impl Conn {
                         }
                     }
                 }
-                if reading {
+                if reading && !more_lines {
                     let now = Instant::now();
                     last_input = now;
                     partial_since = match (lines.has_partial(), partial_since) {
@@ -293,6 +309,7 @@ impl Conn {
                 out.extend_from_slice(&line);
             }
             if !out.is_empty() {
+                self.peak_out = self.peak_out.max(out.len());
                 match tokio::time::timeout(settings.write_timeout, wr.write_all(&out)).await {
                     Ok(Ok(())) => out.clear(),
                     Ok(Err(_)) => return self.abort("write failed"),
@@ -301,6 +318,10 @@ impl Conn {
                 if out.capacity() > 64 * 1024 {
                     out = Vec::with_capacity(1024);
                 }
+            }
+            if more_lines {
+                // The rest of the buffered requests, before waiting for anything new.
+                continue;
             }
             if !reading && self.replies.is_none() && rx.is_closed() && rx.is_empty() {
                 return end;
