@@ -964,6 +964,55 @@ fn audit_log_has_the_records_and_no_secrets() {
     }
 }
 
+/// Refusal records have one agent-wide budget (100 at once, 10 a second): reconnecting
+/// does not buy a client a fresh allowance, and what was left out is counted.
+#[test]
+fn refusal_audit_records_have_a_global_budget() {
+    let agent = TestAgent::builder()
+        .rules(vec![root_rule("status", "*")])
+        .start();
+    let started = Instant::now();
+    for _ in 0..30 {
+        let mut raw = Raw::connect(&agent);
+        let batch: String = (0..10)
+            .map(|id| format!("{{\"v\":1,\"id\":{id},\"op\":\"token\",\"profile\":\"prod\"}}\n"))
+            .collect();
+        raw.send(&batch);
+        for _ in 0..10 {
+            assert_eq!(code(&raw.recv()), "forbidden");
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let refusals = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains(" audit:") && l.contains("result=\"forbidden\""))
+            .count()
+    };
+    let logged = refusals(&agent.logs.text());
+    let budget = 100 + (elapsed * 10.0).ceil() as usize + 1;
+    assert!(
+        (100..=budget).contains(&logged),
+        "{logged} of 300 refusals logged in {elapsed:.2} s"
+    );
+    // Once the budget refills, the next record comes with the count of those left out.
+    std::thread::sleep(Duration::from_millis(250));
+    let mut raw = Raw::connect(&agent);
+    assert_eq!(
+        code(&raw.call(json!({"v":1,"id":1,"op":"token","profile":"prod"}))),
+        "forbidden"
+    );
+    let logs = agent.logs.text();
+    assert_eq!(refusals(&logs), logged + 1, "{logs}");
+    let summary = logs
+        .lines()
+        .find(|l| l.contains("left out of the audit log"))
+        .unwrap_or_else(|| panic!("no summary:\n{logs}"));
+    assert!(
+        summary.contains(&format!("suppressed={}", 300 - logged)),
+        "{summary}"
+    );
+}
+
 fn connect_args(agent: &TestAgent) -> ConnectArgs {
     ConnectArgs {
         socket: Some(agent.socket.clone()),

@@ -38,10 +38,6 @@ use crate::protocol::{self, codec::LineBuffer, Body, ErrorCode, Op, RawRequest};
 use crate::signer::SignerError;
 use crate::token::AccessToken;
 
-/// Refused requests audited one by one per connection; the rest are counted and summarised
-/// when the connection closes, so a misbehaving client cannot flood the log.
-const AUDITED_REFUSALS: u32 = 16;
-
 /// Buffered requests are answered until this much output is waiting; then it is written
 /// before the rest are answered. Without the cap, 64 KiB of pipelined `status` requests
 /// would build megabytes of replies per connection before the first byte is written.
@@ -159,7 +155,6 @@ struct Conn {
     tracker: TaskTracker,
     tokens: Vec<Option<TokenSlot>>,
     token_audited: bool,
-    refusals: u32,
     /// The most output buffered at once (reported when the connection closes).
     peak_out: usize,
 }
@@ -207,21 +202,10 @@ pub(super) async fn run(
         shutdown,
         tracker,
         token_audited: false,
-        refusals: 0,
         peak_out: 0,
     };
     tracing::debug!(uid = cred.uid, pid = cred.pid, "connection opened");
     let end = conn.serve(stream, rx, &cancel, &settings).await;
-    if conn.refusals > AUDITED_REFUSALS {
-        tracing::warn!(
-            target: "audit",
-            uid = cred.uid,
-            pid = cred.pid.unwrap_or(0),
-            exe = conn.peer.exe(),
-            refused = conn.refusals,
-            "further refused requests on this connection were not logged one by one"
-        );
-    }
     tracing::debug!(
         uid = cred.uid,
         pid = cred.pid,
@@ -493,7 +477,9 @@ impl Conn {
         }
     }
 
-    /// Writes an error reply; audits it when it is a refusal of an op (`what` given).
+    /// Writes an error reply and audits it, within the agent-wide budget for refusal
+    /// records (`State::refusal_audit`), so that no client can flood the log: as a refused
+    /// op when `what` is given, else as a malformed request.
     fn refuse(
         &mut self,
         out: &mut Vec<u8>,
@@ -502,8 +488,15 @@ impl Conn {
         err: WireError,
     ) {
         self.state.counters.error(err.code);
-        self.refusals += 1;
-        if self.refusals <= AUDITED_REFUSALS {
+        if let Some(suppressed) = self.state.refusal_audit.admit(Instant::now()) {
+            if suppressed > 0 {
+                tracing::warn!(
+                    target: "audit",
+                    suppressed,
+                    "refused requests left out of the audit log (over its budget of {} a second)",
+                    super::RefusalAudit::PER_SEC
+                );
+            }
             match what {
                 Some((op, profile)) => self.peer.audit(op, profile, err.code.as_str()),
                 None => tracing::warn!(

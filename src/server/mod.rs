@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -218,6 +218,54 @@ impl Counters {
     }
 }
 
+/// The agent-wide budget for audit records of refused requests: a token bucket of
+/// [`RefusalAudit::BURST`] records refilled at [`RefusalAudit::PER_SEC`] a second. It is
+/// global, so a client cannot earn a fresh allowance by reconnecting. Refusals over the
+/// budget are counted, and the count is logged with the next record that is written.
+#[derive(Debug)]
+pub(crate) struct RefusalAudit {
+    bucket: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    suppressed: u64,
+}
+
+impl RefusalAudit {
+    pub(crate) const BURST: u32 = 100;
+    pub(crate) const PER_SEC: u32 = 10;
+
+    fn new(now: Instant) -> Self {
+        RefusalAudit {
+            bucket: Mutex::new(Bucket {
+                tokens: f64::from(Self::BURST),
+                refilled: now,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// May a refusal be audited at `now`? `Some(n)`: yes, and `n` refusals were left out
+    /// since the last record written; `None`: no (it is counted).
+    pub(crate) fn admit(&self, now: Instant) -> Option<u64> {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let earned =
+            now.saturating_duration_since(b.refilled).as_secs_f64() * f64::from(Self::PER_SEC);
+        b.tokens = (b.tokens + earned).min(f64::from(Self::BURST));
+        b.refilled = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Some(std::mem::take(&mut b.suppressed))
+        } else {
+            b.suppressed += 1;
+            None
+        }
+    }
+}
+
 struct ProfileEntry {
     profile: Profile,
     /// The `public_key` result, rendered once.
@@ -231,6 +279,7 @@ pub struct State {
     rules: watch::Sender<Arc<Rules>>,
     settings: ServerSettings,
     counters: Counters,
+    refusal_audit: RefusalAudit,
     started_at: SystemTime,
     started: Instant,
 }
@@ -279,6 +328,7 @@ impl State {
             rules: watch::Sender::new(Arc::new(rules)),
             settings,
             counters: Counters::default(),
+            refusal_audit: RefusalAudit::new(Instant::now()),
             started_at: SystemTime::now(),
             started: Instant::now(),
         }))
@@ -392,4 +442,31 @@ pub async fn serve(
 fn is_transient_accept_error(err: &std::io::Error) -> bool {
     // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12)
     matches!(err.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_audit_is_a_token_bucket_that_reports_what_it_left_out() {
+        let t0 = Instant::now();
+        let budget = RefusalAudit::new(t0);
+        for _ in 0..RefusalAudit::BURST {
+            assert_eq!(budget.admit(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(budget.admit(t0), None);
+        }
+        // One record's worth of time later: one more, with the count of those left out.
+        let later = t0 + Duration::from_secs(1) / RefusalAudit::PER_SEC;
+        assert_eq!(budget.admit(later), Some(5));
+        assert_eq!(budget.admit(later), None);
+        // A long quiet spell refills up to the burst, no further.
+        let much_later = later + Duration::from_secs(3600);
+        for _ in 0..RefusalAudit::BURST {
+            assert_eq!(budget.admit(much_later).map(|_| ()), Some(()));
+        }
+        assert_eq!(budget.admit(much_later), None);
+    }
 }
