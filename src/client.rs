@@ -366,13 +366,23 @@ impl Iterator for Watch {
 }
 
 /// A tokio connection to the agent.
-#[derive(Debug)]
 pub struct AsyncClient {
     reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
     next_id: u64,
     timeout: Option<Duration>,
+    /// The last reply line: it may hold a token, a signature or a stamp.
     line: Vec<u8>,
+}
+
+/// By hand: `line` (the last reply) and the read buffer may hold a token or a signature.
+impl std::fmt::Debug for AsyncClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncClient")
+            .field("next_id", &self.next_id)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AsyncClient {
@@ -571,6 +581,24 @@ mod tests {
         };
         assert_eq!(connect.exit_code(), exit::CONNECT);
         assert!(connect.to_string().contains("is tm-agent running?"));
+    }
+
+    #[tokio::test]
+    async fn debug_never_shows_the_last_reply() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let (reader, writer) = a.into_split();
+        let client = AsyncClient {
+            reader: tokio::io::BufReader::new(reader),
+            writer,
+            next_id: 3,
+            timeout: None,
+            line: br#"{"id":2,"ok":true,"result":{"access_token":"eyJ-SECRET"}}"#.to_vec(),
+        };
+        let text = format!("{client:?}");
+        assert!(
+            !text.contains("SECRET") && text.contains("next_id: 3"),
+            "{text}"
+        );
     }
 
     #[test]
