@@ -280,52 +280,6 @@ impl Client {
         self.call::<PingResult>(Body::Ping).map(|_| ())
     }
 
-    /// A token valid for at least `min_ttl` seconds (default: valid).
-    pub fn token(
-        &mut self,
-        profile: &str,
-        min_ttl: Option<u64>,
-    ) -> Result<TokenResult, ClientError> {
-        self.call(Body::Token {
-            profile: profile.into(),
-            min_ttl,
-        })
-    }
-
-    /// The signed body for `POST /api-key/token` (timestamp chosen by the agent if `None`).
-    pub fn sign_challenge(
-        &mut self,
-        profile: &str,
-        timestamp: Option<i64>,
-    ) -> Result<SignChallengeResult, ClientError> {
-        self.call(Body::SignChallenge {
-            profile: profile.into(),
-            timestamp,
-            key_id: None,
-        })
-    }
-
-    /// A Turnkey stamp over `payload`.
-    pub fn stamp(&mut self, profile: &str, payload: &str) -> Result<StampResult, ClientError> {
-        self.call(Body::Stamp {
-            profile: profile.into(),
-            payload: payload.into(),
-        })
-    }
-
-    pub fn public_key(&mut self, profile: &str) -> Result<PublicKeyResult, ClientError> {
-        self.call(Body::PublicKey {
-            profile: profile.into(),
-        })
-    }
-
-    /// The agent's status (only the profiles this user may see).
-    pub fn status(&mut self, profile: Option<&str>) -> Result<StatusResult, ClientError> {
-        self.call(Body::Status {
-            profile: profile.map(Into::into),
-        })
-    }
-
     /// Turns the connection into a stream of tokens: the current one, then each rotation.
     /// Waits for events without a timeout.
     pub fn watch(mut self, profile: &str) -> Result<Watch, ClientError> {
@@ -446,59 +400,9 @@ impl AsyncClient {
         Ok(())
     }
 
+    /// Checks that the agent answers.
     pub async fn ping(&mut self) -> Result<(), ClientError> {
         self.call::<PingResult>(Body::Ping).await.map(|_| ())
-    }
-
-    pub async fn token(
-        &mut self,
-        profile: &str,
-        min_ttl: Option<u64>,
-    ) -> Result<TokenResult, ClientError> {
-        self.call(Body::Token {
-            profile: profile.into(),
-            min_ttl,
-        })
-        .await
-    }
-
-    pub async fn sign_challenge(
-        &mut self,
-        profile: &str,
-        timestamp: Option<i64>,
-    ) -> Result<SignChallengeResult, ClientError> {
-        self.call(Body::SignChallenge {
-            profile: profile.into(),
-            timestamp,
-            key_id: None,
-        })
-        .await
-    }
-
-    pub async fn stamp(
-        &mut self,
-        profile: &str,
-        payload: &str,
-    ) -> Result<StampResult, ClientError> {
-        self.call(Body::Stamp {
-            profile: profile.into(),
-            payload: payload.into(),
-        })
-        .await
-    }
-
-    pub async fn public_key(&mut self, profile: &str) -> Result<PublicKeyResult, ClientError> {
-        self.call(Body::PublicKey {
-            profile: profile.into(),
-        })
-        .await
-    }
-
-    pub async fn status(&mut self, profile: Option<&str>) -> Result<StatusResult, ClientError> {
-        self.call(Body::Status {
-            profile: profile.map(Into::into),
-        })
-        .await
     }
 
     /// Turns the connection into a stream of tokens (see [`AsyncWatch::next`]).
@@ -515,6 +419,56 @@ impl AsyncClient {
             done: false,
         })
     }
+}
+
+/// The ops with a plain result, written once for both flavours: each entry gives the
+/// method, its arguments, its result type and the request it sends; `ops!` makes the
+/// blocking method on [`Client`] and the `async` one on [`AsyncClient`].
+macro_rules! ops {
+    ($(
+        $(#[$doc:meta])*
+        fn $name:ident($($arg:ident: $ty:ty),*) -> $result:ty = $body:expr;
+    )*) => {
+        impl Client {
+            $(
+                $(#[$doc])*
+                pub fn $name(&mut self, $($arg: $ty),*) -> Result<$result, ClientError> {
+                    self.call($body)
+                }
+            )*
+        }
+
+        impl AsyncClient {
+            $(
+                $(#[$doc])*
+                pub async fn $name(&mut self, $($arg: $ty),*) -> Result<$result, ClientError> {
+                    self.call($body).await
+                }
+            )*
+        }
+    };
+}
+
+ops! {
+    /// A token valid for at least `min_ttl` seconds (default: valid).
+    fn token(profile: &str, min_ttl: Option<u64>) -> TokenResult =
+        Body::Token { profile: profile.into(), min_ttl };
+
+    /// The signed body for `POST /api-key/token` (timestamp chosen by the agent if `None`).
+    fn sign_challenge(profile: &str, timestamp: Option<i64>) -> SignChallengeResult =
+        Body::SignChallenge { profile: profile.into(), timestamp, key_id: None };
+
+    /// A Turnkey stamp over `payload` (a JSON object, signed exactly as given).
+    fn stamp(profile: &str, payload: &str) -> StampResult =
+        Body::Stamp { profile: profile.into(), payload: payload.into() };
+
+    /// The profile's public key (PEM, JWK, compressed hex, thumbprint).
+    fn public_key(profile: &str) -> PublicKeyResult =
+        Body::PublicKey { profile: profile.into() };
+
+    /// The agent's status (only the profiles this user may see).
+    fn status(profile: Option<&str>) -> StatusResult =
+        Body::Status { profile: profile.map(Into::into) };
 }
 
 /// A tokio `watch` stream.
