@@ -8,8 +8,11 @@
 //!
 //! Policy: deny by default; a rule applies when every principal it names (`user`, `uid`,
 //! `group`, `gid`) matches the peer; it then allows its `ops` on its `profiles`. `"*"` in
-//! `ops` means every op except `stamp`, which must be named. Neither root nor the agent's
-//! own uid is special. `ping` reveals nothing and is open to every peer that can connect.
+//! `ops` means every op except the two that use the private key on the client's behalf,
+//! `sign_challenge` and `stamp`, which must be named: a challenge signature lets its holder
+//! mint access *and refresh* tokens outside the agent (the refresh token is meant never to
+//! leave it), and a stamp signs a Turnkey payload. Neither root nor the agent's own uid is
+//! special. `ping` reveals nothing and is open to every peer that can connect.
 //!
 //! A group matches when it is the peer's primary gid (what SO_PEERCRED reports), or when the
 //! peer's uid belongs to a user listed as a member of the group in `/etc/group`.
@@ -34,12 +37,12 @@ use crate::protocol::Op;
 /// ```toml
 /// [[access]]
 /// group = "traders"
-/// ops = "*"                 # every op except stamp
+/// ops = "*"                 # every op except sign_challenge and stamp
 /// profiles = ["prod"]
 ///
 /// [[access]]
 /// user = "defi-bot"
-/// ops = ["token", "stamp"]  # stamp must be named
+/// ops = ["token", "stamp"]  # sign_challenge and stamp must be named
 /// profiles = "*"
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +58,7 @@ pub struct AccessRule {
     pub group: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
-    /// Op names, or `"*"` for every op except `stamp`.
+    /// Op names, or `"*"` for every op except `sign_challenge` and `stamp`.
     pub ops: Selector,
     /// Profile names, or `"*"` for every profile.
     pub profiles: Selector,
@@ -111,11 +114,12 @@ impl<'de> Deserialize<'de> for Selector {
 pub struct OpSet(u16);
 
 impl OpSet {
-    /// What `"*"` grants: every op except `stamp`.
+    /// What `"*"` grants: every op except those that sign for the client (see the module
+    /// docs), `sign_challenge` and `stamp`.
     pub fn star() -> OpSet {
         let mut set = OpSet::default();
         for op in Op::ALL {
-            if op != Op::Stamp {
+            if !matches!(op, Op::SignChallenge | Op::Stamp) {
                 set.insert(op);
             }
         }
@@ -448,16 +452,24 @@ mod tests {
     }
 
     #[test]
-    fn star_excludes_stamp_unless_named() {
+    fn star_excludes_sign_challenge_and_stamp_unless_named() {
         let r = rule("uid = 1000\nops = \"*\"\nprofiles = [\"prod\"]");
         let g = grants(&[r], 1000, 1000);
-        assert!(g.allows(Op::SignChallenge, Some("prod")));
+        for op in [Op::Token, Op::Watch, Op::PublicKey, Op::Status] {
+            assert!(g.allows(op, Some("prod")), "{op}");
+        }
+        assert!(!g.allows(Op::SignChallenge, Some("prod")));
         assert!(!g.allows(Op::Stamp, Some("prod")));
         assert!(!g.allows(Op::Token, Some("uat")));
         assert!(g.allows(Op::Status, None));
+        let r = rule("uid = 1000\nops = [\"*\", \"sign_challenge\"]\nprofiles = [\"prod\"]");
+        let g = grants(&[r], 1000, 1000);
+        assert!(g.allows(Op::SignChallenge, Some("prod")));
+        assert!(!g.allows(Op::Stamp, Some("prod")));
         let r = rule("uid = 1000\nops = [\"*\", \"stamp\"]\nprofiles = [\"prod\"]");
         let g = grants(&[r], 1000, 1000);
         assert!(g.allows(Op::Stamp, Some("prod")));
+        assert!(!g.allows(Op::SignChallenge, Some("prod")));
     }
 
     #[test]

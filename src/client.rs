@@ -174,7 +174,7 @@ fn into_result<T: DeserializeOwned>(reply: Response<serde_json::Value>) -> Resul
             .ok_or_else(|| ClientError::Protocol("an error reply without `error`".into()))?;
         Err(ClientError::Agent {
             code: error.code,
-            message: error.message,
+            message: error.message.into_owned(),
         })
     }
 }
@@ -280,52 +280,6 @@ impl Client {
         self.call::<PingResult>(Body::Ping).map(|_| ())
     }
 
-    /// A token valid for at least `min_ttl` seconds (default: valid).
-    pub fn token(
-        &mut self,
-        profile: &str,
-        min_ttl: Option<u64>,
-    ) -> Result<TokenResult, ClientError> {
-        self.call(Body::Token {
-            profile: profile.into(),
-            min_ttl,
-        })
-    }
-
-    /// The signed body for `POST /api-key/token` (timestamp chosen by the agent if `None`).
-    pub fn sign_challenge(
-        &mut self,
-        profile: &str,
-        timestamp: Option<i64>,
-    ) -> Result<SignChallengeResult, ClientError> {
-        self.call(Body::SignChallenge {
-            profile: profile.into(),
-            timestamp,
-            key_id: None,
-        })
-    }
-
-    /// A Turnkey stamp over `payload`.
-    pub fn stamp(&mut self, profile: &str, payload: &str) -> Result<StampResult, ClientError> {
-        self.call(Body::Stamp {
-            profile: profile.into(),
-            payload: payload.into(),
-        })
-    }
-
-    pub fn public_key(&mut self, profile: &str) -> Result<PublicKeyResult, ClientError> {
-        self.call(Body::PublicKey {
-            profile: profile.into(),
-        })
-    }
-
-    /// The agent's status (only the profiles this user may see).
-    pub fn status(&mut self, profile: Option<&str>) -> Result<StatusResult, ClientError> {
-        self.call(Body::Status {
-            profile: profile.map(Into::into),
-        })
-    }
-
     /// Turns the connection into a stream of tokens: the current one, then each rotation.
     /// Waits for events without a timeout.
     pub fn watch(mut self, profile: &str) -> Result<Watch, ClientError> {
@@ -366,13 +320,23 @@ impl Iterator for Watch {
 }
 
 /// A tokio connection to the agent.
-#[derive(Debug)]
 pub struct AsyncClient {
     reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
     next_id: u64,
     timeout: Option<Duration>,
+    /// The last reply line: it may hold a token, a signature or a stamp.
     line: Vec<u8>,
+}
+
+/// By hand: `line` (the last reply) and the read buffer may hold a token or a signature.
+impl std::fmt::Debug for AsyncClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncClient")
+            .field("next_id", &self.next_id)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AsyncClient {
@@ -436,59 +400,9 @@ impl AsyncClient {
         Ok(())
     }
 
+    /// Checks that the agent answers.
     pub async fn ping(&mut self) -> Result<(), ClientError> {
         self.call::<PingResult>(Body::Ping).await.map(|_| ())
-    }
-
-    pub async fn token(
-        &mut self,
-        profile: &str,
-        min_ttl: Option<u64>,
-    ) -> Result<TokenResult, ClientError> {
-        self.call(Body::Token {
-            profile: profile.into(),
-            min_ttl,
-        })
-        .await
-    }
-
-    pub async fn sign_challenge(
-        &mut self,
-        profile: &str,
-        timestamp: Option<i64>,
-    ) -> Result<SignChallengeResult, ClientError> {
-        self.call(Body::SignChallenge {
-            profile: profile.into(),
-            timestamp,
-            key_id: None,
-        })
-        .await
-    }
-
-    pub async fn stamp(
-        &mut self,
-        profile: &str,
-        payload: &str,
-    ) -> Result<StampResult, ClientError> {
-        self.call(Body::Stamp {
-            profile: profile.into(),
-            payload: payload.into(),
-        })
-        .await
-    }
-
-    pub async fn public_key(&mut self, profile: &str) -> Result<PublicKeyResult, ClientError> {
-        self.call(Body::PublicKey {
-            profile: profile.into(),
-        })
-        .await
-    }
-
-    pub async fn status(&mut self, profile: Option<&str>) -> Result<StatusResult, ClientError> {
-        self.call(Body::Status {
-            profile: profile.map(Into::into),
-        })
-        .await
     }
 
     /// Turns the connection into a stream of tokens (see [`AsyncWatch::next`]).
@@ -505,6 +419,56 @@ impl AsyncClient {
             done: false,
         })
     }
+}
+
+/// The ops with a plain result, written once for both flavours: each entry gives the
+/// method, its arguments, its result type and the request it sends; `ops!` makes the
+/// blocking method on [`Client`] and the `async` one on [`AsyncClient`].
+macro_rules! ops {
+    ($(
+        $(#[$doc:meta])*
+        fn $name:ident($($arg:ident: $ty:ty),*) -> $result:ty = $body:expr;
+    )*) => {
+        impl Client {
+            $(
+                $(#[$doc])*
+                pub fn $name(&mut self, $($arg: $ty),*) -> Result<$result, ClientError> {
+                    self.call($body)
+                }
+            )*
+        }
+
+        impl AsyncClient {
+            $(
+                $(#[$doc])*
+                pub async fn $name(&mut self, $($arg: $ty),*) -> Result<$result, ClientError> {
+                    self.call($body).await
+                }
+            )*
+        }
+    };
+}
+
+ops! {
+    /// A token valid for at least `min_ttl` seconds (default: valid).
+    fn token(profile: &str, min_ttl: Option<u64>) -> TokenResult =
+        Body::Token { profile: profile.into(), min_ttl };
+
+    /// The signed body for `POST /api-key/token` (timestamp chosen by the agent if `None`).
+    fn sign_challenge(profile: &str, timestamp: Option<i64>) -> SignChallengeResult =
+        Body::SignChallenge { profile: profile.into(), timestamp, key_id: None };
+
+    /// A Turnkey stamp over `payload` (a JSON object, signed exactly as given).
+    fn stamp(profile: &str, payload: &str) -> StampResult =
+        Body::Stamp { profile: profile.into(), payload: payload.into() };
+
+    /// The profile's public key (PEM, JWK, compressed hex, thumbprint).
+    fn public_key(profile: &str) -> PublicKeyResult =
+        Body::PublicKey { profile: profile.into() };
+
+    /// The agent's status (only the profiles this user may see).
+    fn status(profile: Option<&str>) -> StatusResult =
+        Body::Status { profile: profile.map(Into::into) };
 }
 
 /// A tokio `watch` stream.
@@ -571,6 +535,24 @@ mod tests {
         };
         assert_eq!(connect.exit_code(), exit::CONNECT);
         assert!(connect.to_string().contains("is tm-agent running?"));
+    }
+
+    #[tokio::test]
+    async fn debug_never_shows_the_last_reply() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let (reader, writer) = a.into_split();
+        let client = AsyncClient {
+            reader: tokio::io::BufReader::new(reader),
+            writer,
+            next_id: 3,
+            timeout: None,
+            line: br#"{"id":2,"ok":true,"result":{"access_token":"eyJ-SECRET"}}"#.to_vec(),
+        };
+        let text = format!("{client:?}");
+        assert!(
+            !text.contains("SECRET") && text.contains("next_id: 3"),
+            "{text}"
+        );
     }
 
     #[test]

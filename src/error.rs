@@ -1,6 +1,7 @@
-//! Wire errors: the stable codes (re-exported from [`crate::protocol`]) and the one mapping
-//! from the agent's internal errors ([`SignerError`], [`TokenError`], access refusals) to what
-//! a client is told.
+//! Wire errors: the stable codes and the error object (both defined, and re-exported from,
+//! [`crate::protocol`]) and the one mapping from the agent's internal errors
+//! ([`SignerError`], [`TokenError`], access refusals) to what a client is told. The internal
+//! errors name their [`ErrorCode`] themselves (`wire_code()`); the messages are made here.
 //!
 //! The rule: the client gets the code and a short message that says what to do; the details
 //! (PKCS#11 return values, HTTP bodies, paths) go to the agent's log only. Pure functions, no
@@ -8,33 +9,33 @@
 
 use std::borrow::Cow;
 
-pub use crate::protocol::ErrorCode;
+use crate::protocol::{excerpt, ECHO_MAX};
+pub use crate::protocol::{ErrorCode, WireError};
 use crate::signer::SignerError;
 use crate::token::TokenError;
 
-/// An error as sent to a client: a stable code and a safe message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireError {
-    pub code: ErrorCode,
-    pub message: Cow<'static, str>,
-}
-
 impl WireError {
-    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        WireError {
-            code,
-            message: message.into(),
-        }
-    }
-
     pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
         WireError::new(ErrorCode::BadRequest, message)
+    }
+
+    /// A request line the JSON parser refused. Its message may quote the client's input
+    /// (the name of an unknown field): only an escaped excerpt is echoed, then the position.
+    pub fn invalid_json(err: &serde_json::Error) -> Self {
+        let full = err.to_string();
+        let position = if err.line() == 0 {
+            String::new()
+        } else {
+            format!(" at line {} column {}", err.line(), err.column())
+        };
+        let what = full.strip_suffix(position.as_str()).unwrap_or(&full);
+        WireError::bad_request(format!("invalid request: {}{position}", excerpt(what, 200)))
     }
 
     /// The peer's access rules do not allow `op` on `profile`.
     pub fn forbidden(op: &str, profile: Option<&str>) -> Self {
         let what = match profile {
-            Some(p) => format!("`{op}` on profile `{p}`"),
+            Some(p) => format!("`{op}` on profile `{}`", excerpt(p, ECHO_MAX)),
             None => format!("`{op}`"),
         };
         WireError::new(
@@ -51,7 +52,7 @@ impl WireError {
             ErrorCode::UnknownProfile,
             format!(
                 "no profile `{}` in this agent (see `tm-agent status`)",
-                crate::protocol::truncate(profile, 128)
+                excerpt(profile, ECHO_MAX)
             ),
         )
     }
@@ -65,7 +66,7 @@ impl WireError {
 
     /// The code and message for a signing failure. The full error belongs in the log.
     pub fn from_signer(err: &SignerError) -> Self {
-        let code = ErrorCode::from_name(err.wire_code());
+        let code = err.wire_code();
         let message = match code {
             ErrorCode::Busy => "the signer is busy: retry shortly",
             ErrorCode::Timeout => {
@@ -76,12 +77,12 @@ impl WireError {
             }
             _ => "signing failed: see the agent's log (journalctl -u tm-agent)",
         };
-        WireError::new(code_or_internal(code), message)
+        WireError::new(code, message)
     }
 
     /// The code and message for a token that cannot be handed out.
     pub fn from_token(err: &TokenError, profile: &str) -> Self {
-        let code = ErrorCode::from_name(err.wire_code());
+        let code = err.wire_code();
         let message = match code {
             ErrorCode::Timeout => format!(
                 "renewing the access token of profile `{profile}` did not finish in time: retry shortly"
@@ -91,14 +92,7 @@ impl WireError {
                  and the agent's log"
             ),
         };
-        WireError::new(code_or_internal(code), message)
-    }
-}
-
-fn code_or_internal(code: ErrorCode) -> ErrorCode {
-    match code {
-        ErrorCode::Unknown => ErrorCode::Internal,
-        code => code,
+        WireError::new(code, message)
     }
 }
 
@@ -122,6 +116,45 @@ mod tests {
         assert_eq!(e.code, ErrorCode::Timeout);
         let e = WireError::from_signer(&SignerError::Closed);
         assert_eq!(e.code, ErrorCode::Unavailable);
+    }
+
+    #[test]
+    fn client_text_is_echoed_escaped_and_bounded() {
+        let forged = format!("x\n<0>audit: FORGED{}", "z".repeat(60_000));
+        let line = format!(
+            r#"{{"v":1,"id":1,"op":"ping","{}":1}}"#,
+            forged.replace('\n', "\\n")
+        );
+        let err = serde_json::from_str::<crate::protocol::RawRequest>(&line).unwrap_err();
+        let e = WireError::invalid_json(&err);
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(
+            e.message.len() < 300 && !e.message.contains('\n'),
+            "{}",
+            e.message
+        );
+        assert!(e
+            .message
+            .starts_with("invalid request: unknown field `x\\n<0>audit: FORGED"));
+        assert!(e
+            .message
+            .ends_with(&format!(" at line 1 column {}", err.column())));
+        for e in [
+            WireError::forbidden("token", Some(&forged)),
+            WireError::unknown_profile(&forged),
+        ] {
+            assert!(
+                e.message.len() < 400 && !e.message.contains('\n'),
+                "{}",
+                e.message
+            );
+        }
+        let e = WireError::invalid_json(&serde_json::from_str::<u8>("").unwrap_err());
+        assert!(
+            e.message.starts_with("invalid request: EOF"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -239,12 +239,23 @@ impl Jwk {
 }
 
 /// The JSON inside a Turnkey stamp, in the field order Turnkey's own clients emit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TurnkeyStamp {
     #[serde(rename = "publicKey")]
     pub public_key: String,
     pub signature: String,
     pub scheme: String,
+}
+
+/// By hand: the signature is a credential for the payload it was made over.
+impl std::fmt::Debug for TurnkeyStamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnkeyStamp")
+            .field("public_key", &self.public_key)
+            .field("signature", &"<redacted>")
+            .field("scheme", &self.scheme)
+            .finish()
+    }
 }
 
 /// Builds a Turnkey API stamp from the key and a signature over the payload's UTF-8 bytes:
@@ -402,6 +413,18 @@ mod tests {
 
     fn key() -> SigningKey {
         SigningKey::from_slice(&[7u8; 32]).unwrap()
+    }
+
+    #[test]
+    fn turnkey_stamp_debug_hides_the_signature() {
+        let sig: Signature = key().sign(b"{}");
+        let stamp = decode_turnkey_stamp(&turnkey_stamp(key().verifying_key(), &sig)).unwrap();
+        let text = format!("{stamp:?}");
+        assert!(!text.contains(&stamp.signature), "{text}");
+        assert!(
+            text.contains(&stamp.public_key) && text.contains("<redacted>"),
+            "{text}"
+        );
     }
 
     #[test]

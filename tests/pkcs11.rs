@@ -500,7 +500,7 @@ fn token_removal_is_unavailable_then_recovered_by_the_same_handle() {
             std::fs::rename(&token_dir, &away).unwrap();
 
             let err = rt.block_on(h.sign(b"gone")).unwrap_err();
-            assert_eq!(err.wire_code(), "unavailable", "{err}");
+            assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
             assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
             let text = err.to_string();
             assert!(text.contains("next attempt"), "{text}");

@@ -378,7 +378,11 @@ fn examples_replay_against_a_live_agent() {
     for (file, lines) in transcripts() {
         let agent = TestAgent::builder()
             .profiles(&["prod", "uat"])
-            .rules(vec![root_rule("*", "*"), root_rule("stamp", "uat")])
+            .rules(vec![
+                root_rule("*", "*"),
+                root_rule("sign_challenge", "*"),
+                root_rule("stamp", "uat"),
+            ])
             .start();
         let stream = UnixStream::connect(&agent.socket).unwrap();
         stream

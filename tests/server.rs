@@ -287,6 +287,61 @@ fn malformed_unknown_and_wrong_version_requests_are_answered_and_the_connection_
     assert_eq!(r, json!({"id":9,"ok":true,"result":{"pong":true}}));
 }
 
+/// Client text reaches the log only escaped and cut short: a newline in a field name, an
+/// op or a profile cannot start a forged record (under journald, `<0>` would make it an
+/// emergency-priority entry of its own), and error messages stay short.
+#[test]
+fn client_text_cannot_forge_log_lines_or_bloat_replies() {
+    let agent = TestAgent::builder()
+        .rules(vec![
+            root_rule("token", "prod"),
+            root_rule("public_key", "*"),
+        ])
+        .start();
+    let mut raw = Raw::connect(&agent);
+    let forged = "\n<0>audit: FORGED op=stamp result=ok\n";
+    let long = format!("{forged}{}", "z".repeat(60_000));
+    let requests = [
+        // An unknown field: serde's message quotes its name.
+        json!({"v":1,"id":1,"op":"ping", forged: 1}),
+        json!({"v":1,"id":2,"op":"ping", long.clone(): 1}),
+        json!({"v":1,"id":3,"op": format!("fly{forged}")}),
+        json!({"v":1,"id":4,"op": long.clone()}),
+        // Refused by the rules (audited with the profile), then unknown (same).
+        json!({"v":1,"id":5,"op":"token","profile": format!("p{forged}")}),
+        json!({"v":1,"id":6,"op":"token","profile": long.clone()}),
+        json!({"v":1,"id":7,"op":"public_key","profile": format!("p{forged}")}),
+        json!({"v":1,"id":8,"op":"public_key","profile": long.clone()}),
+    ];
+    for (n, request) in requests.iter().enumerate() {
+        let r = raw.call(request.clone());
+        let expected = match n {
+            0..=3 => "bad_request",
+            4 | 5 => "forbidden",
+            _ => "unknown_profile",
+        };
+        assert_eq!((r["id"].clone(), code(&r)), (json!(n + 1), expected), "{r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.len() < 400, "{n}: {} bytes", message.len());
+        assert!(!message.contains('\n'), "{n}: {message}");
+        if n % 2 == 0 {
+            assert!(message.contains("\\n<0>audit: FORGED"), "{n}: {message}");
+        }
+    }
+    drop(raw);
+    std::thread::sleep(Duration::from_millis(100));
+    let logs = agent.logs.text();
+    assert!(logs.contains("FORGED"), "the refusals were logged:\n{logs}");
+    for line in logs.lines() {
+        // Every line is a record of its own, starting with its timestamp.
+        assert!(
+            line.as_bytes().first().is_some_and(u8::is_ascii_digit),
+            "a line that is not a record: {line:?}"
+        );
+        assert!(line.len() < 1500, "a record of {} bytes", line.len());
+    }
+}
+
 #[test]
 fn pipelined_requests_are_answered_by_id() {
     let agent = TestAgent::start_default();
@@ -313,6 +368,53 @@ fn pipelined_requests_are_answered_by_id() {
     assert_eq!(seen, (1..=51).collect());
 }
 
+/// 64 KiB of pipelined `status` requests would make ~2 MB of replies: the connection
+/// writes whenever 256 KiB is waiting, so its output buffer stays bounded, and every
+/// request is still answered, in order.
+#[test]
+fn a_flood_of_pipelined_requests_is_answered_with_bounded_buffering() {
+    let agent = TestAgent::start_default();
+    let mut raw = Raw::connect(&agent);
+    // A long first line grows the agent's read buffer to 64 KiB, so that each read brings
+    // ~2,000 requests.
+    let mut flood = format!(
+        "{{\"v\":1,\"id\":0,\"op\":\"ping\"{}}}\n",
+        " ".repeat(60_000)
+    );
+    let n = 6_000;
+    for id in 1..=n {
+        flood.push_str(&format!("{{\"v\":1,\"id\":{id},\"op\":\"status\"}}\n"));
+    }
+    let mut writer = raw.writer.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(flood.as_bytes()).unwrap());
+    for id in 0..=n {
+        let r = raw.recv();
+        assert_eq!((r["id"].clone(), r["ok"].clone()), (json!(id), json!(true)));
+    }
+    sender.join().unwrap();
+    drop(raw);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let peak = loop {
+        let logs = agent.logs.text();
+        let closed = logs.lines().find(|l| l.contains("connection closed"));
+        if let Some(line) = closed {
+            let value = line.split("peak_output_bytes=").nth(1).unwrap();
+            let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+            break digits.parse::<usize>().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no close record:\n{logs}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        peak > 64 * 1024,
+        "the flood was not buffered at all ({peak} bytes)"
+    );
+    assert!(
+        peak <= 256 * 1024 + 16 * 1024,
+        "{peak} bytes of output buffered at once"
+    );
+}
+
 #[test]
 fn an_oversize_line_is_refused_and_closed_while_others_are_served() {
     let agent = TestAgent::start_default();
@@ -330,7 +432,7 @@ fn an_oversize_line_is_refused_and_closed_while_others_are_served() {
     assert_eq!(r["ok"], json!(true));
 
     // Exactly 64 KiB is still fine.
-    let payload = "p".repeat(65536 - 64);
+    let payload = json!({ "p": "p".repeat(65536 - 80) }).to_string();
     let line = json!({"v":1,"id":2,"op":"stamp","profile":"prod","payload":payload}).to_string();
     assert!(line.len() <= 65536, "{}", line.len());
     let r = other.call(serde_json::from_str(&line).unwrap());
@@ -567,6 +669,44 @@ fn sign_challenge_refuses_stale_timestamps_and_other_key_ids() {
     assert_eq!(r["ok"], json!(true), "{r}");
 }
 
+/// `stamp` is not a general signing oracle either: it signs JSON objects (Turnkey activity
+/// payloads) only, so it cannot make a challenge signature for a time of the client's
+/// choosing (a token-minting credential that would outlive a revocation).
+#[test]
+fn stamp_refuses_anything_but_a_json_object() {
+    let agent = TestAgent::start_default();
+    let signer = agent.state.profiles().next().unwrap().signer.clone();
+    let mut c = agent.client();
+    let future = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 86_400;
+    let challenge = format!("{KEY_ID_PREFIX}0.{future}");
+    for payload in [
+        challenge.as_str(),
+        "x",
+        "",
+        "[{}]",
+        "\"{}\"",
+        "{\"a\":1} trailing",
+        "{",
+    ] {
+        let err = c.stamp("prod", payload).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{payload:?}: {err}");
+        assert!(err.to_string().contains("JSON object"), "{err}");
+    }
+    assert_eq!(signer.health().signatures, 0, "nothing was signed");
+    let stamp = c.stamp("prod", r#"{"type":"ACTIVITY_TYPE_X"}"#).unwrap();
+    assert!(jose::decode_turnkey_stamp(&stamp.stamp).is_ok());
+    let logs = agent.logs.text();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("op=\"stamp\"") && l.contains("result=\"forbidden\"")),
+        "{logs}"
+    );
+}
+
 #[test]
 fn access_rules_per_op_and_profile_and_reload() {
     let agent = TestAgent::builder()
@@ -592,19 +732,28 @@ fn access_rules_per_op_and_profile_and_reload() {
         ["uat"]
     );
 
-    // "*" does not include stamp; stamp must be named.
+    // "*" includes neither sign_challenge nor stamp; they must be named.
     agent
         .state
         .reload_rules(tm_agent::authz::Rules::compile(&[root_rule("*", "*")]).unwrap());
-    c.sign_challenge("prod", None).unwrap();
+    c.token("prod", None).unwrap();
     assert_eq!(
-        c.stamp("prod", "x").unwrap_err().code(),
+        c.sign_challenge("prod", None).unwrap_err().code(),
         Some(ErrorCode::Forbidden)
     );
+    assert_eq!(
+        c.stamp("prod", "{}").unwrap_err().code(),
+        Some(ErrorCode::Forbidden)
+    );
+    agent.state.reload_rules(
+        tm_agent::authz::Rules::compile(&[root_rule("*", "*"), root_rule("sign_challenge", "*")])
+            .unwrap(),
+    );
+    c.sign_challenge("prod", None).unwrap();
     agent
         .state
         .reload_rules(tm_agent::authz::Rules::compile(&[root_rule("stamp", "prod")]).unwrap());
-    c.stamp("prod", "x").unwrap();
+    c.stamp("prod", "{}").unwrap();
     assert_eq!(
         c.token("prod", None).unwrap_err().code(),
         Some(ErrorCode::Forbidden)
@@ -612,6 +761,74 @@ fn access_rules_per_op_and_profile_and_reload() {
     // ping is open to any peer that can connect.
     agent.state.reload_rules(tm_agent::authz::Rules::deny_all());
     c.ping().unwrap();
+}
+
+#[test]
+fn a_reload_that_withdraws_watch_ends_running_streams() {
+    let agent = TestAgent::builder()
+        .profiles(&["prod", "uat"])
+        .rules(vec![root_rule("watch", "*")])
+        .start();
+    let reload = |rules: &[tm_agent::authz::AccessRule]| {
+        agent
+            .state
+            .reload_rules(tm_agent::authz::Rules::compile(rules).unwrap())
+    };
+    let mut prod = Raw::connect(&agent);
+    prod.send("{\"v\":1,\"id\":1,\"op\":\"watch\",\"profile\":\"prod\"}\n");
+    assert_eq!(prod.recv()["event"], json!("token"));
+    let mut uat = Raw::connect(&agent);
+    uat.send("{\"v\":1,\"id\":1,\"op\":\"watch\",\"profile\":\"uat\"}\n");
+    assert_eq!(uat.recv()["event"], json!("token"));
+
+    // A reload that keeps the access changes nothing.
+    reload(&[root_rule("watch,token", "*")]);
+    let rotated = agent.tokens("prod").rotate();
+    let r = prod.recv();
+    assert_eq!(r["result"]["access_token"], json!(rotated), "{r}");
+
+    // Withdrawn on prod: the stream ends with forbidden, and the next token never comes.
+    reload(&[root_rule("watch", "uat")]);
+    let rotated = agent.tokens("prod").rotate();
+    let r = prod.recv();
+    assert_eq!((r["id"].clone(), code(&r)), (json!(1), "forbidden"), "{r}");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("rules were reloaded"));
+    prod.reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut more = String::new();
+    let after = prod.reader.read_line(&mut more);
+    assert!(after.is_err() && more.is_empty(), "{after:?} {more}");
+    assert!(!more.contains(&rotated));
+    // The connection itself stays usable.
+    prod.reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        prod.call(json!({"v":1,"id":2,"op":"ping"}))["ok"],
+        json!(true)
+    );
+
+    // The uat stream is still allowed and goes on.
+    let rotated = agent.tokens("uat").rotate();
+    let r = uat.recv();
+    assert_eq!(r["result"]["access_token"], json!(rotated), "{r}");
+
+    // Withdrawn without any rotation: the stream ends at once.
+    agent.state.reload_rules(tm_agent::authz::Rules::deny_all());
+    let r = uat.recv();
+    assert_eq!(code(&r), "forbidden", "{r}");
+    let logs = agent.logs.text();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("op=\"watch\"") && l.contains("result=\"forbidden\"")),
+        "{logs}"
+    );
 }
 
 #[test]
@@ -678,13 +895,16 @@ fn shutdown_with_clients_connected_returns_cleanly() {
 fn audit_log_has_the_records_and_no_secrets() {
     let agent = TestAgent::builder()
         .profiles(&["prod", "uat"])
-        .rules(vec![root_rule("*", "prod"), root_rule("stamp", "prod")])
+        .rules(vec![
+            root_rule("*", "prod"),
+            root_rule("sign_challenge,stamp", "prod"),
+        ])
         .start();
     let mut c = agent.client();
     let token = c.token("prod", None).unwrap().access_token;
     c.token("prod", None).unwrap();
     let body = c.sign_challenge("prod", None).unwrap();
-    let payload = "turnkey-payload-SECRET-CONTENT";
+    let payload = r#"{"note":"turnkey-payload-SECRET-CONTENT"}"#;
     let stamp = c.stamp("prod", payload).unwrap().stamp;
     c.token("uat", None).unwrap_err();
     // A malformed line is logged without echoing it.
@@ -705,6 +925,20 @@ fn audit_log_has_the_records_and_no_secrets() {
     assert!(has("token", "ok"), "{logs}");
     assert!(has("sign_challenge", "ok"), "{logs}");
     assert!(has("stamp", "ok"), "{logs}");
+    // What was signed is on record, without the credential or the payload.
+    let digest = hex::encode(jose::sha256(payload.as_bytes()));
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("op=\"stamp\"")
+                && l.contains(&format!("payload_sha256=\"{digest}\""))),
+        "{logs}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("op=\"sign_challenge\"")
+            && l.contains(&format!("timestamp={}", body.timestamp))),
+        "{logs}"
+    );
     assert!(has("token", "forbidden"), "{logs}");
     // Only the first token on a connection is audited.
     let tokens_ok = audit
@@ -728,6 +962,55 @@ fn audit_log_has_the_records_and_no_secrets() {
             "secret {secret:?} in the logs:\n{logs}"
         );
     }
+}
+
+/// Refusal records have one agent-wide budget (100 at once, 10 a second): reconnecting
+/// does not buy a client a fresh allowance, and what was left out is counted.
+#[test]
+fn refusal_audit_records_have_a_global_budget() {
+    let agent = TestAgent::builder()
+        .rules(vec![root_rule("status", "*")])
+        .start();
+    let started = Instant::now();
+    for _ in 0..30 {
+        let mut raw = Raw::connect(&agent);
+        let batch: String = (0..10)
+            .map(|id| format!("{{\"v\":1,\"id\":{id},\"op\":\"token\",\"profile\":\"prod\"}}\n"))
+            .collect();
+        raw.send(&batch);
+        for _ in 0..10 {
+            assert_eq!(code(&raw.recv()), "forbidden");
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let refusals = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains(" audit:") && l.contains("result=\"forbidden\""))
+            .count()
+    };
+    let logged = refusals(&agent.logs.text());
+    let budget = 100 + (elapsed * 10.0).ceil() as usize + 1;
+    assert!(
+        (100..=budget).contains(&logged),
+        "{logged} of 300 refusals logged in {elapsed:.2} s"
+    );
+    // Once the budget refills, the next record comes with the count of those left out.
+    std::thread::sleep(Duration::from_millis(250));
+    let mut raw = Raw::connect(&agent);
+    assert_eq!(
+        code(&raw.call(json!({"v":1,"id":1,"op":"token","profile":"prod"}))),
+        "forbidden"
+    );
+    let logs = agent.logs.text();
+    assert_eq!(refusals(&logs), logged + 1, "{logs}");
+    let summary = logs
+        .lines()
+        .find(|l| l.contains("left out of the audit log"))
+        .unwrap_or_else(|| panic!("no summary:\n{logs}"));
+    assert!(
+        summary.contains(&format!("suppressed={}", 300 - logged)),
+        "{summary}"
+    );
 }
 
 fn connect_args(agent: &TestAgent) -> ConnectArgs {
@@ -802,14 +1085,14 @@ fn cli_commands_print_what_they_promise() {
             profile: prod(),
             strip_newline: true,
         },
-        "payload\n",
+        "{\"type\":\"ACTIVITY\"}\n",
     );
     assert_eq!(code, 0);
     let stamp = jose::decode_turnkey_stamp(out.trim()).unwrap();
     let sig = p256::ecdsa::Signature::from_der(&hex::decode(stamp.signature).unwrap()).unwrap();
     test_key(0)
         .verifying_key()
-        .verify(b"payload", &sig)
+        .verify(br#"{"type":"ACTIVITY"}"#, &sig)
         .unwrap();
 
     let (code, out, _) = cli(

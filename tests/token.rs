@@ -396,7 +396,7 @@ async fn a_503_storm_backs_off_without_a_hot_loop_and_recovers_within_one_step()
         .token(Some(Duration::from_secs(16)))
         .await
         .unwrap_err();
-    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
     assert!(err.to_string().contains("server_error"), "{err}");
     // The valid token is still served during the storm.
     assert!(rig.manager.token(None).await.is_ok());
@@ -463,7 +463,7 @@ async fn an_outage_longer_than_a_token_life_answers_unavailable_then_recovers() 
         .expect("token withdrawn at expiry")
         .unwrap();
     let err = rig.manager.token(None).await.unwrap_err();
-    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
     assert_eq!(
         rig.manager.status().last_error_code.as_deref(),
         Some("transport")

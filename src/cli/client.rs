@@ -65,7 +65,8 @@ pub enum ClientCommand {
         #[arg(long, value_name = "UNIX_SECS", allow_negative_numbers = true)]
         timestamp: Option<i64>,
     },
-    /// Stamp a Turnkey payload read from stdin (signed exactly as read); print the stamp.
+    /// Stamp a Turnkey payload (a JSON object) read from stdin, signed exactly as read; print
+    /// the stamp.
     Stamp {
         #[command(flatten)]
         connect: ConnectArgs,

@@ -307,7 +307,7 @@ impl<'a> RawRequest<'a> {
                 format!(
                     "unknown op `{}`; known ops: ping, token, watch, sign_challenge, stamp, \
                      public_key, status",
-                    truncate(&op_name, 64)
+                    excerpt(&op_name, 64)
                 ),
             ));
         };
@@ -423,7 +423,43 @@ impl<'a> Request<'a> {
     }
 }
 
-/// Cuts `text` to at most `max` bytes on a character boundary (for echoing client input).
+/// How much of a client's own text (a profile or op name, a field name quoted by the JSON
+/// parser) is echoed in an error message or an audit record, in characters.
+pub const ECHO_MAX: usize = 128;
+
+/// Client-supplied text made safe to echo in an error message or a log record: at most
+/// `max` characters, each control or other non-printable character escaped the way
+/// [`char::escape_debug`] does (`\n`, `\u{2028}`), and `…` appended when cut. A newline in a
+/// client's input can then never start a line of its own in the agent's log (under
+/// journald, a forged entry with a priority of the client's choosing).
+pub fn excerpt(text: &str, max: usize) -> Cow<'_, str> {
+    let escaped = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().len() > 1;
+    if !text.chars().any(escaped) && text.chars().nth(max).is_none() {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len().min(max) + 3);
+    let mut used = 0;
+    for c in text.chars() {
+        let width = if escaped(c) {
+            c.escape_debug().len()
+        } else {
+            1
+        };
+        if used + width > max {
+            out.push('…');
+            break;
+        }
+        if escaped(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+        used += width;
+    }
+    Cow::Owned(out)
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
 pub fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
@@ -445,11 +481,21 @@ pub enum Event {
     End,
 }
 
-/// The error object of a failed reply.
+/// The error object of a failed reply: a stable code and a message safe to show the
+/// client. The one mapping from the agent's internal errors to these is in `crate::error`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireError {
     pub code: ErrorCode,
-    pub message: String,
+    pub message: Cow<'static, str>,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// A reply line. `id` is null only when the request's id could not be read (e.g. the line
@@ -723,5 +769,27 @@ mod tests {
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn excerpt_escapes_control_characters_and_bounds_the_length() {
+        assert!(matches!(excerpt("prod", 10), Cow::Borrowed("prod")));
+        assert_eq!(excerpt("a\"b'c\\é", 10), "a\"b'c\\é");
+        assert_eq!(excerpt("x\n<0>audit: forged", 64), "x\\n<0>audit: forged");
+        assert_eq!(
+            excerpt("a\r\u{2028}\u{1b}[31m", 64),
+            "a\\r\\u{2028}\\u{1b}[31m"
+        );
+        assert_eq!(excerpt("abcdef", 3), "abc…");
+        assert_eq!(
+            excerpt("ab\ncd", 3),
+            "ab…",
+            "an escape is never cut in half"
+        );
+        let long = "y\n".repeat(40_000);
+        let short = excerpt(&long, ECHO_MAX);
+        assert!(short.chars().count() <= ECHO_MAX + 1 && !short.contains('\n'));
+        let e = parse(r#"{"v":1,"id":3,"op":"fly\n<0>forged"}"#).unwrap_err();
+        assert!(e.message.contains("`fly\\n<0>forged`"), "{}", e.message);
     }
 }

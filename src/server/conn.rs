@@ -3,7 +3,8 @@
 //! One task per connection owns the socket. It reads, answers what it can from memory
 //! straight into its output buffer (`ping`, `token` while the current token is fresh enough,
 //! `public_key`, `status`, every refusal), and writes the buffer once per read, so a burst
-//! of pipelined requests becomes one write. Requests that must wait (`sign_challenge`,
+//! of pipelined requests becomes one write; once 256 KiB of output is waiting it writes
+//! before answering the rest, so the buffer stays bounded whatever the client pipelines. Requests that must wait (`sign_challenge`,
 //! `stamp`, a `token` that needs a renewal, `watch`) are spawned as tasks, each holding a
 //! permit of the connection's in-flight budget and a sender of the bounded reply channel;
 //! the connection task writes their lines as they come, in completion order.
@@ -15,8 +16,9 @@
 //!
 //! Ending: on EOF the task stops reading, ends its `watch` streams, delivers the replies of
 //! requests still in flight and closes. On shutdown it does the same, and each `watch`
-//! stream gets a final `end` event. Nothing here blocks the runtime; no lock is held across
-//! an `.await`.
+//! stream gets a final `end` event. A `watch` stream also ends, with `forbidden`, when a
+//! reload of the access rules withdraws it (it wakes on the reload; no polling). Nothing
+//! here blocks the runtime; no lock is held across an `.await`.
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -29,15 +31,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Profile, State};
-use crate::authz::{Grants, PeerCred};
+use crate::authz::{Grants, PeerCred, Rules};
 use crate::error::WireError;
 use crate::jose;
 use crate::protocol::{self, codec::LineBuffer, Body, ErrorCode, Op, RawRequest};
+use crate::signer::SignerError;
 use crate::token::AccessToken;
 
-/// Refused requests audited one by one per connection; the rest are counted and summarised
-/// when the connection closes, so a misbehaving client cannot flood the log.
-const AUDITED_REFUSALS: u32 = 16;
+/// Buffered requests are answered until this much output is waiting; then it is written
+/// before the rest are answered. Without the cap, 64 KiB of pipelined `status` requests
+/// would build megabytes of replies per connection before the first byte is written.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+
+/// The longest executable path written into an audit record, in characters.
+const EXE_MAX: usize = 200;
 
 /// Answers a connection over the cap with one error line and closes it.
 pub(super) fn reject(stream: UnixStream, max: usize) {
@@ -56,17 +63,30 @@ struct Peer {
 }
 
 impl Peer {
+    /// The peer's executable, for audit records. The peer chose its name: escaped and cut
+    /// like any client-supplied text.
     fn exe(&self) -> &str {
-        self.exe.get_or_init(|| {
-            self.cred
-                .exe()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "?".into())
+        self.exe.get_or_init(|| match self.cred.exe() {
+            Some(path) => protocol::excerpt(&path.display().to_string(), EXE_MAX).into_owned(),
+            None => "?".into(),
         })
     }
 
     fn audit(&self, op: Op, profile: Option<&str>, result: &str) {
+        self.audit_with(op, profile, result, Detail::None);
+    }
+
+    fn audit_with(&self, op: Op, profile: Option<&str>, result: &str, detail: Detail) {
         let pid = self.cred.pid.unwrap_or(0);
+        let (timestamp, payload) = match detail {
+            Detail::None => (None, None),
+            Detail::Timestamp(t) => (Some(t), None),
+            Detail::PayloadSha256(digest) => (None, Some(hex::encode(digest))),
+        };
+        let payload_sha256 = payload.as_deref();
+        // The client names the profile: a refused request may carry anything there.
+        let profile = protocol::excerpt(profile.unwrap_or("-"), protocol::ECHO_MAX);
+        let profile = profile.as_ref();
         if result == "ok" {
             tracing::info!(
                 target: "audit",
@@ -75,7 +95,9 @@ impl Peer {
                 pid,
                 exe = self.exe(),
                 op = op.as_str(),
-                profile = profile.unwrap_or("-"),
+                profile,
+                timestamp,
+                payload_sha256,
                 result,
                 "request"
             );
@@ -87,12 +109,25 @@ impl Peer {
                 pid,
                 exe = self.exe(),
                 op = op.as_str(),
-                profile = profile.unwrap_or("-"),
+                profile,
+                timestamp,
+                payload_sha256,
                 result,
                 "request"
             );
         }
     }
+}
+
+/// What an audit record says about a signature beyond op and profile: what was signed,
+/// without handing the record a credential.
+#[derive(Debug, Clone, Copy)]
+enum Detail {
+    None,
+    /// The `sign_challenge` timestamp (with the profile, it names the message signed).
+    Timestamp(i64),
+    /// SHA-256 of a `stamp` payload; the payload itself stays out of the log.
+    PayloadSha256([u8; 32]),
 }
 
 /// The token last seen for one profile, with its `result` object rendered once.
@@ -105,7 +140,8 @@ struct Conn {
     state: Arc<State>,
     peer: Arc<Peer>,
     grants: Grants,
-    rules_generation: u64,
+    /// The rules `grants` was computed from; marked changed on a reload.
+    rules: tokio::sync::watch::Receiver<Arc<Rules>>,
     /// `None` once the connection stops taking requests.
     replies: Option<mpsc::Sender<Vec<u8>>>,
     in_flight: Arc<Semaphore>,
@@ -119,7 +155,8 @@ struct Conn {
     tracker: TaskTracker,
     tokens: Vec<Option<TokenSlot>>,
     token_audited: bool,
-    refusals: u32,
+    /// The most output buffered at once (reported when the connection closes).
+    peak_out: usize,
 }
 
 pub(super) async fn run(
@@ -145,8 +182,8 @@ pub(super) async fn run(
         .counters
         .connections_open
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (rules_generation, rules) = state.rules();
-    let grants = rules.grants(&cred);
+    let mut rules = state.subscribe_rules();
+    let grants = rules.borrow_and_update().grants(&cred);
     let settings = state.settings.clone();
     let (tx, rx) = mpsc::channel(settings.max_in_flight.max(8));
     let mut conn = Conn {
@@ -157,7 +194,7 @@ pub(super) async fn run(
             exe: OnceLock::new(),
         }),
         grants,
-        rules_generation,
+        rules,
         replies: Some(tx),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
         streams: cancel.child_token(),
@@ -165,24 +202,15 @@ pub(super) async fn run(
         shutdown,
         tracker,
         token_audited: false,
-        refusals: 0,
+        peak_out: 0,
     };
     tracing::debug!(uid = cred.uid, pid = cred.pid, "connection opened");
     let end = conn.serve(stream, rx, &cancel, &settings).await;
-    if conn.refusals > AUDITED_REFUSALS {
-        tracing::warn!(
-            target: "audit",
-            uid = cred.uid,
-            pid = cred.pid.unwrap_or(0),
-            exe = conn.peer.exe(),
-            refused = conn.refusals,
-            "further refused requests on this connection were not logged one by one"
-        );
-    }
     tracing::debug!(
         uid = cred.uid,
         pid = cred.pid,
         reason = end,
+        peak_output_bytes = conn.peak_out,
         "connection closed"
     );
     state
@@ -213,9 +241,15 @@ impl Conn {
         tokio::pin!(cancelled);
 
         loop {
+            // Complete lines left unanswered because enough output was waiting.
+            let mut more_lines = false;
             if reading {
-                // Answer every complete line that is buffered.
+                // Answer the complete lines that are buffered, up to OUT_HIGH_WATER of output.
                 loop {
+                    if out.len() > OUT_HIGH_WATER {
+                        more_lines = true;
+                        break;
+                    }
                     match lines.next_line() {
                         Ok(Some(line)) => self.handle_line(line, &mut out),
                         Ok(None) => break,
@@ -234,7 +268,7 @@ impl Conn {
                         }
                     }
                 }
-                if reading {
+                if reading && !more_lines {
                     let now = Instant::now();
                     last_input = now;
                     partial_since = match (lines.has_partial(), partial_since) {
@@ -259,6 +293,7 @@ impl Conn {
                 out.extend_from_slice(&line);
             }
             if !out.is_empty() {
+                self.peak_out = self.peak_out.max(out.len());
                 match tokio::time::timeout(settings.write_timeout, wr.write_all(&out)).await {
                     Ok(Ok(())) => out.clear(),
                     Ok(Err(_)) => return self.abort("write failed"),
@@ -267,6 +302,10 @@ impl Conn {
                 if out.capacity() > 64 * 1024 {
                     out = Vec::with_capacity(1024);
                 }
+            }
+            if more_lines {
+                // The rest of the buffered requests, before waiting for anything new.
+                continue;
             }
             if !reading && self.replies.is_none() && rx.is_closed() && rx.is_empty() {
                 return end;
@@ -354,7 +393,7 @@ impl Conn {
         &self,
         permit: OwnedSemaphorePermit,
         replies: mpsc::Sender<Vec<u8>>,
-        audit: Option<(Op, String)>,
+        audit: Option<(Op, String, Detail)>,
         work: impl std::future::Future<Output = Vec<u8>> + Send + 'static,
     ) {
         let cancel = self.requests.clone();
@@ -363,8 +402,8 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    if let Some((op, profile)) = audit {
-                        peer.audit(op, Some(&profile), "cancelled");
+                    if let Some((op, profile, detail)) = audit {
+                        peer.audit_with(op, Some(&profile), "cancelled", detail);
                     }
                 }
                 line = work => {
@@ -382,14 +421,13 @@ impl Conn {
                 let id = serde_json::from_slice::<protocol::IdOnly>(line)
                     .ok()
                     .and_then(|i| i.id);
-                let message = format!("invalid request: {err}");
-                return self.refuse(out, id, None, WireError::bad_request(message));
+                return self.refuse(out, id, None, WireError::invalid_json(&err));
             }
         };
         let request = match raw.validate() {
             Ok(request) => request,
             Err(err) => {
-                return self.refuse(out, err.id, None, WireError::new(err.code, err.message))
+                return self.refuse(out, err.id, None, WireError::new(err.code, err.message));
             }
         };
         let id = request.id;
@@ -433,18 +471,15 @@ impl Conn {
     }
 
     fn refresh_grants(&mut self) {
-        let generation = self
-            .state
-            .rules_generation
-            .load(std::sync::atomic::Ordering::Acquire);
-        if generation != self.rules_generation {
-            let (generation, rules) = self.state.rules();
-            self.grants = rules.grants(&self.peer.cred);
-            self.rules_generation = generation;
+        // The sender lives in `State`, which outlives every connection.
+        if self.rules.has_changed().unwrap_or(false) {
+            self.grants = self.rules.borrow_and_update().grants(&self.peer.cred);
         }
     }
 
-    /// Writes an error reply; audits it when it is a refusal of an op (`what` given).
+    /// Writes an error reply and audits it, within the agent-wide budget for refusal
+    /// records (`State::refusal_audit`), so that no client can flood the log: as a refused
+    /// op when `what` is given, else as a malformed request.
     fn refuse(
         &mut self,
         out: &mut Vec<u8>,
@@ -453,8 +488,15 @@ impl Conn {
         err: WireError,
     ) {
         self.state.counters.error(err.code);
-        self.refusals += 1;
-        if self.refusals <= AUDITED_REFUSALS {
+        if let Some(suppressed) = self.state.refusal_audit.admit(Instant::now()) {
+            if suppressed > 0 {
+                tracing::warn!(
+                    target: "audit",
+                    suppressed,
+                    "refused requests left out of the audit log (over its budget of {} a second)",
+                    super::RefusalAudit::PER_SEC
+                );
+            }
             match what {
                 Some((op, profile)) => self.peer.audit(op, profile, err.code.as_str()),
                 None => tracing::warn!(
@@ -463,7 +505,9 @@ impl Conn {
                     pid = self.peer.cred.pid.unwrap_or(0),
                     exe = self.peer.exe(),
                     result = err.code.as_str(),
-                    reason = %err.message,
+                    // Never Display: the message may echo (escaped) client input, and a
+                    // `&str` field is escaped by every formatter in use (text, JSON).
+                    reason = err.message.as_ref(),
                     "malformed request"
                 ),
             }
@@ -534,7 +578,7 @@ impl Conn {
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
         let audit_first = !std::mem::replace(&mut self.token_audited, true);
-        let audit = audit_first.then(|| (Op::Token, name.clone()));
+        let audit = audit_first.then(|| (Op::Token, name.clone(), Detail::None));
         self.spawn_request(permit, replies, audit, async move {
             let mut line = Vec::new();
             match tokens.token(min_ttl).await {
@@ -591,65 +635,72 @@ impl Conn {
             ));
             return self.refuse(out, Some(id), Some((Op::SignChallenge, Some(name))), err);
         }
-        let Some((permit, replies)) = self.begin_task(out, id, Op::SignChallenge, name) else {
-            return;
-        };
         let signer = profile.signer.clone();
         let key_id = profile.key_id.clone();
-        let name = name.to_owned();
-        let peer = Arc::clone(&self.peer);
-        let audit = Some((Op::SignChallenge, name.clone()));
-        self.spawn_request(permit, replies, audit, async move {
-            let mut line = Vec::new();
-            match signer.sign_challenge(&key_id, timestamp).await {
-                Ok(body) => {
-                    let result = protocol::SignChallengeResult {
-                        key_id: body.key_id,
-                        timestamp: body.timestamp,
-                        signature: body.signature,
-                    };
-                    write_ok(&mut line, id, None, &to_json(&result));
-                    peer.audit(Op::SignChallenge, Some(&name), "ok");
-                }
-                Err(err) => {
-                    tracing::warn!(profile = %name, error = %err, "sign_challenge failed");
-                    let wire = WireError::from_signer(&err);
-                    state.counters.error(wire.code);
-                    peer.audit(Op::SignChallenge, Some(&name), wire.code.as_str());
-                    write_err(&mut line, Some(id), &wire);
-                }
-            }
-            line
-        });
+        // Lazy: nothing is signed unless the task gets its in-flight permit.
+        let sign = async move {
+            let body = signer.sign_challenge(&key_id, timestamp).await?;
+            Ok(to_json(&protocol::SignChallengeResult {
+                key_id: body.key_id,
+                timestamp: body.timestamp,
+                signature: body.signature,
+            }))
+        };
+        let detail = Detail::Timestamp(timestamp);
+        self.spawn_signature(out, id, index, Op::SignChallenge, detail, sign);
     }
 
     fn stamp(&mut self, out: &mut Vec<u8>, id: u64, index: usize, payload: Cow<'_, str>) {
-        let name = self.profile(index).name.clone();
-        let Some((permit, replies)) = self.begin_task(out, id, Op::Stamp, &name) else {
-            return;
-        };
+        if !is_json_object(&payload) {
+            let name = self.profile(index).name.clone();
+            let err = WireError::new(
+                ErrorCode::Forbidden,
+                "`stamp` signs only Turnkey activity payloads, which are JSON objects; this \
+                 payload is not one, and the agent does not sign arbitrary data",
+            );
+            return self.refuse(out, Some(id), Some((Op::Stamp, Some(&name))), err);
+        }
+        let detail = Detail::PayloadSha256(jose::sha256(payload.as_bytes()));
         let payload = payload.into_owned();
         let signer = self.profile(index).signer.clone();
+        let sign = async move {
+            let stamp = signer.stamp(payload.as_bytes()).await?;
+            Ok(to_json(&protocol::StampResult { stamp }))
+        };
+        self.spawn_signature(out, id, index, Op::Stamp, detail, sign);
+    }
+
+    /// Runs a signature for the client (`sign_challenge`, `stamp`) as a task. `sign` yields
+    /// the `result` object. Every outcome is audit-logged with `detail`: `ok`, the error
+    /// code, or `cancelled` when the client left first.
+    fn spawn_signature(
+        &mut self,
+        out: &mut Vec<u8>,
+        id: u64,
+        index: usize,
+        op: Op,
+        detail: Detail,
+        sign: impl std::future::Future<Output = Result<Vec<u8>, SignerError>> + Send + 'static,
+    ) {
+        let name = self.profile(index).name.clone();
+        let Some((permit, replies)) = self.begin_task(out, id, op, &name) else {
+            return;
+        };
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
-        let audit = Some((Op::Stamp, name.clone()));
+        let audit = Some((op, name.clone(), detail));
         self.spawn_request(permit, replies, audit, async move {
             let mut line = Vec::new();
-            match signer.stamp(payload.as_bytes()).await {
-                Ok(stamp) => {
-                    write_ok(
-                        &mut line,
-                        id,
-                        None,
-                        &to_json(&protocol::StampResult { stamp }),
-                    );
-                    peer.audit(Op::Stamp, Some(&name), "ok");
+            match sign.await {
+                Ok(result) => {
+                    write_ok(&mut line, id, None, &result);
+                    peer.audit_with(op, Some(&name), "ok", detail);
                 }
                 Err(err) => {
-                    tracing::warn!(profile = %name, error = %err, "stamp failed");
+                    tracing::warn!(profile = %name, op = op.as_str(), error = %err, "signing failed");
                     let wire = WireError::from_signer(&err);
                     state.counters.error(wire.code);
-                    peer.audit(Op::Stamp, Some(&name), wire.code.as_str());
+                    peer.audit_with(op, Some(&name), wire.code.as_str(), detail);
                     write_err(&mut line, Some(id), &wire);
                 }
             }
@@ -665,9 +716,38 @@ impl Conn {
         let mut rx = self.profile(index).tokens.subscribe();
         let streams = self.streams.clone();
         let shutdown = self.shutdown.clone();
+        // As seen by this request's access check: any reload since is a change.
+        let mut rules = self.rules.clone();
+        let state = Arc::clone(&self.state);
+        let peer = Arc::clone(&self.peer);
         self.tracker.spawn(async move {
             let mut sent: Option<Arc<AccessToken>> = None;
+            let mut rules_changed = false;
+            let mut rules_open = true;
             loop {
+                // Before anything is sent: a reload may have withdrawn this stream.
+                if std::mem::take(&mut rules_changed) || rules.has_changed().unwrap_or(false) {
+                    let allowed = rules
+                        .borrow_and_update()
+                        .grants(&peer.cred)
+                        .allows(Op::Watch, Some(&name));
+                    if !allowed {
+                        let err = WireError::new(
+                            ErrorCode::Forbidden,
+                            format!(
+                                "permission denied by the agent: the access rules were reloaded \
+                                 and your user may no longer use `watch` on profile `{name}`; \
+                                 the stream ends"
+                            ),
+                        );
+                        state.counters.error(err.code);
+                        peer.audit(Op::Watch, Some(&name), err.code.as_str());
+                        let mut line = Vec::new();
+                        write_err(&mut line, Some(id), &err);
+                        let _ = replies.send(line).await;
+                        break;
+                    }
+                }
                 let latest = rx.borrow_and_update().clone();
                 if let Some(token) = latest {
                     let new = sent.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &token));
@@ -691,6 +771,11 @@ impl Conn {
                         }
                         break;
                     }
+                    // Never fails while `state` is held; if it did, stop listening to it.
+                    changed = rules.changed(), if rules_open => match changed {
+                        Ok(()) => rules_changed = true,
+                        Err(_) => rules_open = false,
+                    },
                     changed = rx.changed() => if changed.is_err() {
                         let mut line = Vec::new();
                         let err = WireError::new(
@@ -780,6 +865,14 @@ fn profile_status(p: &Profile) -> protocol::ProfileStatus {
             clock_offset_secs: tokens.clock_offset_secs,
         },
     }
+}
+
+/// True if `text` is one JSON object, as every Turnkey activity payload is. `stamp` signs
+/// nothing else: in particular not `{key_id}.{timestamp}`, whose signature would mint
+/// tokens for any time the client chose, outliving a revocation of its access.
+fn is_json_object(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
 }
 
 /// True if `token` stays valid for at least `min_ttl` (default: is valid at all).
@@ -894,6 +987,26 @@ mod tests {
         assert_eq!(v["id"], serde_json::Value::Null);
         assert_eq!(v["error"]["code"], "bad_request");
         assert_eq!(v["error"]["message"], "bad \"x\"\n");
+    }
+
+    #[test]
+    fn stamp_payloads_must_be_json_objects() {
+        for ok in [r#"{}"#, r#" {"type":"ACTIVITY","n":[1,{"a":null}]} "#] {
+            assert!(is_json_object(ok), "{ok}");
+        }
+        for bad in [
+            "0b6d2f8e-7c1a-4e3b-9a5d-000000000000.1999999999",
+            "x",
+            "",
+            "[1]",
+            "\"{}\"",
+            "{",
+            "{} {}",
+            "{}x",
+            r#"{"a":}"#,
+        ] {
+            assert!(!is_json_object(bad), "{bad}");
+        }
     }
 
     #[test]

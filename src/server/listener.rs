@@ -1,13 +1,15 @@
 //! The listening socket: created safely at the configured path, or taken over from systemd.
 //!
 //! Creating one ([`Listener::bind`]):
-//! 1. the parent directory must exist and must not be world-writable (anyone could replace
-//!    the socket there);
+//! 1. the parent directory must exist and must not be writable by anyone but the agent's
+//!    user and group: not world-writable, and group-writable only if its group is the
+//!    agent's own (effective) group. Whoever may write there could replace the socket;
 //! 2. an existing file at the path must be a socket nobody answers on (a stale one from a
 //!    crashed agent); if something answers, another agent is running and we refuse;
-//! 3. the socket is bound under a temporary name in the same directory, given its mode and
-//!    group, and only then renamed onto the path, so it is never reachable with looser
-//!    permissions than configured.
+//! 3. the socket is bound inside a fresh temporary directory (mode 0700) in the same
+//!    directory, given its mode and group there, and only then renamed onto the path: `bind`
+//!    creates the file with the process umask's permissions, and inside that directory
+//!    nobody else can reach it before its mode is set.
 //!
 //! A listener this process created removes its socket file when dropped, unless the file
 //! has been replaced since. A socket-activated listener ([`Listener::from_std`]) is never
@@ -54,6 +56,13 @@ pub enum ListenerError {
          (RuntimeDirectory=tm-agent)"
     )]
     WorldWritableDir { dir: PathBuf },
+    #[error(
+        "refusing to listen in {dir}: the directory is writable by group {gid}, which is not \
+         tm-agent's own group, so its members could replace the socket; remove the group's \
+         write permission (chmod g-w) or use a directory only tm-agent can write, e.g. \
+         /run/tm-agent (RuntimeDirectory=tm-agent)"
+    )]
+    GroupWritableDir { dir: PathBuf, gid: u32 },
     #[error(
         "socket directory {dir} does not exist: create it (systemd: RuntimeDirectory=tm-agent)"
     )]
@@ -116,6 +125,12 @@ impl Listener {
         if dir_meta.mode() & 0o002 != 0 {
             return Err(ListenerError::WorldWritableDir { dir });
         }
+        if dir_meta.mode() & 0o020 != 0 && effective_gid() != Some(dir_meta.gid()) {
+            return Err(ListenerError::GroupWritableDir {
+                dir,
+                gid: dir_meta.gid(),
+            });
+        }
         let gid = settings.group.as_deref().map(resolve_group).transpose()?;
         check_existing(path)?;
 
@@ -123,23 +138,26 @@ impl Listener {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "agent.sock".into());
-        let temp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-        let _ = std::fs::remove_file(&temp);
-        let std_listener =
-            std::os::unix::net::UnixListener::bind(&temp).map_err(io_err("cannot bind", &temp))?;
-        let finish = || -> Result<(), ListenerError> {
+        let temp_dir = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+        create_private_dir(&temp_dir)?;
+        let temp = temp_dir.join("socket");
+        let bound = (|| {
+            let listener = std::os::unix::net::UnixListener::bind(&temp)
+                .map_err(io_err("cannot bind", &temp))?;
             std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(settings.mode))
                 .map_err(io_err("cannot set the mode of", &temp))?;
             if let Some(gid) = gid {
                 std::os::unix::fs::chown(&temp, None, Some(gid))
                     .map_err(io_err("cannot change the group of", &temp))?;
             }
-            std::fs::rename(&temp, path).map_err(io_err("cannot move the socket onto", path))
-        };
-        if let Err(err) = finish() {
+            std::fs::rename(&temp, path).map_err(io_err("cannot move the socket onto", path))?;
+            Ok(listener)
+        })();
+        if bound.is_err() {
             let _ = std::fs::remove_file(&temp);
-            return Err(err);
         }
+        let _ = std::fs::remove_dir(&temp_dir);
+        let std_listener = bound?;
         let meta = std::fs::metadata(path).map_err(io_err("cannot inspect", path))?;
         std_listener
             .set_nonblocking(true)
@@ -193,6 +211,31 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// Creates `dir` with mode 0700 (less, under a stricter umask). A leftover of a crashed
+/// agent that had the same pid (common in containers) is removed first: only the agent's
+/// user and group can write in the parent, so it is ours.
+fn create_private_dir(dir: &Path) -> Result<(), ListenerError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let create = || std::fs::DirBuilder::new().mode(0o700).create(dir);
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let _ = std::fs::remove_file(dir.join("socket"));
+            std::fs::remove_dir(dir).map_err(io_err("cannot remove the leftover", dir))?;
+            create()
+        }
+        other => other,
+    }
+    .map_err(io_err("cannot create", dir))
+}
+
+/// The agent's effective gid, from `/proc/self/status` (this crate calls no libc directly).
+fn effective_gid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let gids = status.lines().find_map(|l| l.strip_prefix("Gid:"))?;
+    // real, effective, saved, filesystem
+    gids.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A group name or numeric gid → gid, from `/etc/group`.
@@ -287,6 +330,45 @@ mod tests {
 
         let err = Listener::bind(&settings(dir.path().join("missing/c.sock"))).unwrap_err();
         assert!(matches!(err, ListenerError::NoDir { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn group_writable_dir_only_of_the_agent_s_own_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = effective_gid().expect("/proc/self/status has our gids");
+        std::os::unix::fs::chown(dir.path(), None, Some(own)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o770)).unwrap();
+        let l = Listener::bind(&settings(dir.path().join("a.sock"))).unwrap();
+        drop(l);
+        let other = if own == 65534 { 65533 } else { 65534 };
+        if std::os::unix::fs::chown(dir.path(), None, Some(other)).is_ok() {
+            let err = Listener::bind(&settings(dir.path().join("b.sock"))).unwrap_err();
+            assert!(
+                matches!(err, ListenerError::GroupWritableDir { gid, .. } if gid == other),
+                "{err}"
+            );
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+            drop(Listener::bind(&settings(dir.path().join("c.sock"))).unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn binds_in_a_private_temporary_directory_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        // A leftover of a crashed agent with our pid.
+        let leftover = dir
+            .path()
+            .join(format!(".agent.sock.{}.tmp", std::process::id()));
+        std::fs::create_dir(&leftover).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(leftover.join("socket")).unwrap());
+        let _l = Listener::bind(&settings(path.clone())).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["agent.sock"]);
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o660);
     }
 
     #[tokio::test]

@@ -9,9 +9,11 @@
 //! and all the writing; requests that wait (`sign_challenge`, `stamp`, a `token` that needs a
 //! renewal, `watch`) run as their own tasks and hand their reply lines back to the
 //! connection task over a bounded channel. All tasks are tracked by one `TaskTracker`, so
-//! [`serve`] returns only after every connection has finished. The access rules sit behind
-//! a `RwLock<Arc<Rules>>` that is read (never held across `.await`) only when its generation
-//! counter changes; each connection caches what the rules grant its peer.
+//! [`serve`] returns only after every connection has finished. The access rules sit in a
+//! `tokio::sync::watch` channel: each connection caches what they grant its peer and
+//! re-reads them only when they changed (never holding the channel's lock across
+//! `.await`); each `watch` stream also wakes on a change and ends, with `forbidden`, when
+//! its peer lost access.
 
 mod conn;
 pub mod listener;
@@ -20,7 +22,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -216,6 +218,54 @@ impl Counters {
     }
 }
 
+/// The agent-wide budget for audit records of refused requests: a token bucket of
+/// [`RefusalAudit::BURST`] records refilled at [`RefusalAudit::PER_SEC`] a second. It is
+/// global, so a client cannot earn a fresh allowance by reconnecting. Refusals over the
+/// budget are counted, and the count is logged with the next record that is written.
+#[derive(Debug)]
+pub(crate) struct RefusalAudit {
+    bucket: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    suppressed: u64,
+}
+
+impl RefusalAudit {
+    pub(crate) const BURST: u32 = 100;
+    pub(crate) const PER_SEC: u32 = 10;
+
+    fn new(now: Instant) -> Self {
+        RefusalAudit {
+            bucket: Mutex::new(Bucket {
+                tokens: f64::from(Self::BURST),
+                refilled: now,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// May a refusal be audited at `now`? `Some(n)`: yes, and `n` refusals were left out
+    /// since the last record written; `None`: no (it is counted).
+    pub(crate) fn admit(&self, now: Instant) -> Option<u64> {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let earned =
+            now.saturating_duration_since(b.refilled).as_secs_f64() * f64::from(Self::PER_SEC);
+        b.tokens = (b.tokens + earned).min(f64::from(Self::BURST));
+        b.refilled = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Some(std::mem::take(&mut b.suppressed))
+        } else {
+            b.suppressed += 1;
+            None
+        }
+    }
+}
+
 struct ProfileEntry {
     profile: Profile,
     /// The `public_key` result, rendered once.
@@ -225,10 +275,11 @@ struct ProfileEntry {
 /// Everything the connections share: profiles, access rules, settings, counters.
 pub struct State {
     profiles: Vec<ProfileEntry>,
-    rules: RwLock<Arc<Rules>>,
-    rules_generation: AtomicU64,
+    /// The access rules in force; a reload sends new ones.
+    rules: watch::Sender<Arc<Rules>>,
     settings: ServerSettings,
     counters: Counters,
+    refusal_audit: RefusalAudit,
     started_at: SystemTime,
     started: Instant,
 }
@@ -274,28 +325,25 @@ impl State {
         }
         Ok(Arc::new(State {
             profiles: entries,
-            rules: RwLock::new(Arc::new(rules)),
-            rules_generation: AtomicU64::new(0),
+            rules: watch::Sender::new(Arc::new(rules)),
             settings,
             counters: Counters::default(),
+            refusal_audit: RefusalAudit::new(Instant::now()),
             started_at: SystemTime::now(),
             started: Instant::now(),
         }))
     }
 
     /// Replaces the access rules (SIGHUP). Connections pick them up at their next request;
-    /// `watch` streams already running are not re-checked.
+    /// running `watch` streams re-check at once and end with `forbidden` if their peer may
+    /// no longer watch that profile.
     pub fn reload_rules(&self, rules: Rules) {
-        let rules = Arc::new(rules);
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
-        self.rules_generation.fetch_add(1, Ordering::Release);
+        self.rules.send_replace(Arc::new(rules));
     }
 
-    /// The current rules and their generation.
-    fn rules(&self) -> (u64, Arc<Rules>) {
-        let generation = self.rules_generation.load(Ordering::Acquire);
-        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
-        (generation, rules)
+    /// The rules, with notice of every reload.
+    fn subscribe_rules(&self) -> watch::Receiver<Arc<Rules>> {
+        self.rules.subscribe()
     }
 
     /// The profiles, in configuration order.
@@ -394,4 +442,31 @@ pub async fn serve(
 fn is_transient_accept_error(err: &std::io::Error) -> bool {
     // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12)
     matches!(err.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_audit_is_a_token_bucket_that_reports_what_it_left_out() {
+        let t0 = Instant::now();
+        let budget = RefusalAudit::new(t0);
+        for _ in 0..RefusalAudit::BURST {
+            assert_eq!(budget.admit(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(budget.admit(t0), None);
+        }
+        // One record's worth of time later: one more, with the count of those left out.
+        let later = t0 + Duration::from_secs(1) / RefusalAudit::PER_SEC;
+        assert_eq!(budget.admit(later), Some(5));
+        assert_eq!(budget.admit(later), None);
+        // A long quiet spell refills up to the burst, no further.
+        let much_later = later + Duration::from_secs(3600);
+        for _ in 0..RefusalAudit::BURST {
+            assert_eq!(budget.admit(much_later).map(|_| ()), Some(()));
+        }
+        assert_eq!(budget.admit(much_later), None);
+    }
 }

@@ -113,12 +113,13 @@ fn hint_suffix(hint: &str) -> String {
 
 impl SignerError {
     /// The stable wire error code (see `proto/PROTOCOL.md`).
-    pub fn wire_code(&self) -> &'static str {
+    pub fn wire_code(&self) -> crate::protocol::ErrorCode {
+        use crate::protocol::ErrorCode;
         match self {
-            SignerError::Busy { .. } => "busy",
-            SignerError::Timeout(_) => "timeout",
-            SignerError::Unavailable(_) | SignerError::Closed => "unavailable",
-            _ => "signer_error",
+            SignerError::Busy { .. } => ErrorCode::Busy,
+            SignerError::Timeout(_) => ErrorCode::Timeout,
+            SignerError::Unavailable(_) | SignerError::Closed => ErrorCode::Unavailable,
+            _ => ErrorCode::SignerError,
         }
     }
 }

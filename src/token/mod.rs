@@ -84,10 +84,10 @@ pub enum TokenError {
 
 impl TokenError {
     /// The stable wire error code.
-    pub fn wire_code(&self) -> &'static str {
+    pub fn wire_code(&self) -> crate::protocol::ErrorCode {
         match self {
-            TokenError::Unavailable(_) => "unavailable",
-            TokenError::Timeout(_) => "timeout",
+            TokenError::Unavailable(_) => crate::protocol::ErrorCode::Unavailable,
+            TokenError::Timeout(_) => crate::protocol::ErrorCode::Timeout,
         }
     }
 }

@@ -339,7 +339,10 @@ async fn mints_at_start_then_refreshes_on_schedule_never_serving_expired() {
     cancel.cancel();
     let mut rx = m.subscribe();
     rx.wait_for(|t| t.is_none()).await.unwrap();
-    assert_eq!(m.token(None).await.unwrap_err().wire_code(), "unavailable");
+    assert_eq!(
+        m.token(None).await.unwrap_err().wire_code().as_str(),
+        "unavailable"
+    );
 }
 
 #[tokio::test]
@@ -398,7 +401,7 @@ async fn server_errors_back_off_then_recover() {
     // caller hears why at once.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let res = m.token(Some(Duration::from_millis(2600))).await;
-    assert_eq!(res.unwrap_err().wire_code(), "unavailable");
+    assert_eq!(res.unwrap_err().wire_code().as_str(), "unavailable");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let during = fake.n.refresh_calls.load(Ordering::SeqCst) - before;
     // 100 ms → 400 ms steps, full jitter: no hot loop in 1.2 s.
@@ -544,7 +547,7 @@ async fn renewal_waits_are_bounded_by_renew_timeout() {
     );
     let t0 = Instant::now();
     let err = m.token(None).await.unwrap_err();
-    assert_eq!(err.wire_code(), "timeout");
+    assert_eq!(err.wire_code().as_str(), "timeout");
     assert!(t0.elapsed() < Duration::from_secs(1));
 }
 

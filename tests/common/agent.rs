@@ -209,7 +209,7 @@ impl Default for AgentBuilder {
     fn default() -> Self {
         AgentBuilder {
             profiles: vec!["prod".into()],
-            rules: vec![root_rule("*", "*"), root_stamp_rule()],
+            rules: vec![root_rule("*", "*"), root_signing_rule()],
             settings: ServerSettings::default(),
             socket_mode: 0o660,
             dir_mode: 0o700,
@@ -230,8 +230,9 @@ pub fn root_rule(ops: &str, profiles: &str) -> AccessRule {
     toml::from_str(&text).unwrap()
 }
 
-fn root_stamp_rule() -> AccessRule {
-    root_rule("stamp", "*")
+/// `"*"` grants neither `sign_challenge` nor `stamp`: they must be named.
+fn root_signing_rule() -> AccessRule {
+    root_rule("sign_challenge,stamp", "*")
 }
 
 fn selector(s: &str) -> String {
