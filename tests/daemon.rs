@@ -971,7 +971,7 @@ fn secrets_never_reach_the_trace_log() {
     let socket = w.path("agent.sock");
     let mut config = w.config("agent.sock");
     config.log_level = "trace".into();
-    config.access = access_rule(uid(), &["*"]) + &access_rule(uid(), &["stamp"]);
+    config.access = access_rule(uid(), &["*"]) + &access_rule(uid(), &["sign_challenge", "stamp"]);
     let config = config.write(&w.path("config.toml"));
     let mut agent = start_agent(&w.hsm, &config, &socket, START);
     let mut watch = spawn_watch(&socket);

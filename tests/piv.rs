@@ -437,14 +437,14 @@ fn card_removed_mid_run_is_unavailable_then_signing_resumes() {
     card.remove();
     let err = block(handle.sign(b"while removed")).expect_err("no card");
     assert!(matches!(err, SignerError::Unavailable(_)), "{err:?}");
-    assert_eq!(err.wire_code(), "unavailable");
+    assert_eq!(err.wire_code().as_str(), "unavailable");
     assert!(matches!(
         *health.borrow(),
         tm_agent::signer::HealthState::Failing(_)
     ));
     // Within the back-off the card is not even asked.
     let err = block(handle.sign(b"still removed")).expect_err("no card");
-    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
 
     card.insert();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -458,7 +458,7 @@ fn card_removed_mid_run_is_unavailable_then_signing_resumes() {
                 break;
             }
             Err(e) => {
-                assert_eq!(e.wire_code(), "unavailable", "{e}");
+                assert_eq!(e.wire_code().as_str(), "unavailable", "{e}");
                 assert!(Instant::now() < deadline, "signing did not resume: {e}");
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -533,7 +533,7 @@ fn card_held_exclusively_is_unavailable_with_the_reason() {
         Err(e) => e,
         Ok(_) => panic!("opened a card held exclusively by another program"),
     };
-    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
     let text = err.to_string();
     assert!(text.contains("exclusively"), "{text}");
     assert!(text.contains("never stops other programs"), "{text}");
@@ -870,7 +870,7 @@ ca_file = "{ca}"
 
 [[access]]
 uid = {uid}
-ops = "*"
+ops = ["ping", "token", "sign_challenge", "status", "public_key"]
 profiles = "*"
 "#,
         socket = socket.display(),

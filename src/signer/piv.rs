@@ -1348,7 +1348,7 @@ mod tests {
                 inner: Some(pcsc::Error::SharingViolation),
             },
         );
-        assert_eq!(e.wire_code(), "unavailable");
+        assert_eq!(e.wire_code().as_str(), "unavailable");
         assert!(e.to_string().contains("exclusively"), "{e}");
         let e = card_error(
             "x",

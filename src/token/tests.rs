@@ -614,12 +614,15 @@ async fn a_panicking_worker_answers_unavailable_at_once() {
         .await
         .unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
     assert!(err.to_string().contains("internal error"), "{err}");
     assert!(m.subscribe().borrow().is_none(), "token not withdrawn");
     // Later callers, with or without min_ttl, too.
     let t0 = Instant::now();
-    assert_eq!(m.token(None).await.unwrap_err().wire_code(), "unavailable");
+    assert_eq!(
+        m.token(None).await.unwrap_err().wire_code().as_str(),
+        "unavailable"
+    );
     assert!(t0.elapsed() < Duration::from_millis(100));
     let st = m.status();
     assert_eq!(st.last_error_code.as_deref(), Some("internal"));
@@ -632,8 +635,11 @@ async fn a_panicking_worker_answers_unavailable_at_once() {
     let t0 = Instant::now();
     let err = m.wait_ready(Duration::from_secs(10)).await.unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    assert_eq!(err.wire_code(), "unavailable", "{err}");
-    assert_eq!(m.token(None).await.unwrap_err().wire_code(), "unavailable");
+    assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
+    assert_eq!(
+        m.token(None).await.unwrap_err().wire_code().as_str(),
+        "unavailable"
+    );
 }
 
 /// An orderly stop answers `unavailable` to a caller already waiting for a renewal.
@@ -660,9 +666,12 @@ async fn cancellation_wakes_waiting_callers() {
     let t0 = Instant::now();
     cancel.cancel();
     let err = waiter.await.unwrap().unwrap_err();
-    assert_eq!(err.wire_code(), "unavailable");
+    assert_eq!(err.wire_code().as_str(), "unavailable");
     assert!(err.to_string().contains("stopped"), "{err}");
-    assert_eq!(ready.await.unwrap().unwrap_err().wire_code(), "unavailable");
+    assert_eq!(
+        ready.await.unwrap().unwrap_err().wire_code().as_str(),
+        "unavailable"
+    );
     assert!(t0.elapsed() < Duration::from_secs(1));
 }
 
@@ -674,7 +683,7 @@ async fn an_absurd_exp_is_an_invalid_token_not_a_dead_worker() {
     fake.with(|s| s.exp_claim = Some(serde_json::json!(1e300)));
     let (m, _cancel) = start(&fake, settings());
     let err = m.wait_ready(Duration::from_millis(500)).await.unwrap_err();
-    assert_eq!(err.wire_code(), "unavailable", "{err}");
+    assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
     let st = m.status();
     assert_eq!(st.last_error_code.as_deref(), Some("invalid_token"));
     assert!(st.last_error.unwrap().contains("exp"));

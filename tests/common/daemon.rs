@@ -166,7 +166,7 @@ impl AgentConfig {
             log_level: "debug".into(),
             agent_extra: String::new(),
             profile_extra: "backoff_min_secs = 0.2\nbackoff_max_secs = 1\n".into(),
-            access: access_rule(uid(), &["*"]) + &access_rule(uid(), &["stamp"]),
+            access: access_rule(uid(), &["*"]) + &access_rule(uid(), &["sign_challenge", "stamp"]),
         }
     }
 
@@ -225,7 +225,7 @@ request_timeout_secs = 5
 }
 
 /// An `[[access]]` table granting `ops` on every profile to `uid` (`["*"]`: every op but
-/// `stamp`).
+/// `sign_challenge` and `stamp`).
 pub fn access_rule(uid: u32, ops: &[&str]) -> String {
     let ops = if ops == ["*"] {
         "\"*\"".to_string()
