@@ -281,22 +281,82 @@ fn wrong_pin_is_tried_exactly_once_and_does_not_lock() {
         assert!(info.user_pin_count_low(), "SoftHSM marks the failed login");
         assert!(!info.user_pin_locked());
 
-        let h = handle(&good, 2);
-        assert_eq!(pkcs11::login_attempts() - before, 2);
+        // The token refused a PIN: this process sends it no other, not even another
+        // key's (the backend cannot tell a good PIN from the next wrong one).
+        let err = open_err(&good);
+        assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        assert_eq!(pkcs11::login_attempts() - before, 1);
+
+        // The good PIN does work (independent path), and clears the flag.
+        let session = ctx.open_ro_session(raw_slot(&ctx, &hsm.label)).unwrap();
+        raw_login(&session);
         let info = ctx.get_token_info(raw_slot(&ctx, &hsm.label)).unwrap();
         assert!(!info.user_pin_count_low(), "a good login clears the flag");
-        runtime().block_on(h.sign(b"still works")).unwrap();
     });
 }
 
+/// Two keys on one token, opened with a wrong PIN at the same time (as the daemon opens its
+/// keys), then again one after the other, then key management: the token sees one wrong
+/// PIN in all, not one per key, per session or per call.
+#[test]
+fn keys_on_one_token_send_one_wrong_pin_between_them() {
+    isolated("keys_on_one_token_send_one_wrong_pin_between_them", |hsm| {
+        let good_a = hsm.settings(Some("a"));
+        let good_b = hsm.settings(Some("b"));
+        pkcs11::generate(&good_a, "a", None).unwrap();
+        pkcs11::generate(&good_b, "b", None).unwrap();
+        let wrong = |good: &Pkcs11Settings| {
+            let mut s = good.clone();
+            s.pin = PinSource::File(hsm.wrong_pin_file.clone());
+            s.sessions = 2;
+            s
+        };
+        let (wrong_a, wrong_b) = (wrong(&good_a), wrong(&good_b));
+
+        let before = pkcs11::login_attempts();
+        let (err_a, err_b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| open_err(&wrong_a));
+            let b = scope.spawn(|| open_err(&wrong_b));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        for err in [err_a, err_b, open_err(&wrong_a), open_err(&wrong_b)] {
+            assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        }
+        let err = pkcs11::list(&wrong_b).unwrap_err();
+        assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        let err = pkcs11::generate(&wrong_a, "c", None).unwrap_err();
+        assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        assert_eq!(
+            pkcs11::login_attempts() - before,
+            1,
+            "one C_Login for two keys, four sessions and two key-management calls"
+        );
+
+        // What the token saw. SoftHSM has no retry counter: it sets COUNT_LOW on any
+        // failure and never sets FINAL_TRY or locks, so its flags cannot tell one
+        // failure from several; the login counter above is the evidence.
+        let ctx = raw_ctx();
+        let info = ctx.get_token_info(raw_slot(&ctx, &hsm.label)).unwrap();
+        assert!(info.user_pin_count_low());
+        assert!(!info.user_pin_final_try());
+        assert!(!info.user_pin_locked());
+    });
+}
+
+/// Two keys on the token lose their login to a PIN change: their recoveries send the
+/// (now wrong) PIN once between them, and never again.
 #[test]
 fn pin_refused_during_recovery_is_never_retried() {
     isolated("pin_refused_during_recovery_is_never_retried", |hsm| {
         let settings = hsm.settings(Some("k"));
         pkcs11::generate(&settings, "k", None).unwrap();
+        let other = hsm.settings(Some("other"));
+        pkcs11::generate(&other, "other", None).unwrap();
         let h = handle(&settings, 2);
+        let h2 = handle(&other, 1);
         let rt = runtime();
         rt.block_on(h.sign(b"before")).unwrap();
+        rt.block_on(h2.sign(b"before")).unwrap();
 
         // Change the PIN under the agent, then log everyone out: the agent's re-login
         // with its (now wrong) PIN must happen once, and never again.
@@ -310,8 +370,10 @@ fn pin_refused_during_recovery_is_never_retried() {
 
         let before = pkcs11::login_attempts();
         for _ in 0..6 {
-            let err = rt.block_on(h.sign(b"after")).unwrap_err();
-            assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+            for h in [&h, &h2] {
+                let err = rt.block_on(h.sign(b"after")).unwrap_err();
+                assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+            }
         }
         assert_eq!(pkcs11::login_attempts() - before, 1);
     });

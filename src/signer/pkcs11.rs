@@ -11,9 +11,13 @@
 //! - recovery: a worker whose session, login, key handle or token is lost reopens what is
 //!   needed (re-finding the token by label, logging in again, re-initializing the module if
 //!   the token vanished) and retries once; after that it backs off exponentially, refusing
-//!   fast with `Unavailable` until the back-off has passed. A wrong or locked PIN is never
-//!   retried: the fault is remembered and every later request fails with it, without `C_Login`;
-//!   and no login is attempted when the token reports `CKF_USER_PIN_FINAL_TRY` (or locked);
+//!   fast with `Unavailable` until the back-off has passed;
+//! - PIN faults, per token and module, shared by every key and key-management call: a PIN
+//!   the token refused (wrong, locked, expired, user PIN not initialized) is never tried
+//!   again in this process: every later login on that token fails with the fault, without
+//!   `C_Login`. No login is attempted when the token reports `CKF_USER_PIN_FINAL_TRY` (or
+//!   locked). The check and the `C_Login` happen under the module's login lock, so keys
+//!   opened or recovering in parallel send at most one wrong PIN per token;
 //! - the key management functions behind `tm-agent key`: [`generate`], [`import`], [`list`],
 //!   [`public`].
 //!
@@ -25,7 +29,8 @@
 //! under another thread's call and a session number the module hands out again is taken
 //! away from its previous (dead) holder before that holder can use it: two threads never
 //! share a session. Lock order: key recovery mutex, then module state lock, then module
-//! login mutex; no lock is held across a wait for another key's lock. Everything here
+//! login mutex; the module's `pin_faults` and a key's `token` and `pin` mutexes are taken
+//! last and briefly. No lock is held across a wait for another key's lock. Everything here
 //! blocks: never call it on the async runtime.
 //!
 //! What SoftHSM 2.6 does when its token directory disappears (measured, see
@@ -48,7 +53,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
-use cryptoki::slot::Slot;
+use cryptoki::slot::{Slot, TokenInfo};
 use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 use secrecy::SecretString;
@@ -463,6 +468,9 @@ struct Module {
     /// Serializes "am I logged in? if not, C_Login" so that one process never sends two
     /// logins for one token at once (a wrong PIN would be tried twice).
     login: Mutex<()>,
+    /// PIN faults by token ([`token_key`]): a token that refused a PIN gets no other
+    /// `C_Login` from this process. Read and written under `login`.
+    pin_faults: Mutex<HashMap<String, PinFault>>,
 }
 
 struct ModuleState {
@@ -543,6 +551,7 @@ impl Module {
                 handles: HashMap::new(),
             }),
             login: Mutex::new(()),
+            pin_faults: Mutex::new(HashMap::new()),
         });
         registry.insert(canonical, Arc::clone(&module));
         Ok(module)
@@ -649,45 +658,77 @@ fn find_token(ctx: &Pkcs11, settings: &Pkcs11Settings) -> Result<Slot, Trouble> 
     }
 }
 
+/// The name under which a token's PIN faults are remembered: its serial number, or its
+/// label when it has no serial.
+fn token_key(info: &TokenInfo) -> String {
+    let serial = info.serial_number().trim();
+    if serial.is_empty() {
+        format!("label {:?}", info.label().trim())
+    } else {
+        format!("serial {serial}")
+    }
+}
+
 /// Logs the user in on `session` unless this process already is (login state is per token
-/// per process). At most one `C_Login`; a wrong PIN is reported with the token's tries hint.
+/// per process), after noting the session's token ([`token_key`]) in `token_of_key`.
+///
+/// Under the module's login lock: a token with a PIN fault gets no `C_Login` (the fault is
+/// returned); a PIN the token refuses (wrong, locked, expired, not initialized) becomes the
+/// token's PIN fault. So every key and key-management call of the process together send at
+/// most one refused PIN per token. A wrong PIN is reported with the token's tries hint.
 fn ensure_login(
     module: &Module,
     session: &Session,
     pin: &Mutex<Option<SecretString>>,
+    token_of_key: &Mutex<Option<String>>,
     settings: &Pkcs11Settings,
 ) -> Result<(), Trouble> {
     let _serial = lock(&module.login);
     let info = session.get_session_info()?;
+    let token = module.ctx.get_token_info(info.slot_id())?;
+    let key = token_key(&token);
+    *lock(token_of_key) = Some(key.clone());
     if matches!(
         info.session_state(),
         SessionState::RoUser | SessionState::RwUser
-    ) {
+    ) || !token.login_required()
+    {
         return Ok(());
     }
-    let token = module.ctx.get_token_info(info.slot_id())?;
-    if !token.login_required() {
-        return Ok(());
+    if let Some(fault) = lock(&module.pin_faults).get(&key) {
+        return Err(Trouble::Other(fault.error()));
     }
+    let refuse = |fault: PinFault| {
+        // The PIN is of no more use: forget it.
+        *lock(pin) = None;
+        let error = fault.error();
+        lock(&module.pin_faults).insert(key.clone(), fault);
+        Trouble::Other(error)
+    };
     if token.user_pin_locked() {
-        return Err(Trouble::Other(SignerError::PinLocked));
+        return Err(refuse(PinFault::Locked));
     }
     if token.user_pin_final_try() {
-        return Err(Trouble::Other(SignerError::Open(format!(
+        // Not remembered: no PIN was refused, and once a person resets the counter the
+        // next attempt may log in.
+        return Err(Trouble::Other(SignerError::PinUnusable(format!(
             "{} reports that one PIN try is left: tm-agent will not risk locking it; check the \
              PIN by hand (e.g. pkcs11-tool --login --test), which resets the counter, then retry",
             settings.token_description()
         ))));
     }
-    let mut cached = lock(pin);
-    if cached.is_none() {
-        *cached = Some(pin::read_pin(&settings.pin, &settings.pin_prompt())?);
-    }
-    let pin = cached
-        .as_ref()
-        .ok_or_else(|| SignerError::Open("the PIN could not be read".into()))?;
-    LOGIN_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
-    match session.login(UserType::User, Some(pin)) {
+    let outcome = {
+        let mut cached = lock(pin);
+        if cached.is_none() {
+            *cached = Some(pin::read_pin(&settings.pin, &settings.pin_prompt())?);
+        }
+        let pin = cached
+            .as_ref()
+            .ok_or_else(|| SignerError::Open("the PIN could not be read".into()))?;
+        LOGIN_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
+        session.login(UserType::User, Some(pin))
+    };
+    match outcome {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(CkError::Pkcs11(
             RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
@@ -695,7 +736,7 @@ fn ensure_login(
         )) => {
             let after = module.ctx.get_token_info(info.slot_id()).ok();
             if after.as_ref().is_some_and(|t| t.user_pin_locked()) {
-                return Err(Trouble::Other(SignerError::PinLocked));
+                return Err(refuse(PinFault::Locked));
             }
             let tries_left = after
                 .as_ref()
@@ -707,7 +748,16 @@ fn ensure_login(
                      PIN source before anything tries again"
                 );
             }
-            Err(Trouble::Other(SignerError::WrongPin { tries_left }))
+            Err(refuse(PinFault::Wrong(tries_left)))
+        }
+        Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(refuse(PinFault::Locked)),
+        Err(CkError::Pkcs11(rv @ (RvError::PinExpired | RvError::UserPinNotInitialized), _)) => {
+            Err(refuse(PinFault::Unusable(format!(
+                "{}: C_Login answered {}: {}; tm-agent will not try it again before a restart",
+                settings.token_description(),
+                rv_name(rv),
+                rv_hint(rv)
+            ))))
         }
         Err(e) => Err(e.into()),
     }
@@ -954,6 +1004,9 @@ struct KeyShared {
     public_key: OnceLock<VerifyingKey>,
     /// The PIN, read once from its source, kept for logging in again after a recovery.
     pin: Mutex<Option<SecretString>>,
+    /// The [`token_key`] of the key's token, noted at every login check: where to look for
+    /// the token's PIN fault.
+    token: Mutex<Option<String>>,
     recovery: Mutex<Recovery>,
 }
 
@@ -963,21 +1016,26 @@ struct Recovery {
     failures: u32,
     last_attempt: Option<Instant>,
     last_error: String,
-    /// A PIN the token refused: never tried again in this process.
-    pin_fault: Option<PinFault>,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Why a token gets no more `C_Login` from this process.
+#[derive(Debug, Clone)]
 enum PinFault {
+    /// `CKR_PIN_INCORRECT` (or invalid, or the wrong length), with the token's tries hint.
     Wrong(Option<u32>),
     Locked,
+    /// `CKR_PIN_EXPIRED`, `CKR_USER_PIN_NOT_INITIALIZED`: the message says what to do.
+    Unusable(String),
 }
 
 impl PinFault {
-    fn error(self) -> SignerError {
+    fn error(&self) -> SignerError {
         match self {
-            PinFault::Wrong(tries_left) => SignerError::WrongPin { tries_left },
+            PinFault::Wrong(tries_left) => SignerError::WrongPin {
+                tries_left: *tries_left,
+            },
             PinFault::Locked => SignerError::PinLocked,
+            PinFault::Unusable(reason) => SignerError::PinUnusable(reason.clone()),
         }
     }
 }
@@ -1061,7 +1119,13 @@ impl KeyShared {
     }
 
     fn connect_in(&self, session: &Session) -> Result<ObjectHandle, Trouble> {
-        ensure_login(&self.module, session, &self.pin, &self.settings)?;
+        ensure_login(
+            &self.module,
+            session,
+            &self.pin,
+            &self.token,
+            &self.settings,
+        )?;
         let key = find_private_key(session, &self.settings)?;
         let public = key_public(session, key)?;
         let expected = self.public_key.get_or_init(|| public);
@@ -1143,6 +1207,12 @@ impl KeyShared {
         }
     }
 
+    /// The PIN fault of the key's token, if it has one.
+    fn pin_fault(&self) -> Option<PinFault> {
+        let token = lock(&self.token).clone()?;
+        lock(&self.module.pin_faults).get(&token).cloned()
+    }
+
     /// Counts a failure and returns the error to report, with the time of the next attempt.
     fn record_failure(&self, error: &SignerError) -> SignerError {
         let mut rec = lock(&self.recovery);
@@ -1198,7 +1268,7 @@ impl Pkcs11Signer {
         let shared = Arc::clone(&self.shared);
         let mut rec = lock(&shared.recovery);
         let old = self.conn.take();
-        if let Some(pin_fault) = rec.pin_fault {
+        if let Some(pin_fault) = shared.pin_fault() {
             if let Some(conn) = old {
                 shared.discard(conn, fault);
             }
@@ -1228,13 +1298,6 @@ impl Pkcs11Signer {
                 Ok(())
             }
             Err(error) => {
-                match &error {
-                    SignerError::WrongPin { tries_left } => {
-                        rec.pin_fault = Some(PinFault::Wrong(*tries_left));
-                    }
-                    SignerError::PinLocked => rec.pin_fault = Some(PinFault::Locked),
-                    _ => {}
-                }
                 rec.failures = rec.failures.saturating_add(1);
                 rec.last_error = shared.describe(&error);
                 // Next time start from the top of the ladder.
@@ -1251,6 +1314,7 @@ impl Pkcs11Signer {
                 Err(match error {
                     e @ (SignerError::WrongPin { .. }
                     | SignerError::PinLocked
+                    | SignerError::PinUnusable(_)
                     | SignerError::Pin(_)
                     | SignerError::NotP256(_)
                     | SignerError::SelfTest(_)) => e,
@@ -1346,6 +1410,7 @@ pub fn open(
         location: settings.location(),
         public_key: OnceLock::new(),
         pin: Mutex::new(None),
+        token: Mutex::new(None),
         recovery: Mutex::new(Recovery::default()),
     });
     let mut signers: Vec<Box<dyn Signer>> = Vec::with_capacity(count);
@@ -1408,11 +1473,19 @@ struct Admin<'a> {
     settings: &'a Pkcs11Settings,
     session: Session,
     pin: Mutex<Option<SecretString>>,
+    token: Mutex<Option<String>>,
 }
 
 impl Admin<'_> {
+    /// Logs in unless logged in; shares the module's PIN faults with the signing keys.
     fn login(&self) -> Result<(), Trouble> {
-        ensure_login(self.module, &self.session, &self.pin, self.settings)
+        ensure_login(
+            self.module,
+            &self.session,
+            &self.pin,
+            &self.token,
+            self.settings,
+        )
     }
 }
 
@@ -1434,6 +1507,7 @@ fn with_admin<T>(
         settings,
         session,
         pin: Mutex::new(None),
+        token: Mutex::new(None),
     };
     f(&admin).map_err(Trouble::into_error)
 }
@@ -1849,10 +1923,26 @@ mod tests {
         for rv in [
             RvError::PinIncorrect,
             RvError::PinLocked,
+            RvError::PinExpired,
+            RvError::UserPinNotInitialized,
             RvError::MechanismInvalid,
         ] {
             assert_eq!(Fault::of(rv), Fault::Fatal, "{rv:?} must not be retried");
         }
+    }
+
+    #[test]
+    fn pin_faults_are_pin_errors() {
+        assert!(matches!(
+            PinFault::Wrong(Some(1)).error(),
+            SignerError::WrongPin {
+                tries_left: Some(1)
+            }
+        ));
+        assert!(matches!(PinFault::Locked.error(), SignerError::PinLocked));
+        let err = PinFault::Unusable("the user PIN has expired".into()).error();
+        assert!(matches!(err, SignerError::PinUnusable(_)));
+        assert!(err.to_string().contains("expired"), "{err}");
     }
 
     #[test]
