@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -578,7 +579,13 @@ fn token_removal_is_unavailable_then_recovered_by_the_same_handle() {
             assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
 
             std::fs::rename(&away, &token_dir).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
+            // SoftHSM lists the token again only after the module is re-initialized, which
+            // happens at most once per REINIT_INTERVAL_MIN (counted from loading the module),
+            // and the worker is then in a back-off of up to BACKOFF_MAX.
+            let deadline = Instant::now()
+                + pkcs11::REINIT_INTERVAL_MIN
+                + pkcs11::BACKOFF_MAX
+                + Duration::from_secs(10);
             loop {
                 match rt.block_on(h.sign(b"back")) {
                     Ok(sig) => {
@@ -736,6 +743,78 @@ fn public_key_needs_no_pin_when_the_label_names_it() {
         let err = pkcs11::public(&no_pin).unwrap_err();
         assert!(matches!(err, SignerError::Pin(_)), "{err}");
     });
+}
+
+fn token_dirs(hsm: &SoftHsm) -> Vec<PathBuf> {
+    std::fs::read_dir(&hsm.tokendir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// One token of two vanishes: its key fails (and keeps trying) while the key on the other
+/// token of the same module keeps signing undisturbed: the module is not re-initialized
+/// under it, so it never even logs in again.
+#[test]
+fn a_missing_token_does_not_disturb_a_key_on_another_token() {
+    isolated(
+        "a_missing_token_does_not_disturb_a_key_on_another_token",
+        |hsm| {
+            // Before the module is loaded in this process: SoftHSM reads tokens at C_Initialize.
+            let before = token_dirs(hsm);
+            hsm.add_token("second");
+            let second_dir = token_dirs(hsm)
+                .into_iter()
+                .find(|d| !before.contains(d))
+                .expect("the second token's directory");
+            let healthy = hsm.settings(Some("a"));
+            let mut missing = hsm.settings(Some("b"));
+            missing.token_label = Some("second".into());
+            pkcs11::generate(&healthy, "a", None).unwrap();
+            pkcs11::generate(&missing, "b", None).unwrap();
+            let ha = handle(&healthy, 2);
+            let hb = handle(&missing, 1);
+            let rt = runtime();
+            rt.block_on(ha.sign(b"a")).unwrap();
+            rt.block_on(hb.sign(b"b")).unwrap();
+            let logins = pkcs11::login_attempts();
+
+            std::fs::rename(&second_dir, hsm.root.join("second-moved-away")).unwrap();
+            // Long enough for several recovery attempts of the missing key (back-off 250,
+            // 500, 1000 ms), as the daemon's watchdog probes would drive them.
+            let until = Instant::now() + pkcs11::BACKOFF_INITIAL * 8;
+            let mut failures = Vec::new();
+            let mut signed = 0;
+            while Instant::now() < until {
+                match rt.block_on(hb.sign(b"b")) {
+                    Ok(_) => panic!("signed without its token"),
+                    Err(e) => failures.push(e),
+                }
+                for i in 0..4 {
+                    let msg = format!("a {signed} {i}");
+                    let sig = rt
+                        .block_on(ha.sign(msg.as_bytes()))
+                        .expect("the healthy key signs");
+                    ha.public_key().verify(msg.as_bytes(), &sig).unwrap();
+                }
+                signed += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(signed > 10);
+            for err in &failures {
+                assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
+            }
+            assert_eq!(ha.health().errors, 0);
+            assert_eq!(
+                pkcs11::login_attempts(),
+                logins,
+                "the healthy key never lost its login"
+            );
+            let first = failures[0].to_string();
+            assert!(first.contains("re-initialized"), "{first}");
+        },
+    );
 }
 
 /// Keeps `SoftHsm` and `hsm.module()` in use for the compiler in this binary.

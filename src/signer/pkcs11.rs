@@ -10,8 +10,10 @@
 //!   computed on the host and signed with `CKM_ECDSA` (SoftHSM 2.6 has no `CKM_ECDSA_SHA256`);
 //! - recovery: a worker whose session, login, key handle or token is lost reopens what is
 //!   needed (re-finding the token by label, logging in again, re-initializing the module if
-//!   the token vanished) and retries once; after that it backs off exponentially, refusing
-//!   fast with `Unavailable` until the back-off has passed;
+//!   the token cannot be found) and retries once; after that it backs off exponentially,
+//!   refusing fast with `Unavailable` until the back-off has passed. Re-initializing kills
+//!   the sessions of every key on the module, so it happens only after the token was looked
+//!   for and not found, and at most once per [`REINIT_INTERVAL_MIN`] per module;
 //! - PIN faults, per token and module, shared by every key and key-management call: a PIN
 //!   the token refused (wrong, locked, expired, user PIN not initialized) is never tried
 //!   again in this process: every later login on that token fails with the fault, without
@@ -81,6 +83,10 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 
 /// Longest back-off between two recovery attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Shortest time between two (re-)initializations of one module: a re-initialization
+/// closes the sessions of every key on the module, healthy ones included.
+pub const REINIT_INTERVAL_MIN: Duration = BACKOFF_MAX;
 
 /// Message signed to check a freshly generated or imported key.
 const PROBE_MESSAGE: &[u8] = b"tm-agent pkcs11 key check";
@@ -484,6 +490,9 @@ struct ModuleState {
     /// again, so two workers never share a session after sessions were closed under us
     /// (modules are not required to survive two threads in one session).
     handles: HashMap<u64, Arc<AtomicBool>>,
+    /// When the module was last initialized (first load or re-initialization): the next
+    /// re-initialization waits until [`REINIT_INTERVAL_MIN`] after it.
+    last_init: Instant,
 }
 
 impl ModuleState {
@@ -549,6 +558,7 @@ impl Module {
                 generation: 0,
                 initialized: true,
                 handles: HashMap::new(),
+                last_init: Instant::now(),
             }),
             login: Mutex::new(()),
             pin_faults: Mutex::new(HashMap::new()),
@@ -565,6 +575,7 @@ impl Module {
         if !state.initialized {
             initialize(&self.ctx, &self.path)?;
             state.initialized = true;
+            state.last_init = Instant::now();
         }
         Ok(state)
     }
@@ -573,14 +584,21 @@ impl Module {
         read_lock(&self.state).generation
     }
 
-    /// `C_Finalize` + `C_Initialize`, unless someone already did it since `seen_generation`.
-    /// Waits for every in-flight call (they hold the read lock).
-    fn reinit(&self, seen_generation: u64) -> Result<(), SignerError> {
+    /// `C_Finalize` + `C_Initialize`, unless someone already did it since `seen_generation`,
+    /// or the module was (re-)initialized less than [`REINIT_INTERVAL_MIN`] ago: every
+    /// session of every key on the module dies with it. `finalized`: the module answered
+    /// `CKR_CRYPTOKI_NOT_INITIALIZED`, so there are no sessions left to spare and the
+    /// interval does not apply. Waits for every in-flight call (they hold the read lock).
+    fn reinit(&self, seen_generation: u64, finalized: bool) -> Result<Reinit, SignerError> {
         let mut state = write_lock(&self.state);
         if state.initialized && state.generation != seen_generation {
-            return Ok(());
+            return Ok(Reinit::Done);
         }
         if state.initialized {
+            let since = state.last_init.elapsed();
+            if since < REINIT_INTERVAL_MIN && !finalized {
+                return Ok(Reinit::Throttled(REINIT_INTERVAL_MIN - since));
+            }
             if let Err(e) = self.ctx.clone().finalize() {
                 tracing::warn!(module = %self.path.display(), error = %e, "C_Finalize failed");
             }
@@ -594,10 +612,19 @@ impl Module {
             generation = state.generation,
             "re-initializing the PKCS#11 module (C_Finalize + C_Initialize) to find the token again"
         );
+        state.last_init = Instant::now();
         initialize(&self.ctx, &self.path)?;
         state.initialized = true;
-        Ok(())
+        Ok(Reinit::Done)
     }
+}
+
+/// What [`Module::reinit`] did.
+enum Reinit {
+    /// The module is initialized on a newer generation than the caller saw.
+    Done,
+    /// Too soon after the last (re-)initialization: nothing done; allowed after this long.
+    Throttled(Duration),
 }
 
 fn initialize(ctx: &Pkcs11, path: &Path) -> Result<(), SignerError> {
@@ -1155,22 +1182,16 @@ impl KeyShared {
     /// Reconnects after `fault`, climbing a ladder: reuse the old session when it should be
     /// alive (login or key handle lost), else a fresh session; a fresh session again if the
     /// one tried died meanwhile (sessions closed under us while we reconnect); re-initialize
-    /// the module when the token is in trouble or cannot be found (at most once).
+    /// the module when the token (or the key) cannot be found or the module is in trouble,
+    /// at most once, and not within [`REINIT_INTERVAL_MIN`] of the module's last
+    /// (re-)initialization: every other key on the module would lose its sessions too.
     fn reconnect(&self, old: Option<Conn>, fault: Fault) -> Result<Conn, SignerError> {
-        let seen = old
-            .as_ref()
-            .map(|c| c.generation)
-            .unwrap_or_else(|| self.module.generation());
         let mut reuse = match fault {
             Fault::NotLoggedIn | Fault::KeyGone => old,
             // A dead handle is forgotten, neither used nor closed.
             _ => None,
         };
         let mut reinitialized = false;
-        if fault == Fault::TokenGone {
-            self.module.reinit(seen)?;
-            reinitialized = true;
-        }
         let mut fresh_sessions_lost = 0;
         loop {
             let generation = self.module.generation();
@@ -1186,9 +1207,25 @@ impl KeyShared {
                     fresh_sessions_lost += 1;
                 }
                 Fault::TokenGone | Fault::KeyGone if !reinitialized => {
-                    tracing::debug!(key = %self.location, error = %trouble_text(&trouble), "reconnect failed; re-initializing the module");
-                    self.module.reinit(generation)?;
-                    reinitialized = true;
+                    let finalized = matches!(
+                        trouble,
+                        Trouble::Ck(CkError::Pkcs11(RvError::CryptokiNotInitialized, _))
+                    );
+                    match self.module.reinit(generation, finalized)? {
+                        Reinit::Done => {
+                            tracing::debug!(key = %self.location, error = %trouble_text(&trouble), "reconnect failed; the module was re-initialized");
+                            reinitialized = true;
+                        }
+                        Reinit::Throttled(wait) => {
+                            let error = trouble.into_error();
+                            return Err(SignerError::Unavailable(format!(
+                                "{}; the PKCS#11 module is re-initialized to look for the \
+                                 token and key again in {} s at the earliest",
+                                self.describe(&error),
+                                wait.as_secs().max(1)
+                            )));
+                        }
+                    }
                 }
                 _ => return Err(trouble.into_error()),
             }
