@@ -817,6 +817,59 @@ fn a_missing_token_does_not_disturb_a_key_on_another_token() {
     );
 }
 
+/// A session left with an operation active (`CKR_OPERATION_ACTIVE`) is closed, not just
+/// forgotten, and the request is served from a new session.
+#[test]
+fn a_busy_session_is_closed_and_replaced() {
+    isolated("a_busy_session_is_closed_and_replaced", |hsm| {
+        let settings = hsm.settings(Some("k"));
+        pkcs11::generate(&settings, "k", None).unwrap();
+        let h = handle(&settings, 1);
+        let rt = runtime();
+        rt.block_on(h.sign(b"before")).unwrap();
+
+        let ctx = raw_ctx();
+        let slot = raw_slot(&ctx, &hsm.label);
+        let ours = ctx.open_ro_session(slot).unwrap();
+        let count = |ctx: &Pkcs11| ctx.get_token_info(slot).unwrap().session_count();
+        let sessions_before = count(&ctx);
+        // SAFETY: the same already loaded and initialized library; C_GetSessionInfo gets a
+        // valid out pointer, C_FindObjectsInit an empty template. The worker's session is
+        // idle (the worker waits for a request), so nobody else uses it meanwhile.
+        let worker_session = unsafe {
+            let lib = cryptoki_sys::Pkcs11::new(MODULE).expect("load the module");
+            let mut info = cryptoki_sys::CK_SESSION_INFO::default();
+            let worker = (1..64)
+                .filter(|&n| n != ours.handle())
+                .find(|&n| lib.C_GetSessionInfo(n, &mut info) == cryptoki_sys::CKR_OK)
+                .expect("the worker's session");
+            // Start a search in the worker's session and leave it open.
+            let rv = lib.C_FindObjectsInit(worker, std::ptr::null_mut(), 0);
+            assert_eq!(rv, cryptoki_sys::CKR_OK);
+            worker
+        };
+
+        let sig = rt
+            .block_on(h.sign(b"after"))
+            .expect("served from a new session");
+        h.public_key().verify(b"after", &sig).unwrap();
+        assert_eq!(h.health().errors, 0);
+        // SAFETY: as above.
+        let rv = unsafe {
+            let lib = cryptoki_sys::Pkcs11::new(MODULE).expect("load the module");
+            let mut info = cryptoki_sys::CK_SESSION_INFO::default();
+            lib.C_GetSessionInfo(worker_session, &mut info)
+        };
+        assert_eq!(
+            rv,
+            cryptoki_sys::CKR_SESSION_HANDLE_INVALID,
+            "the busy session was closed"
+        );
+        assert_eq!(count(&ctx), sessions_before, "no session leaked");
+        drop(ours);
+    });
+}
+
 /// Keeps `SoftHsm` and `hsm.module()` in use for the compiler in this binary.
 #[test]
 fn fixture_paths_are_consistent() {

@@ -241,6 +241,9 @@ enum Fault {
     /// The session handle is dead: open a new session (never close the old handle: it may
     /// already name someone else's new session).
     SessionGone,
+    /// The session is alive but busy with another operation (`CKR_OPERATION_ACTIVE`): close
+    /// it if it is still ours, and open a new one.
+    SessionBusy,
     /// The session lives but the login is gone: log in again.
     NotLoggedIn,
     /// The key handle is gone: find the key again; if it is not there, treat as `TokenGone`.
@@ -254,11 +257,12 @@ enum Fault {
 impl Fault {
     fn of(rv: RvError) -> Fault {
         match rv {
-            RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::OperationActive => {
-                // OPERATION_ACTIVE: after a mass session loss a stale handle may name a
-                // sibling's fresh session; drop it rather than fight over it.
-                Fault::SessionGone
-            }
+            RvError::SessionHandleInvalid | RvError::SessionClosed => Fault::SessionGone,
+            // A leftover operation in our session, or (after a mass session loss) a stale
+            // handle naming a sibling's fresh session: either way, move to a new session.
+            // `Conn::usable` tells the two apart when the old one is discarded: ours is
+            // closed, a sibling's is left alone.
+            RvError::OperationActive => Fault::SessionBusy,
             RvError::UserNotLoggedIn => Fault::NotLoggedIn,
             RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Fault::KeyGone,
             RvError::DeviceRemoved
@@ -1134,7 +1138,7 @@ impl KeyShared {
             Err(trouble) => {
                 if matches!(
                     trouble.fault(),
-                    Fault::Fatal | Fault::NotLoggedIn | Fault::KeyGone
+                    Fault::Fatal | Fault::NotLoggedIn | Fault::KeyGone | Fault::SessionBusy
                 ) || matches!(trouble, Trouble::Absent(_))
                 {
                     // The session itself is alive and ours: close it.
@@ -1188,8 +1192,12 @@ impl KeyShared {
     fn reconnect(&self, old: Option<Conn>, fault: Fault) -> Result<Conn, SignerError> {
         let mut reuse = match fault {
             Fault::NotLoggedIn | Fault::KeyGone => old,
-            // A dead handle is forgotten, neither used nor closed.
-            _ => None,
+            _ => {
+                if let Some(conn) = old {
+                    self.discard(conn, fault);
+                }
+                None
+            }
         };
         let mut reinitialized = false;
         let mut fresh_sessions_lost = 0;
@@ -1202,8 +1210,10 @@ impl KeyShared {
             };
             match trouble.fault() {
                 // The session we hoped to keep is dead too: take a fresh one.
-                Fault::SessionGone | Fault::NotLoggedIn if reusing => {}
-                Fault::SessionGone | Fault::NotLoggedIn if fresh_sessions_lost < 1 => {
+                Fault::SessionGone | Fault::SessionBusy | Fault::NotLoggedIn if reusing => {}
+                Fault::SessionGone | Fault::SessionBusy | Fault::NotLoggedIn
+                    if fresh_sessions_lost < 1 =>
+                {
                     fresh_sessions_lost += 1;
                 }
                 Fault::TokenGone | Fault::KeyGone if !reinitialized => {
@@ -1945,6 +1955,7 @@ mod tests {
 
     #[test]
     fn faults_classify_return_values() {
+        assert_eq!(Fault::of(RvError::OperationActive), Fault::SessionBusy);
         assert_eq!(Fault::of(RvError::SessionClosed), Fault::SessionGone);
         assert_eq!(Fault::of(RvError::SessionHandleInvalid), Fault::SessionGone);
         assert_eq!(Fault::of(RvError::UserNotLoggedIn), Fault::NotLoggedIn);
