@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -867,6 +868,77 @@ fn a_busy_session_is_closed_and_replaced() {
         );
         assert_eq!(count(&ctx), sessions_before, "no session leaked");
         drop(ours);
+    });
+}
+
+/// Runs `f` with this thread's tracing events written to a string.
+fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+/// Opening a key the token does not protect (made by another tool) works, with a loud
+/// warning; a key made by tm-agent opens without one.
+#[test]
+fn an_unprotected_key_is_opened_with_a_warning() {
+    isolated("an_unprotected_key_is_opened_with_a_warning", |hsm| {
+        let ctx = raw_ctx();
+        {
+            let session = ctx.open_rw_session(raw_slot(&ctx, &hsm.label)).unwrap();
+            raw_login(&session);
+            session
+                .generate_key_pair(
+                    &Mechanism::EccKeyPairGen,
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Verify(true),
+                        Attribute::EcParams(pkcs11::P256_EC_PARAMS.to_vec()),
+                        Attribute::Label(b"loose".to_vec()),
+                        Attribute::Id(vec![2]),
+                    ],
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(false),
+                        Attribute::Extractable(true),
+                        Attribute::Sign(true),
+                        Attribute::Label(b"loose".to_vec()),
+                        Attribute::Id(vec![2]),
+                    ],
+                )
+                .unwrap();
+        }
+        let (opened, logs) = capture_logs(|| pkcs11::open(&hsm.settings(Some("loose")), 1));
+        opened.expect("an unprotected key still opens");
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(logs.contains("NOT PROTECTED"), "{logs}");
+        assert!(logs.contains("CKA_SENSITIVE is false"), "{logs}");
+        assert!(logs.contains("CKA_EXTRACTABLE is true"), "{logs}");
+
+        let settings = hsm.settings(Some("tight"));
+        pkcs11::generate(&settings, "tight", None).unwrap();
+        let (opened, logs) = capture_logs(|| pkcs11::open(&settings, 1));
+        opened.unwrap();
+        assert!(!logs.contains("NOT PROTECTED"), "{logs}");
     });
 }
 

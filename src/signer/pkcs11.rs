@@ -1159,6 +1159,10 @@ impl KeyShared {
         )?;
         let key = find_private_key(session, &self.settings)?;
         let public = key_public(session, key)?;
+        if self.public_key.get().is_none() {
+            // First connection, i.e. at open: say so if the key is not protected.
+            warn_if_unprotected(session, key, &self.location);
+        }
         let expected = self.public_key.get_or_init(|| public);
         if *expected != public {
             return Err(Trouble::Other(SignerError::SelfTest(format!(
@@ -1698,6 +1702,118 @@ fn private_template(label: &str, id: &[u8]) -> Vec<Attribute> {
     ]
 }
 
+/// What is wrong with how the token protects a private key, from its flags: it must be
+/// sensitive and not extractable; `require_never_extractable` (keys born in the token) also
+/// wants `CKA_NEVER_EXTRACTABLE`. Empty when all is well. A flag the token did not report
+/// counts as wrong.
+fn protection_problems(
+    sensitive: Option<bool>,
+    extractable: Option<bool>,
+    never_extractable: Option<bool>,
+    require_never_extractable: bool,
+) -> Vec<String> {
+    fn text(flag: Option<bool>) -> &'static str {
+        match flag {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "not reported",
+        }
+    }
+    let mut problems = Vec::new();
+    if sensitive != Some(true) {
+        problems.push(format!("CKA_SENSITIVE is {}", text(sensitive)));
+    }
+    if extractable != Some(false) {
+        problems.push(format!("CKA_EXTRACTABLE is {}", text(extractable)));
+    }
+    if require_never_extractable && never_extractable != Some(true) {
+        problems.push(format!(
+            "CKA_NEVER_EXTRACTABLE is {}",
+            text(never_extractable)
+        ));
+    }
+    problems
+}
+
+/// The entry of a key pair just created, read back from the token, if the token protects
+/// the private key as it was asked to (see [`protection_problems`]).
+fn checked_entry(
+    session: &Session,
+    private: ObjectHandle,
+    public: ObjectHandle,
+    generated: bool,
+) -> Result<KeyEntry, Trouble> {
+    let entry = entry(session, Some(private), Some(public))?;
+    let problems = protection_problems(
+        entry.sensitive,
+        entry.extractable,
+        entry.never_extractable,
+        generated,
+    );
+    if problems.is_empty() {
+        Ok(entry)
+    } else {
+        Err(Trouble::Other(SignerError::SelfTest(format!(
+            "the token did not protect the new private key as asked ({}): tm-agent does not keep \
+             such a key; this token cannot hold it non-extractable",
+            problems.join(", ")
+        ))))
+    }
+}
+
+/// Passes a checked new key through; when the checks failed, destroys both new objects.
+fn keep_or_destroy(
+    session: &Session,
+    private: ObjectHandle,
+    public: ObjectHandle,
+    checked: Result<KeyEntry, Trouble>,
+    label: &str,
+) -> Result<KeyEntry, Trouble> {
+    if checked.is_err() {
+        let private_gone = session.destroy_object(private);
+        let public_gone = session.destroy_object(public);
+        match private_gone.and(public_gone) {
+            Ok(()) => tracing::info!(label, "the new key failed its checks and was deleted"),
+            Err(e) => tracing::error!(
+                label,
+                error = %e,
+                "the new key failed its checks and could not be deleted: delete its objects by \
+                 hand (pkcs11-tool --delete-object)"
+            ),
+        }
+    }
+    checked
+}
+
+/// Warns loudly when the token does not protect the key: a private key that is not
+/// sensitive, or is extractable, can be read out of the token.
+fn warn_if_unprotected(session: &Session, key: ObjectHandle, location: &str) {
+    match read_attrs(
+        session,
+        key,
+        &[AttributeType::Sensitive, AttributeType::Extractable],
+    ) {
+        Ok(attrs) => {
+            let problems = protection_problems(attrs.sensitive, attrs.extractable, None, false);
+            if !problems.is_empty() {
+                tracing::warn!(
+                    key = %location,
+                    problems = %problems.join(", "),
+                    "THE PRIVATE KEY IS NOT PROTECTED BY THE TOKEN: it can be read out of it. \
+                     Replace it with a key made by `tm-agent key generate` (or `key import`), \
+                     which are sensitive and not extractable, and revoke this one"
+                );
+            }
+        }
+        Err(trouble) => tracing::warn!(
+            key = %location,
+            error = %trouble_text(&trouble),
+            "cannot read the private key's CKA_SENSITIVE and CKA_EXTRACTABLE: whether the token \
+             protects it is unknown"
+        ),
+    }
+}
+
 fn check_new_label(label: &str) -> Result<(), SignerError> {
     if label.trim().is_empty() {
         return Err(SignerError::Open("the key label is empty".into()));
@@ -1726,15 +1842,12 @@ pub fn generate(
             &public_template(label, &id),
             &private_template(label, &id),
         )?;
-        let checked =
-            key_public(&admin.session, private).and_then(|vk| probe(&admin.session, private, &vk));
-        if let Err(trouble) = checked {
-            let _ = admin.session.destroy_object(private);
-            let _ = admin.session.destroy_object(public);
-            return Err(trouble);
-        }
+        let checked = key_public(&admin.session, private)
+            .and_then(|vk| probe(&admin.session, private, &vk))
+            .and_then(|()| checked_entry(&admin.session, private, public, true));
+        let entry = keep_or_destroy(&admin.session, private, public, checked, label)?;
         tracing::info!(label, id = %hex::encode(&id), "generated a P-256 key in the token");
-        entry(&admin.session, Some(private), Some(public))
+        Ok(entry)
     })
 }
 
@@ -1789,15 +1902,12 @@ pub fn import(
                     "the imported public key object does not match the bundle".into(),
                 )));
             }
-            probe(&admin.session, private, &public_key)
+            probe(&admin.session, private, &public_key)?;
+            checked_entry(&admin.session, private, public, false)
         });
-        if let Err(trouble) = checked {
-            let _ = admin.session.destroy_object(private);
-            let _ = admin.session.destroy_object(public);
-            return Err(trouble);
-        }
+        let entry = keep_or_destroy(&admin.session, private, public, checked, label)?;
         tracing::info!(label, id = %hex::encode(&id), api_key_id = %bundle.key_id, "imported a P-256 key into the token");
-        entry(&admin.session, Some(private), Some(public))
+        Ok(entry)
     })
 }
 
@@ -1977,6 +2087,26 @@ mod tests {
         ] {
             assert_eq!(Fault::of(rv), Fault::Fatal, "{rv:?} must not be retried");
         }
+    }
+
+    #[test]
+    fn protection_flags_are_checked() {
+        assert!(protection_problems(Some(true), Some(false), Some(true), true).is_empty());
+        // Imported keys were outside the token: never-extractable is not asked of them.
+        assert!(protection_problems(Some(true), Some(false), Some(false), false).is_empty());
+        let problems = protection_problems(Some(false), Some(true), Some(false), true);
+        assert_eq!(
+            problems,
+            [
+                "CKA_SENSITIVE is false",
+                "CKA_EXTRACTABLE is true",
+                "CKA_NEVER_EXTRACTABLE is false"
+            ]
+        );
+        // Not reported counts as wrong: the CLI promises these flags.
+        let problems = protection_problems(None, None, None, true);
+        assert_eq!(problems.len(), 3);
+        assert!(problems[0].contains("not reported"));
     }
 
     #[test]
