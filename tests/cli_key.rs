@@ -552,3 +552,35 @@ fn bad_key_id_and_missing_module_are_explained() {
     );
     assert!(Path::new(BIN).exists());
 }
+
+#[test]
+fn config_errors_do_not_echo_a_pin_written_into_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tm-agent.toml");
+    let run = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        std::process::Command::new(BIN)
+            .args(["key", "--config"])
+            .arg(&config)
+            .args(["--key", "prod", "public"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // The PIN itself where its source belongs: toml would say "unknown variant `987654`".
+    let out = run(&format!(
+        "[keys.prod]\nbackend = \"pkcs11\"\nmodule = \"{}\"\npin = \"987654\"\n",
+        common::softhsm::MODULE
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(!err.contains("987654"), "{err}");
+    assert!(err.contains("[keys.prod]"), "{err}");
+    // A syntax error on the PIN's line: toml would print the line.
+    let out = run("[keys.prod]\nbackend = \"pkcs11\"\npin = 987654 secret\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(!err.contains("987654"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+}

@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -281,22 +283,82 @@ fn wrong_pin_is_tried_exactly_once_and_does_not_lock() {
         assert!(info.user_pin_count_low(), "SoftHSM marks the failed login");
         assert!(!info.user_pin_locked());
 
-        let h = handle(&good, 2);
-        assert_eq!(pkcs11::login_attempts() - before, 2);
+        // The token refused a PIN: this process sends it no other, not even another
+        // key's (the backend cannot tell a good PIN from the next wrong one).
+        let err = open_err(&good);
+        assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        assert_eq!(pkcs11::login_attempts() - before, 1);
+
+        // The good PIN does work (independent path), and clears the flag.
+        let session = ctx.open_ro_session(raw_slot(&ctx, &hsm.label)).unwrap();
+        raw_login(&session);
         let info = ctx.get_token_info(raw_slot(&ctx, &hsm.label)).unwrap();
         assert!(!info.user_pin_count_low(), "a good login clears the flag");
-        runtime().block_on(h.sign(b"still works")).unwrap();
     });
 }
 
+/// Two keys on one token, opened with a wrong PIN at the same time (as the daemon opens its
+/// keys), then again one after the other, then key management: the token sees one wrong
+/// PIN in all, not one per key, per session or per call.
+#[test]
+fn keys_on_one_token_send_one_wrong_pin_between_them() {
+    isolated("keys_on_one_token_send_one_wrong_pin_between_them", |hsm| {
+        let good_a = hsm.settings(Some("a"));
+        let good_b = hsm.settings(Some("b"));
+        pkcs11::generate(&good_a, "a", None).unwrap();
+        pkcs11::generate(&good_b, "b", None).unwrap();
+        let wrong = |good: &Pkcs11Settings| {
+            let mut s = good.clone();
+            s.pin = PinSource::File(hsm.wrong_pin_file.clone());
+            s.sessions = 2;
+            s
+        };
+        let (wrong_a, wrong_b) = (wrong(&good_a), wrong(&good_b));
+
+        let before = pkcs11::login_attempts();
+        let (err_a, err_b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| open_err(&wrong_a));
+            let b = scope.spawn(|| open_err(&wrong_b));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        for err in [err_a, err_b, open_err(&wrong_a), open_err(&wrong_b)] {
+            assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        }
+        let err = pkcs11::list(&wrong_b).unwrap_err();
+        assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        let err = pkcs11::generate(&wrong_a, "c", None).unwrap_err();
+        assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+        assert_eq!(
+            pkcs11::login_attempts() - before,
+            1,
+            "one C_Login for two keys, four sessions and two key-management calls"
+        );
+
+        // What the token saw. SoftHSM has no retry counter: it sets COUNT_LOW on any
+        // failure and never sets FINAL_TRY or locks, so its flags cannot tell one
+        // failure from several; the login counter above is the evidence.
+        let ctx = raw_ctx();
+        let info = ctx.get_token_info(raw_slot(&ctx, &hsm.label)).unwrap();
+        assert!(info.user_pin_count_low());
+        assert!(!info.user_pin_final_try());
+        assert!(!info.user_pin_locked());
+    });
+}
+
+/// Two keys on the token lose their login to a PIN change: their recoveries send the
+/// (now wrong) PIN once between them, and never again.
 #[test]
 fn pin_refused_during_recovery_is_never_retried() {
     isolated("pin_refused_during_recovery_is_never_retried", |hsm| {
         let settings = hsm.settings(Some("k"));
         pkcs11::generate(&settings, "k", None).unwrap();
+        let other = hsm.settings(Some("other"));
+        pkcs11::generate(&other, "other", None).unwrap();
         let h = handle(&settings, 2);
+        let h2 = handle(&other, 1);
         let rt = runtime();
         rt.block_on(h.sign(b"before")).unwrap();
+        rt.block_on(h2.sign(b"before")).unwrap();
 
         // Change the PIN under the agent, then log everyone out: the agent's re-login
         // with its (now wrong) PIN must happen once, and never again.
@@ -310,8 +372,10 @@ fn pin_refused_during_recovery_is_never_retried() {
 
         let before = pkcs11::login_attempts();
         for _ in 0..6 {
-            let err = rt.block_on(h.sign(b"after")).unwrap_err();
-            assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+            for h in [&h, &h2] {
+                let err = rt.block_on(h.sign(b"after")).unwrap_err();
+                assert!(matches!(err, SignerError::WrongPin { .. }), "{err}");
+            }
         }
         assert_eq!(pkcs11::login_attempts() - before, 1);
     });
@@ -516,7 +580,13 @@ fn token_removal_is_unavailable_then_recovered_by_the_same_handle() {
             assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
 
             std::fs::rename(&away, &token_dir).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
+            // SoftHSM lists the token again only after the module is re-initialized, which
+            // happens at most once per REINIT_INTERVAL_MIN (counted from loading the module),
+            // and the worker is then in a back-off of up to BACKOFF_MAX.
+            let deadline = Instant::now()
+                + pkcs11::REINIT_INTERVAL_MIN
+                + pkcs11::BACKOFF_MAX
+                + Duration::from_secs(10);
             loop {
                 match rt.block_on(h.sign(b"back")) {
                     Ok(sig) => {
@@ -673,6 +743,202 @@ fn public_key_needs_no_pin_when_the_label_names_it() {
         no_pin.key_label = None;
         let err = pkcs11::public(&no_pin).unwrap_err();
         assert!(matches!(err, SignerError::Pin(_)), "{err}");
+    });
+}
+
+fn token_dirs(hsm: &SoftHsm) -> Vec<PathBuf> {
+    std::fs::read_dir(&hsm.tokendir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// One token of two vanishes: its key fails (and keeps trying) while the key on the other
+/// token of the same module keeps signing undisturbed: the module is not re-initialized
+/// under it, so it never even logs in again.
+#[test]
+fn a_missing_token_does_not_disturb_a_key_on_another_token() {
+    isolated(
+        "a_missing_token_does_not_disturb_a_key_on_another_token",
+        |hsm| {
+            // Before the module is loaded in this process: SoftHSM reads tokens at C_Initialize.
+            let before = token_dirs(hsm);
+            hsm.add_token("second");
+            let second_dir = token_dirs(hsm)
+                .into_iter()
+                .find(|d| !before.contains(d))
+                .expect("the second token's directory");
+            let healthy = hsm.settings(Some("a"));
+            let mut missing = hsm.settings(Some("b"));
+            missing.token_label = Some("second".into());
+            pkcs11::generate(&healthy, "a", None).unwrap();
+            pkcs11::generate(&missing, "b", None).unwrap();
+            let ha = handle(&healthy, 2);
+            let hb = handle(&missing, 1);
+            let rt = runtime();
+            rt.block_on(ha.sign(b"a")).unwrap();
+            rt.block_on(hb.sign(b"b")).unwrap();
+            let logins = pkcs11::login_attempts();
+
+            std::fs::rename(&second_dir, hsm.root.join("second-moved-away")).unwrap();
+            // Long enough for several recovery attempts of the missing key (back-off 250,
+            // 500, 1000 ms), as the daemon's watchdog probes would drive them.
+            let until = Instant::now() + pkcs11::BACKOFF_INITIAL * 8;
+            let mut failures = Vec::new();
+            let mut signed = 0;
+            while Instant::now() < until {
+                match rt.block_on(hb.sign(b"b")) {
+                    Ok(_) => panic!("signed without its token"),
+                    Err(e) => failures.push(e),
+                }
+                for i in 0..4 {
+                    let msg = format!("a {signed} {i}");
+                    let sig = rt
+                        .block_on(ha.sign(msg.as_bytes()))
+                        .expect("the healthy key signs");
+                    ha.public_key().verify(msg.as_bytes(), &sig).unwrap();
+                }
+                signed += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(signed > 10);
+            for err in &failures {
+                assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
+            }
+            assert_eq!(ha.health().errors, 0);
+            assert_eq!(
+                pkcs11::login_attempts(),
+                logins,
+                "the healthy key never lost its login"
+            );
+            let first = failures[0].to_string();
+            assert!(first.contains("re-initialized"), "{first}");
+        },
+    );
+}
+
+/// A session left with an operation active (`CKR_OPERATION_ACTIVE`) is closed, not just
+/// forgotten, and the request is served from a new session.
+#[test]
+fn a_busy_session_is_closed_and_replaced() {
+    isolated("a_busy_session_is_closed_and_replaced", |hsm| {
+        let settings = hsm.settings(Some("k"));
+        pkcs11::generate(&settings, "k", None).unwrap();
+        let h = handle(&settings, 1);
+        let rt = runtime();
+        rt.block_on(h.sign(b"before")).unwrap();
+
+        let ctx = raw_ctx();
+        let slot = raw_slot(&ctx, &hsm.label);
+        let ours = ctx.open_ro_session(slot).unwrap();
+        let count = |ctx: &Pkcs11| ctx.get_token_info(slot).unwrap().session_count();
+        let sessions_before = count(&ctx);
+        // SAFETY: the same already loaded and initialized library; C_GetSessionInfo gets a
+        // valid out pointer, C_FindObjectsInit an empty template. The worker's session is
+        // idle (the worker waits for a request), so nobody else uses it meanwhile.
+        let worker_session = unsafe {
+            let lib = cryptoki_sys::Pkcs11::new(MODULE).expect("load the module");
+            let mut info = cryptoki_sys::CK_SESSION_INFO::default();
+            let worker = (1..64)
+                .filter(|&n| n != ours.handle())
+                .find(|&n| lib.C_GetSessionInfo(n, &mut info) == cryptoki_sys::CKR_OK)
+                .expect("the worker's session");
+            // Start a search in the worker's session and leave it open.
+            let rv = lib.C_FindObjectsInit(worker, std::ptr::null_mut(), 0);
+            assert_eq!(rv, cryptoki_sys::CKR_OK);
+            worker
+        };
+
+        let sig = rt
+            .block_on(h.sign(b"after"))
+            .expect("served from a new session");
+        h.public_key().verify(b"after", &sig).unwrap();
+        assert_eq!(h.health().errors, 0);
+        // SAFETY: as above.
+        let rv = unsafe {
+            let lib = cryptoki_sys::Pkcs11::new(MODULE).expect("load the module");
+            let mut info = cryptoki_sys::CK_SESSION_INFO::default();
+            lib.C_GetSessionInfo(worker_session, &mut info)
+        };
+        assert_eq!(
+            rv,
+            cryptoki_sys::CKR_SESSION_HANDLE_INVALID,
+            "the busy session was closed"
+        );
+        assert_eq!(count(&ctx), sessions_before, "no session leaked");
+        drop(ours);
+    });
+}
+
+/// Runs `f` with this thread's tracing events written to a string.
+fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+/// Opening a key the token does not protect (made by another tool) works, with a loud
+/// warning; a key made by tm-agent opens without one.
+#[test]
+fn an_unprotected_key_is_opened_with_a_warning() {
+    isolated("an_unprotected_key_is_opened_with_a_warning", |hsm| {
+        let ctx = raw_ctx();
+        {
+            let session = ctx.open_rw_session(raw_slot(&ctx, &hsm.label)).unwrap();
+            raw_login(&session);
+            session
+                .generate_key_pair(
+                    &Mechanism::EccKeyPairGen,
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Verify(true),
+                        Attribute::EcParams(pkcs11::P256_EC_PARAMS.to_vec()),
+                        Attribute::Label(b"loose".to_vec()),
+                        Attribute::Id(vec![2]),
+                    ],
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(false),
+                        Attribute::Extractable(true),
+                        Attribute::Sign(true),
+                        Attribute::Label(b"loose".to_vec()),
+                        Attribute::Id(vec![2]),
+                    ],
+                )
+                .unwrap();
+        }
+        let (opened, logs) = capture_logs(|| pkcs11::open(&hsm.settings(Some("loose")), 1));
+        opened.expect("an unprotected key still opens");
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(logs.contains("NOT PROTECTED"), "{logs}");
+        assert!(logs.contains("CKA_SENSITIVE is false"), "{logs}");
+        assert!(logs.contains("CKA_EXTRACTABLE is true"), "{logs}");
+
+        let settings = hsm.settings(Some("tight"));
+        pkcs11::generate(&settings, "tight", None).unwrap();
+        let (opened, logs) = capture_logs(|| pkcs11::open(&settings, 1));
+        opened.unwrap();
+        assert!(!logs.contains("NOT PROTECTED"), "{logs}");
     });
 }
 

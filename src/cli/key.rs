@@ -25,10 +25,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand, ValueEnum};
 use p256::ecdsa::VerifyingKey;
-use serde::Deserialize;
+use serde::Deserialize as _;
 use zeroize::Zeroizing;
 
 use super::blocking;
+use crate::config::{is_uuid, KeyConfig};
 use crate::jose;
 use crate::signer::pin::PinSource;
 use crate::signer::piv::{self, ManagementKey, PivSettings, WriteOptions};
@@ -296,32 +297,32 @@ enum Selected {
     Soft(PathBuf),
 }
 
-/// A `[keys.NAME]` table as far as this command needs it. Provisional until the config
-/// module lands: it reads `backend` and the backend's own settings, nothing else.
-enum ConfigKey {
-    Pkcs11(Pkcs11Settings),
-    Piv(PivSettings),
-    Soft(PathBuf),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SoftKeyConfig {
-    key_file: PathBuf,
-}
-
-fn load_config_key(path: &Path, name: &str) -> anyhow::Result<ConfigKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let doc: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+/// The `[keys.NAME]` table of the config file at `path`, with the daemon's config model.
+///
+/// Only that table is checked against the model (the rest need only be TOML). Errors never
+/// show toml's own text: it can quote the file, and a PIN written straight into it
+/// (`pin = "987654"`) would end up on the terminal or in a log. They give the position
+/// when toml knows it, and what to check.
+fn load_config_key(path: &Path, name: &str) -> anyhow::Result<KeyConfig> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?,
+    );
+    let doc: toml::Table = toml::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{} is not valid TOML{}: fix its syntax (toml's message is not shown, as it could \
+             quote a secret)",
+            path.display(),
+            toml_position(&text, &e)
+        )
+    })?;
     let keys = doc
         .get("keys")
         .and_then(toml::Value::as_table)
         .ok_or_else(|| anyhow!("{} has no [keys.*] tables", path.display()))?;
-    let mut entry = keys
+    let entry = keys
         .get(name)
-        .and_then(toml::Value::as_table)
+        .filter(|v| v.is_table())
         .cloned()
         .ok_or_else(|| {
             let names: Vec<&str> = keys.keys().map(String::as_str).collect();
@@ -331,27 +332,26 @@ fn load_config_key(path: &Path, name: &str) -> anyhow::Result<ConfigKey> {
                 names.join(", ")
             )
         })?;
-    let backend = entry
-        .remove("backend")
-        .and_then(|v| v.as_str().map(str::to_string))
-        .ok_or_else(|| anyhow!("[keys.{name}] has no backend = \"pkcs11\", \"piv\" or \"soft\""))?;
-    let context = || format!("[keys.{name}] in {}", path.display());
-    match backend.as_str() {
-        "pkcs11" => Ok(ConfigKey::Pkcs11(
-            toml::Value::Table(entry).try_into().with_context(context)?,
-        )),
-        "piv" => Ok(ConfigKey::Piv(
-            toml::Value::Table(entry).try_into().with_context(context)?,
-        )),
-        "soft" => {
-            let soft: SoftKeyConfig = toml::Value::Table(entry).try_into().with_context(context)?;
-            Ok(ConfigKey::Soft(soft.key_file))
-        }
-        other => bail!(
-            "[keys.{name}] has backend = {other:?}: `tm-agent key` handles \"pkcs11\", \"piv\" \
-             and \"soft\""
-        ),
-    }
+    KeyConfig::deserialize(entry).map_err(|e| {
+        anyhow!(
+            "[keys.{name}] in {} is not a valid key table{}: check backend = \"pkcs11\", \
+             \"piv\" or \"soft\", the field names and the types of their values against the example \
+             config (/usr/share/doc/tm-agent/config.example.toml); toml's message is not \
+             shown, as it could quote a secret",
+            path.display(),
+            toml_position(&text, &e),
+        )
+    })
+}
+
+/// ` at line L, column C` of a toml error when it has a position in `text`, else nothing.
+fn toml_position(text: &str, err: &toml::de::Error) -> String {
+    let Some(before) = err.span().and_then(|span| text.get(..span.start)) else {
+        return String::new();
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(" at line {line}, column {column}")
 }
 
 /// The module when neither the flags nor the config name one.
@@ -395,14 +395,14 @@ impl BackendArgs {
             _ => bail!("--config and --key go together: --config FILE --key NAME"),
         };
         let backend = self.backend.unwrap_or(match from_config {
-            Some(ConfigKey::Soft(_)) => Backend::Soft,
-            Some(ConfigKey::Piv(_)) => Backend::Piv,
+            Some(KeyConfig::Soft(_)) => Backend::Soft,
+            Some(KeyConfig::Piv(_)) => Backend::Piv,
             _ => Backend::Pkcs11,
         });
         match (backend, from_config) {
             (Backend::Piv, config) => {
                 let mut settings = match config {
-                    Some(ConfigKey::Piv(s)) => s,
+                    Some(KeyConfig::Piv(s)) => s,
                     None => PivSettings::new(PinSource::Prompt),
                     Some(_) => bail!("the config's key is not a YubiKey (piv) key"),
                 };
@@ -421,20 +421,20 @@ impl BackendArgs {
             (Backend::Soft, config) => {
                 let file = match (&self.key_file, config) {
                     (Some(file), _) => file.clone(),
-                    (None, Some(ConfigKey::Soft(file))) => file,
+                    (None, Some(KeyConfig::Soft(soft))) => soft.key_file,
                     _ => bail!("--backend soft needs --key-file FILE"),
                 };
                 Ok(Selected::Soft(file))
             }
-            (Backend::Pkcs11, Some(ConfigKey::Soft(_))) => {
+            (Backend::Pkcs11, Some(KeyConfig::Soft(_))) => {
                 bail!("the config's key is a soft key, not pkcs11")
             }
-            (Backend::Pkcs11, Some(ConfigKey::Piv(_))) => {
+            (Backend::Pkcs11, Some(KeyConfig::Piv(_))) => {
                 bail!("the config's key is a YubiKey (piv) key, not pkcs11")
             }
             (Backend::Pkcs11, config) => {
                 let mut settings = match (config, &self.module) {
-                    (Some(ConfigKey::Pkcs11(s)), _) => s,
+                    (Some(KeyConfig::Pkcs11(s)), _) => s,
                     (_, Some(module)) => Pkcs11Settings::new(module, PinSource::Prompt),
                     _ => Pkcs11Settings::new(default_module()?, PinSource::Prompt),
                 };
@@ -740,29 +740,17 @@ async fn open_handle(backend: &BackendArgs) -> anyhow::Result<Handle> {
     }
 }
 
-/// Checks the 8-4-4-4-12 hex shape of an API key id.
-fn check_key_id(key_id: &str) -> anyhow::Result<()> {
-    let groups: Vec<&str> = key_id.split('-').collect();
-    let shaped = groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
-    if !shaped {
-        bail!(
-            "--key-id {key_id:?} is not a UUID: pass the API key's key_id as the API Keys page \
-             (or the key bundle) shows it"
-        );
-    }
-    Ok(())
-}
-
 async fn sign_challenge(
     backend: &BackendArgs,
     key_id: String,
     timestamp: Option<i64>,
 ) -> anyhow::Result<()> {
-    check_key_id(&key_id)?;
+    if !is_uuid(&key_id) {
+        bail!(
+            "--key-id {key_id:?} is not a UUID: pass the API key's key_id as the API Keys page \
+             (or the key bundle) shows it"
+        );
+    }
     let timestamp = match timestamp {
         Some(ts) => ts,
         None => i64::try_from(
@@ -981,13 +969,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_ids_must_be_uuids() {
-        check_key_id("6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b").unwrap();
-        assert!(check_key_id("6f1c2a3b").is_err());
-        assert!(check_key_id("6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4g").is_err());
-    }
-
-    #[test]
     fn shell_quoting() {
         assert_eq!(shell_quote("/tmp/key.json"), "/tmp/key.json");
         assert_eq!(shell_quote("/tmp/my key.json"), "'/tmp/my key.json'");
@@ -1043,6 +1024,34 @@ mod tests {
         };
         let err = args.select().unwrap_err().to_string();
         assert!(err.contains("keys there: dev, prod") || err.contains("keys there: prod, dev"));
+    }
+
+    #[test]
+    fn config_errors_never_quote_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let select = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let args = BackendArgs {
+                config: Some(path.clone()),
+                key: Some("prod".into()),
+                ..BackendArgs::default()
+            };
+            format!("{:#}", args.select().unwrap_err())
+        };
+        // A PIN written as the PIN source: toml would say "unknown variant `987654`".
+        let err =
+            select("[keys.prod]\nbackend = \"pkcs11\"\nmodule = \"/x.so\"\npin = \"987654\"\n");
+        assert!(!err.contains("987654"), "{err}");
+        assert!(err.contains("[keys.prod]"), "{err}");
+        assert!(err.contains("not a valid key table"), "{err}");
+        // A syntax error on the PIN's line: toml would show the line.
+        let err = select("[keys.prod]\nbackend = \"pkcs11\"\npin = 987654 secret\n");
+        assert!(!err.contains("987654"), "{err}");
+        assert!(err.contains("not valid TOML at line 3, column"), "{err}");
+        // Another backend's fields in a soft key: no values echoed either.
+        let err = select("[keys.prod]\nbackend = \"soft\"\nkey_file = \"/k\"\npin = \"987654\"\n");
+        assert!(!err.contains("987654"), "{err}");
     }
 
     #[test]

@@ -139,7 +139,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 /// [`EXIT_PIN`] for a wrong, locked or unreadable PIN, else [`EXIT_FAILURE`].
 pub fn signer_exit_code(err: &SignerError) -> u8 {
     match err {
-        SignerError::WrongPin { .. } | SignerError::PinLocked | SignerError::Pin(_) => EXIT_PIN,
+        SignerError::WrongPin { .. }
+        | SignerError::PinLocked
+        | SignerError::PinUnusable(_)
+        | SignerError::Pin(_) => EXIT_PIN,
         _ => EXIT_FAILURE,
     }
 }

@@ -67,6 +67,10 @@ pub enum SignerError {
     WrongPin { tries_left: Option<u32> },
     #[error("PIN is locked: unblock it with the PUK or SO PIN, then restart tm-agent")]
     PinLocked,
+    /// The token takes no login until a person acts (one PIN try left, PIN expired, user
+    /// PIN not initialized): tm-agent does not try.
+    #[error("PIN not usable: {0}")]
+    PinUnusable(String),
     #[error(transparent)]
     Pin(#[from] pin::PinError),
     #[error("PKCS#11 {func} failed: {rv}{}", hint_suffix(hint))]

@@ -10,10 +10,16 @@
 //!   computed on the host and signed with `CKM_ECDSA` (SoftHSM 2.6 has no `CKM_ECDSA_SHA256`);
 //! - recovery: a worker whose session, login, key handle or token is lost reopens what is
 //!   needed (re-finding the token by label, logging in again, re-initializing the module if
-//!   the token vanished) and retries once; after that it backs off exponentially, refusing
-//!   fast with `Unavailable` until the back-off has passed. A wrong or locked PIN is never
-//!   retried: the fault is remembered and every later request fails with it, without `C_Login`;
-//!   and no login is attempted when the token reports `CKF_USER_PIN_FINAL_TRY` (or locked);
+//!   the token cannot be found) and retries once; after that it backs off exponentially,
+//!   refusing fast with `Unavailable` until the back-off has passed. Re-initializing kills
+//!   the sessions of every key on the module, so it happens only after the token was looked
+//!   for and not found, and at most once per [`REINIT_INTERVAL_MIN`] per module;
+//! - PIN faults, per token and module, shared by every key and key-management call: a PIN
+//!   the token refused (wrong, locked, expired, user PIN not initialized) is never tried
+//!   again in this process: every later login on that token fails with the fault, without
+//!   `C_Login`. No login is attempted when the token reports `CKF_USER_PIN_FINAL_TRY` (or
+//!   locked). The check and the `C_Login` happen under the module's login lock, so keys
+//!   opened or recovering in parallel send at most one wrong PIN per token;
 //! - the key management functions behind `tm-agent key`: [`generate`], [`import`], [`list`],
 //!   [`public`].
 //!
@@ -25,7 +31,8 @@
 //! under another thread's call and a session number the module hands out again is taken
 //! away from its previous (dead) holder before that holder can use it: two threads never
 //! share a session. Lock order: key recovery mutex, then module state lock, then module
-//! login mutex; no lock is held across a wait for another key's lock. Everything here
+//! login mutex; the module's `pin_faults` and a key's `token` and `pin` mutexes are taken
+//! last and briefly. No lock is held across a wait for another key's lock. Everything here
 //! blocks: never call it on the async runtime.
 //!
 //! What SoftHSM 2.6 does when its token directory disappears (measured, see
@@ -48,7 +55,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
-use cryptoki::slot::Slot;
+use cryptoki::slot::{Slot, TokenInfo};
 use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 use secrecy::SecretString;
@@ -76,6 +83,10 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 
 /// Longest back-off between two recovery attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Shortest time between two (re-)initializations of one module: a re-initialization
+/// closes the sessions of every key on the module, healthy ones included.
+pub const REINIT_INTERVAL_MIN: Duration = BACKOFF_MAX;
 
 /// Message signed to check a freshly generated or imported key.
 const PROBE_MESSAGE: &[u8] = b"tm-agent pkcs11 key check";
@@ -230,6 +241,9 @@ enum Fault {
     /// The session handle is dead: open a new session (never close the old handle: it may
     /// already name someone else's new session).
     SessionGone,
+    /// The session is alive but busy with another operation (`CKR_OPERATION_ACTIVE`): close
+    /// it if it is still ours, and open a new one.
+    SessionBusy,
     /// The session lives but the login is gone: log in again.
     NotLoggedIn,
     /// The key handle is gone: find the key again; if it is not there, treat as `TokenGone`.
@@ -243,11 +257,12 @@ enum Fault {
 impl Fault {
     fn of(rv: RvError) -> Fault {
         match rv {
-            RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::OperationActive => {
-                // OPERATION_ACTIVE: after a mass session loss a stale handle may name a
-                // sibling's fresh session; drop it rather than fight over it.
-                Fault::SessionGone
-            }
+            RvError::SessionHandleInvalid | RvError::SessionClosed => Fault::SessionGone,
+            // A leftover operation in our session, or (after a mass session loss) a stale
+            // handle naming a sibling's fresh session: either way, move to a new session.
+            // `Conn::usable` tells the two apart when the old one is discarded: ours is
+            // closed, a sibling's is left alone.
+            RvError::OperationActive => Fault::SessionBusy,
             RvError::UserNotLoggedIn => Fault::NotLoggedIn,
             RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Fault::KeyGone,
             RvError::DeviceRemoved
@@ -463,6 +478,9 @@ struct Module {
     /// Serializes "am I logged in? if not, C_Login" so that one process never sends two
     /// logins for one token at once (a wrong PIN would be tried twice).
     login: Mutex<()>,
+    /// PIN faults by token ([`token_key`]): a token that refused a PIN gets no other
+    /// `C_Login` from this process. Read and written under `login`.
+    pin_faults: Mutex<HashMap<String, PinFault>>,
 }
 
 struct ModuleState {
@@ -476,6 +494,9 @@ struct ModuleState {
     /// again, so two workers never share a session after sessions were closed under us
     /// (modules are not required to survive two threads in one session).
     handles: HashMap<u64, Arc<AtomicBool>>,
+    /// When the module was last initialized (first load or re-initialization): the next
+    /// re-initialization waits until [`REINIT_INTERVAL_MIN`] after it.
+    last_init: Instant,
 }
 
 impl ModuleState {
@@ -541,8 +562,10 @@ impl Module {
                 generation: 0,
                 initialized: true,
                 handles: HashMap::new(),
+                last_init: Instant::now(),
             }),
             login: Mutex::new(()),
+            pin_faults: Mutex::new(HashMap::new()),
         });
         registry.insert(canonical, Arc::clone(&module));
         Ok(module)
@@ -556,6 +579,7 @@ impl Module {
         if !state.initialized {
             initialize(&self.ctx, &self.path)?;
             state.initialized = true;
+            state.last_init = Instant::now();
         }
         Ok(state)
     }
@@ -564,14 +588,21 @@ impl Module {
         read_lock(&self.state).generation
     }
 
-    /// `C_Finalize` + `C_Initialize`, unless someone already did it since `seen_generation`.
-    /// Waits for every in-flight call (they hold the read lock).
-    fn reinit(&self, seen_generation: u64) -> Result<(), SignerError> {
+    /// `C_Finalize` + `C_Initialize`, unless someone already did it since `seen_generation`,
+    /// or the module was (re-)initialized less than [`REINIT_INTERVAL_MIN`] ago: every
+    /// session of every key on the module dies with it. `finalized`: the module answered
+    /// `CKR_CRYPTOKI_NOT_INITIALIZED`, so there are no sessions left to spare and the
+    /// interval does not apply. Waits for every in-flight call (they hold the read lock).
+    fn reinit(&self, seen_generation: u64, finalized: bool) -> Result<Reinit, SignerError> {
         let mut state = write_lock(&self.state);
         if state.initialized && state.generation != seen_generation {
-            return Ok(());
+            return Ok(Reinit::Done);
         }
         if state.initialized {
+            let since = state.last_init.elapsed();
+            if since < REINIT_INTERVAL_MIN && !finalized {
+                return Ok(Reinit::Throttled(REINIT_INTERVAL_MIN - since));
+            }
             if let Err(e) = self.ctx.clone().finalize() {
                 tracing::warn!(module = %self.path.display(), error = %e, "C_Finalize failed");
             }
@@ -585,10 +616,19 @@ impl Module {
             generation = state.generation,
             "re-initializing the PKCS#11 module (C_Finalize + C_Initialize) to find the token again"
         );
+        state.last_init = Instant::now();
         initialize(&self.ctx, &self.path)?;
         state.initialized = true;
-        Ok(())
+        Ok(Reinit::Done)
     }
+}
+
+/// What [`Module::reinit`] did.
+enum Reinit {
+    /// The module is initialized on a newer generation than the caller saw.
+    Done,
+    /// Too soon after the last (re-)initialization: nothing done; allowed after this long.
+    Throttled(Duration),
 }
 
 fn initialize(ctx: &Pkcs11, path: &Path) -> Result<(), SignerError> {
@@ -649,45 +689,77 @@ fn find_token(ctx: &Pkcs11, settings: &Pkcs11Settings) -> Result<Slot, Trouble> 
     }
 }
 
+/// The name under which a token's PIN faults are remembered: its serial number, or its
+/// label when it has no serial.
+fn token_key(info: &TokenInfo) -> String {
+    let serial = info.serial_number().trim();
+    if serial.is_empty() {
+        format!("label {:?}", info.label().trim())
+    } else {
+        format!("serial {serial}")
+    }
+}
+
 /// Logs the user in on `session` unless this process already is (login state is per token
-/// per process). At most one `C_Login`; a wrong PIN is reported with the token's tries hint.
+/// per process), after noting the session's token ([`token_key`]) in `token_of_key`.
+///
+/// Under the module's login lock: a token with a PIN fault gets no `C_Login` (the fault is
+/// returned); a PIN the token refuses (wrong, locked, expired, not initialized) becomes the
+/// token's PIN fault. So every key and key-management call of the process together send at
+/// most one refused PIN per token. A wrong PIN is reported with the token's tries hint.
 fn ensure_login(
     module: &Module,
     session: &Session,
     pin: &Mutex<Option<SecretString>>,
+    token_of_key: &Mutex<Option<String>>,
     settings: &Pkcs11Settings,
 ) -> Result<(), Trouble> {
     let _serial = lock(&module.login);
     let info = session.get_session_info()?;
+    let token = module.ctx.get_token_info(info.slot_id())?;
+    let key = token_key(&token);
+    *lock(token_of_key) = Some(key.clone());
     if matches!(
         info.session_state(),
         SessionState::RoUser | SessionState::RwUser
-    ) {
+    ) || !token.login_required()
+    {
         return Ok(());
     }
-    let token = module.ctx.get_token_info(info.slot_id())?;
-    if !token.login_required() {
-        return Ok(());
+    if let Some(fault) = lock(&module.pin_faults).get(&key) {
+        return Err(Trouble::Other(fault.error()));
     }
+    let refuse = |fault: PinFault| {
+        // The PIN is of no more use: forget it.
+        *lock(pin) = None;
+        let error = fault.error();
+        lock(&module.pin_faults).insert(key.clone(), fault);
+        Trouble::Other(error)
+    };
     if token.user_pin_locked() {
-        return Err(Trouble::Other(SignerError::PinLocked));
+        return Err(refuse(PinFault::Locked));
     }
     if token.user_pin_final_try() {
-        return Err(Trouble::Other(SignerError::Open(format!(
+        // Not remembered: no PIN was refused, and once a person resets the counter the
+        // next attempt may log in.
+        return Err(Trouble::Other(SignerError::PinUnusable(format!(
             "{} reports that one PIN try is left: tm-agent will not risk locking it; check the \
              PIN by hand (e.g. pkcs11-tool --login --test), which resets the counter, then retry",
             settings.token_description()
         ))));
     }
-    let mut cached = lock(pin);
-    if cached.is_none() {
-        *cached = Some(pin::read_pin(&settings.pin, &settings.pin_prompt())?);
-    }
-    let pin = cached
-        .as_ref()
-        .ok_or_else(|| SignerError::Open("the PIN could not be read".into()))?;
-    LOGIN_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
-    match session.login(UserType::User, Some(pin)) {
+    let outcome = {
+        let mut cached = lock(pin);
+        if cached.is_none() {
+            *cached = Some(pin::read_pin(&settings.pin, &settings.pin_prompt())?);
+        }
+        let pin = cached
+            .as_ref()
+            .ok_or_else(|| SignerError::Open("the PIN could not be read".into()))?;
+        LOGIN_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
+        session.login(UserType::User, Some(pin))
+    };
+    match outcome {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(CkError::Pkcs11(
             RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
@@ -695,7 +767,7 @@ fn ensure_login(
         )) => {
             let after = module.ctx.get_token_info(info.slot_id()).ok();
             if after.as_ref().is_some_and(|t| t.user_pin_locked()) {
-                return Err(Trouble::Other(SignerError::PinLocked));
+                return Err(refuse(PinFault::Locked));
             }
             let tries_left = after
                 .as_ref()
@@ -707,7 +779,16 @@ fn ensure_login(
                      PIN source before anything tries again"
                 );
             }
-            Err(Trouble::Other(SignerError::WrongPin { tries_left }))
+            Err(refuse(PinFault::Wrong(tries_left)))
+        }
+        Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(refuse(PinFault::Locked)),
+        Err(CkError::Pkcs11(rv @ (RvError::PinExpired | RvError::UserPinNotInitialized), _)) => {
+            Err(refuse(PinFault::Unusable(format!(
+                "{}: C_Login answered {}: {}; tm-agent will not try it again before a restart",
+                settings.token_description(),
+                rv_name(rv),
+                rv_hint(rv)
+            ))))
         }
         Err(e) => Err(e.into()),
     }
@@ -954,6 +1035,9 @@ struct KeyShared {
     public_key: OnceLock<VerifyingKey>,
     /// The PIN, read once from its source, kept for logging in again after a recovery.
     pin: Mutex<Option<SecretString>>,
+    /// The [`token_key`] of the key's token, noted at every login check: where to look for
+    /// the token's PIN fault.
+    token: Mutex<Option<String>>,
     recovery: Mutex<Recovery>,
 }
 
@@ -963,21 +1047,26 @@ struct Recovery {
     failures: u32,
     last_attempt: Option<Instant>,
     last_error: String,
-    /// A PIN the token refused: never tried again in this process.
-    pin_fault: Option<PinFault>,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Why a token gets no more `C_Login` from this process.
+#[derive(Debug, Clone)]
 enum PinFault {
+    /// `CKR_PIN_INCORRECT` (or invalid, or the wrong length), with the token's tries hint.
     Wrong(Option<u32>),
     Locked,
+    /// `CKR_PIN_EXPIRED`, `CKR_USER_PIN_NOT_INITIALIZED`: the message says what to do.
+    Unusable(String),
 }
 
 impl PinFault {
-    fn error(self) -> SignerError {
+    fn error(&self) -> SignerError {
         match self {
-            PinFault::Wrong(tries_left) => SignerError::WrongPin { tries_left },
+            PinFault::Wrong(tries_left) => SignerError::WrongPin {
+                tries_left: *tries_left,
+            },
             PinFault::Locked => SignerError::PinLocked,
+            PinFault::Unusable(reason) => SignerError::PinUnusable(reason.clone()),
         }
     }
 }
@@ -1049,7 +1138,7 @@ impl KeyShared {
             Err(trouble) => {
                 if matches!(
                     trouble.fault(),
-                    Fault::Fatal | Fault::NotLoggedIn | Fault::KeyGone
+                    Fault::Fatal | Fault::NotLoggedIn | Fault::KeyGone | Fault::SessionBusy
                 ) || matches!(trouble, Trouble::Absent(_))
                 {
                     // The session itself is alive and ours: close it.
@@ -1061,9 +1150,19 @@ impl KeyShared {
     }
 
     fn connect_in(&self, session: &Session) -> Result<ObjectHandle, Trouble> {
-        ensure_login(&self.module, session, &self.pin, &self.settings)?;
+        ensure_login(
+            &self.module,
+            session,
+            &self.pin,
+            &self.token,
+            &self.settings,
+        )?;
         let key = find_private_key(session, &self.settings)?;
         let public = key_public(session, key)?;
+        if self.public_key.get().is_none() {
+            // First connection, i.e. at open: say so if the key is not protected.
+            warn_if_unprotected(session, key, &self.location);
+        }
         let expected = self.public_key.get_or_init(|| public);
         if *expected != public {
             return Err(Trouble::Other(SignerError::SelfTest(format!(
@@ -1091,22 +1190,20 @@ impl KeyShared {
     /// Reconnects after `fault`, climbing a ladder: reuse the old session when it should be
     /// alive (login or key handle lost), else a fresh session; a fresh session again if the
     /// one tried died meanwhile (sessions closed under us while we reconnect); re-initialize
-    /// the module when the token is in trouble or cannot be found (at most once).
+    /// the module when the token (or the key) cannot be found or the module is in trouble,
+    /// at most once, and not within [`REINIT_INTERVAL_MIN`] of the module's last
+    /// (re-)initialization: every other key on the module would lose its sessions too.
     fn reconnect(&self, old: Option<Conn>, fault: Fault) -> Result<Conn, SignerError> {
-        let seen = old
-            .as_ref()
-            .map(|c| c.generation)
-            .unwrap_or_else(|| self.module.generation());
         let mut reuse = match fault {
             Fault::NotLoggedIn | Fault::KeyGone => old,
-            // A dead handle is forgotten, neither used nor closed.
-            _ => None,
+            _ => {
+                if let Some(conn) = old {
+                    self.discard(conn, fault);
+                }
+                None
+            }
         };
         let mut reinitialized = false;
-        if fault == Fault::TokenGone {
-            self.module.reinit(seen)?;
-            reinitialized = true;
-        }
         let mut fresh_sessions_lost = 0;
         loop {
             let generation = self.module.generation();
@@ -1117,14 +1214,32 @@ impl KeyShared {
             };
             match trouble.fault() {
                 // The session we hoped to keep is dead too: take a fresh one.
-                Fault::SessionGone | Fault::NotLoggedIn if reusing => {}
-                Fault::SessionGone | Fault::NotLoggedIn if fresh_sessions_lost < 1 => {
+                Fault::SessionGone | Fault::SessionBusy | Fault::NotLoggedIn if reusing => {}
+                Fault::SessionGone | Fault::SessionBusy | Fault::NotLoggedIn
+                    if fresh_sessions_lost < 1 =>
+                {
                     fresh_sessions_lost += 1;
                 }
                 Fault::TokenGone | Fault::KeyGone if !reinitialized => {
-                    tracing::debug!(key = %self.location, error = %trouble_text(&trouble), "reconnect failed; re-initializing the module");
-                    self.module.reinit(generation)?;
-                    reinitialized = true;
+                    let finalized = matches!(
+                        trouble,
+                        Trouble::Ck(CkError::Pkcs11(RvError::CryptokiNotInitialized, _))
+                    );
+                    match self.module.reinit(generation, finalized)? {
+                        Reinit::Done => {
+                            tracing::debug!(key = %self.location, error = %trouble_text(&trouble), "reconnect failed; the module was re-initialized");
+                            reinitialized = true;
+                        }
+                        Reinit::Throttled(wait) => {
+                            let error = trouble.into_error();
+                            return Err(SignerError::Unavailable(format!(
+                                "{}; the PKCS#11 module is re-initialized to look for the \
+                                 token and key again in {} s at the earliest",
+                                self.describe(&error),
+                                wait.as_secs().max(1)
+                            )));
+                        }
+                    }
                 }
                 _ => return Err(trouble.into_error()),
             }
@@ -1141,6 +1256,12 @@ impl KeyShared {
         if conn.usable(&state) {
             let _ = conn.session.close();
         }
+    }
+
+    /// The PIN fault of the key's token, if it has one.
+    fn pin_fault(&self) -> Option<PinFault> {
+        let token = lock(&self.token).clone()?;
+        lock(&self.module.pin_faults).get(&token).cloned()
     }
 
     /// Counts a failure and returns the error to report, with the time of the next attempt.
@@ -1198,7 +1319,7 @@ impl Pkcs11Signer {
         let shared = Arc::clone(&self.shared);
         let mut rec = lock(&shared.recovery);
         let old = self.conn.take();
-        if let Some(pin_fault) = rec.pin_fault {
+        if let Some(pin_fault) = shared.pin_fault() {
             if let Some(conn) = old {
                 shared.discard(conn, fault);
             }
@@ -1228,13 +1349,6 @@ impl Pkcs11Signer {
                 Ok(())
             }
             Err(error) => {
-                match &error {
-                    SignerError::WrongPin { tries_left } => {
-                        rec.pin_fault = Some(PinFault::Wrong(*tries_left));
-                    }
-                    SignerError::PinLocked => rec.pin_fault = Some(PinFault::Locked),
-                    _ => {}
-                }
                 rec.failures = rec.failures.saturating_add(1);
                 rec.last_error = shared.describe(&error);
                 // Next time start from the top of the ladder.
@@ -1251,6 +1365,7 @@ impl Pkcs11Signer {
                 Err(match error {
                     e @ (SignerError::WrongPin { .. }
                     | SignerError::PinLocked
+                    | SignerError::PinUnusable(_)
                     | SignerError::Pin(_)
                     | SignerError::NotP256(_)
                     | SignerError::SelfTest(_)) => e,
@@ -1346,6 +1461,7 @@ pub fn open(
         location: settings.location(),
         public_key: OnceLock::new(),
         pin: Mutex::new(None),
+        token: Mutex::new(None),
         recovery: Mutex::new(Recovery::default()),
     });
     let mut signers: Vec<Box<dyn Signer>> = Vec::with_capacity(count);
@@ -1408,11 +1524,19 @@ struct Admin<'a> {
     settings: &'a Pkcs11Settings,
     session: Session,
     pin: Mutex<Option<SecretString>>,
+    token: Mutex<Option<String>>,
 }
 
 impl Admin<'_> {
+    /// Logs in unless logged in; shares the module's PIN faults with the signing keys.
     fn login(&self) -> Result<(), Trouble> {
-        ensure_login(self.module, &self.session, &self.pin, self.settings)
+        ensure_login(
+            self.module,
+            &self.session,
+            &self.pin,
+            &self.token,
+            self.settings,
+        )
     }
 }
 
@@ -1434,6 +1558,7 @@ fn with_admin<T>(
         settings,
         session,
         pin: Mutex::new(None),
+        token: Mutex::new(None),
     };
     f(&admin).map_err(Trouble::into_error)
 }
@@ -1577,6 +1702,118 @@ fn private_template(label: &str, id: &[u8]) -> Vec<Attribute> {
     ]
 }
 
+/// What is wrong with how the token protects a private key, from its flags: it must be
+/// sensitive and not extractable; `require_never_extractable` (keys born in the token) also
+/// wants `CKA_NEVER_EXTRACTABLE`. Empty when all is well. A flag the token did not report
+/// counts as wrong.
+fn protection_problems(
+    sensitive: Option<bool>,
+    extractable: Option<bool>,
+    never_extractable: Option<bool>,
+    require_never_extractable: bool,
+) -> Vec<String> {
+    fn text(flag: Option<bool>) -> &'static str {
+        match flag {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "not reported",
+        }
+    }
+    let mut problems = Vec::new();
+    if sensitive != Some(true) {
+        problems.push(format!("CKA_SENSITIVE is {}", text(sensitive)));
+    }
+    if extractable != Some(false) {
+        problems.push(format!("CKA_EXTRACTABLE is {}", text(extractable)));
+    }
+    if require_never_extractable && never_extractable != Some(true) {
+        problems.push(format!(
+            "CKA_NEVER_EXTRACTABLE is {}",
+            text(never_extractable)
+        ));
+    }
+    problems
+}
+
+/// The entry of a key pair just created, read back from the token, if the token protects
+/// the private key as it was asked to (see [`protection_problems`]).
+fn checked_entry(
+    session: &Session,
+    private: ObjectHandle,
+    public: ObjectHandle,
+    generated: bool,
+) -> Result<KeyEntry, Trouble> {
+    let entry = entry(session, Some(private), Some(public))?;
+    let problems = protection_problems(
+        entry.sensitive,
+        entry.extractable,
+        entry.never_extractable,
+        generated,
+    );
+    if problems.is_empty() {
+        Ok(entry)
+    } else {
+        Err(Trouble::Other(SignerError::SelfTest(format!(
+            "the token did not protect the new private key as asked ({}): tm-agent does not keep \
+             such a key; this token cannot hold it non-extractable",
+            problems.join(", ")
+        ))))
+    }
+}
+
+/// Passes a checked new key through; when the checks failed, destroys both new objects.
+fn keep_or_destroy(
+    session: &Session,
+    private: ObjectHandle,
+    public: ObjectHandle,
+    checked: Result<KeyEntry, Trouble>,
+    label: &str,
+) -> Result<KeyEntry, Trouble> {
+    if checked.is_err() {
+        let private_gone = session.destroy_object(private);
+        let public_gone = session.destroy_object(public);
+        match private_gone.and(public_gone) {
+            Ok(()) => tracing::info!(label, "the new key failed its checks and was deleted"),
+            Err(e) => tracing::error!(
+                label,
+                error = %e,
+                "the new key failed its checks and could not be deleted: delete its objects by \
+                 hand (pkcs11-tool --delete-object)"
+            ),
+        }
+    }
+    checked
+}
+
+/// Warns loudly when the token does not protect the key: a private key that is not
+/// sensitive, or is extractable, can be read out of the token.
+fn warn_if_unprotected(session: &Session, key: ObjectHandle, location: &str) {
+    match read_attrs(
+        session,
+        key,
+        &[AttributeType::Sensitive, AttributeType::Extractable],
+    ) {
+        Ok(attrs) => {
+            let problems = protection_problems(attrs.sensitive, attrs.extractable, None, false);
+            if !problems.is_empty() {
+                tracing::warn!(
+                    key = %location,
+                    problems = %problems.join(", "),
+                    "THE PRIVATE KEY IS NOT PROTECTED BY THE TOKEN: it can be read out of it. \
+                     Replace it with a key made by `tm-agent key generate` (or `key import`), \
+                     which are sensitive and not extractable, and revoke this one"
+                );
+            }
+        }
+        Err(trouble) => tracing::warn!(
+            key = %location,
+            error = %trouble_text(&trouble),
+            "cannot read the private key's CKA_SENSITIVE and CKA_EXTRACTABLE: whether the token \
+             protects it is unknown"
+        ),
+    }
+}
+
 fn check_new_label(label: &str) -> Result<(), SignerError> {
     if label.trim().is_empty() {
         return Err(SignerError::Open("the key label is empty".into()));
@@ -1605,15 +1842,12 @@ pub fn generate(
             &public_template(label, &id),
             &private_template(label, &id),
         )?;
-        let checked =
-            key_public(&admin.session, private).and_then(|vk| probe(&admin.session, private, &vk));
-        if let Err(trouble) = checked {
-            let _ = admin.session.destroy_object(private);
-            let _ = admin.session.destroy_object(public);
-            return Err(trouble);
-        }
+        let checked = key_public(&admin.session, private)
+            .and_then(|vk| probe(&admin.session, private, &vk))
+            .and_then(|()| checked_entry(&admin.session, private, public, true));
+        let entry = keep_or_destroy(&admin.session, private, public, checked, label)?;
         tracing::info!(label, id = %hex::encode(&id), "generated a P-256 key in the token");
-        entry(&admin.session, Some(private), Some(public))
+        Ok(entry)
     })
 }
 
@@ -1668,15 +1902,12 @@ pub fn import(
                     "the imported public key object does not match the bundle".into(),
                 )));
             }
-            probe(&admin.session, private, &public_key)
+            probe(&admin.session, private, &public_key)?;
+            checked_entry(&admin.session, private, public, false)
         });
-        if let Err(trouble) = checked {
-            let _ = admin.session.destroy_object(private);
-            let _ = admin.session.destroy_object(public);
-            return Err(trouble);
-        }
+        let entry = keep_or_destroy(&admin.session, private, public, checked, label)?;
         tracing::info!(label, id = %hex::encode(&id), api_key_id = %bundle.key_id, "imported a P-256 key into the token");
-        entry(&admin.session, Some(private), Some(public))
+        Ok(entry)
     })
 }
 
@@ -1834,6 +2065,7 @@ mod tests {
 
     #[test]
     fn faults_classify_return_values() {
+        assert_eq!(Fault::of(RvError::OperationActive), Fault::SessionBusy);
         assert_eq!(Fault::of(RvError::SessionClosed), Fault::SessionGone);
         assert_eq!(Fault::of(RvError::SessionHandleInvalid), Fault::SessionGone);
         assert_eq!(Fault::of(RvError::UserNotLoggedIn), Fault::NotLoggedIn);
@@ -1849,10 +2081,46 @@ mod tests {
         for rv in [
             RvError::PinIncorrect,
             RvError::PinLocked,
+            RvError::PinExpired,
+            RvError::UserPinNotInitialized,
             RvError::MechanismInvalid,
         ] {
             assert_eq!(Fault::of(rv), Fault::Fatal, "{rv:?} must not be retried");
         }
+    }
+
+    #[test]
+    fn protection_flags_are_checked() {
+        assert!(protection_problems(Some(true), Some(false), Some(true), true).is_empty());
+        // Imported keys were outside the token: never-extractable is not asked of them.
+        assert!(protection_problems(Some(true), Some(false), Some(false), false).is_empty());
+        let problems = protection_problems(Some(false), Some(true), Some(false), true);
+        assert_eq!(
+            problems,
+            [
+                "CKA_SENSITIVE is false",
+                "CKA_EXTRACTABLE is true",
+                "CKA_NEVER_EXTRACTABLE is false"
+            ]
+        );
+        // Not reported counts as wrong: the CLI promises these flags.
+        let problems = protection_problems(None, None, None, true);
+        assert_eq!(problems.len(), 3);
+        assert!(problems[0].contains("not reported"));
+    }
+
+    #[test]
+    fn pin_faults_are_pin_errors() {
+        assert!(matches!(
+            PinFault::Wrong(Some(1)).error(),
+            SignerError::WrongPin {
+                tries_left: Some(1)
+            }
+        ));
+        assert!(matches!(PinFault::Locked.error(), SignerError::PinLocked));
+        let err = PinFault::Unusable("the user PIN has expired".into()).error();
+        assert!(matches!(err, SignerError::PinUnusable(_)));
+        assert!(err.to_string().contains("expired"), "{err}");
     }
 
     #[test]
