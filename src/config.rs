@@ -557,7 +557,10 @@ profiles = ["nope"]
             let err = Config::parse(&text).unwrap_err();
             assert!(!err.contains(pasted), "{line}: {err}");
             assert!(err.starts_with("line "), "{line}: {err}");
-            assert!(err.contains("never the PIN itself") || err.contains("column"), "{err}");
+            assert!(
+                err.contains("never the PIN itself") || err.contains("column"),
+                "{err}"
+            );
         }
     }
 
