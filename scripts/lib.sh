@@ -119,3 +119,18 @@ CONF
   cat "$work/agent.log" >&2
   return 1
 }
+
+# The official True Markets Python SDK (PyPI `truemarkets`), in a venv under target/, for
+# tests/official_sdk.rs: proof that the simulator accepts the real client unchanged. Its
+# telemetry dependency (posthog) is left out on purpose, so nothing can phone home.
+ensure_official_sdk() {
+  local venv=target/official-sdk-venv
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import truemarkets.auth' 2>/dev/null; then
+    return 0
+  fi
+  echo "== installing the official truemarkets SDK into $venv (without its telemetry)"
+  mkdir -p target
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --no-deps truemarkets==0.3.0
+  "$venv/bin/pip" install -q httpx attrs python-dateutil python-dotenv cryptography
+}

@@ -18,6 +18,7 @@ done
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 ensure_system_packages
+ensure_official_sdk
 # pcscd for the PIV tests (tests/piv.rs also calls this when it finds pcscd not running).
 bash scripts/pcscd.sh
 
