@@ -8,6 +8,7 @@ ensure_system_packages() {
   command -v systemd-socket-activate >/dev/null || missing+=(systemd)
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v python3 >/dev/null || missing+=(python3)
+  command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
   # YubiKey PIV: the pcsc crate links libpcsclite (the build needs the -dev package); the
   # PIV tests run real pcscd with the vpcd virtual reader and call yubico-piv-tool.
   [ -e /usr/include/PCSC/winscard.h ] || missing+=(libpcsclite-dev)
@@ -133,4 +134,12 @@ ensure_official_sdk() {
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --no-deps truemarkets==0.3.0
   "$venv/bin/pip" install -q httpx attrs python-dateutil python-dotenv cryptography
+}
+
+# cargo-deb, for the .deb the systemd suite builds and lists (tests/systemd_units.rs).
+ensure_cargo_deb() {
+  if ! cargo deb --version >/dev/null 2>&1; then
+    echo "== installing cargo-deb (builds the Debian package in the tests)"
+    cargo install -q cargo-deb --locked --version 3.8.0
+  fi
 }

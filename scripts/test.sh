@@ -19,6 +19,7 @@ done
 . scripts/lib.sh
 ensure_system_packages
 ensure_official_sdk
+ensure_cargo_deb
 # pcscd for the PIV tests (tests/piv.rs also calls this when it finds pcscd not running).
 bash scripts/pcscd.sh
 

@@ -479,6 +479,11 @@ const DEB_LAYOUT: &[(&str, &str, &str)] = &[
         "usr/share/doc/tm-agent/systemd.md",
         "644",
     ),
+    (
+        "docs/yubikey.md",
+        "usr/share/doc/tm-agent/yubikey.md",
+        "644",
+    ),
     ("README.md", "usr/share/doc/tm-agent/README.md", "644"),
 ];
 
@@ -547,6 +552,114 @@ fn deb_assets_exist_and_land_where_documented() {
         .collect();
     assert_eq!(conf, ["/etc/tm-agent/config.toml"]);
     assert!(deb["depends"].as_str().unwrap().contains("systemd"));
+}
+
+/// `rwxr-xr-x` for `755`.
+fn mode_string(octal: &str) -> String {
+    let bits = u32::from_str_radix(octal, 8).unwrap();
+    (0..9)
+        .map(|i| {
+            let on = bits & (0o400 >> i) != 0;
+            match (on, i % 3) {
+                (false, _) => '-',
+                (true, 0) => 'r',
+                (true, 1) => 'w',
+                (true, _) => 'x',
+            }
+        })
+        .collect()
+}
+
+/// Builds the real .deb with cargo-deb (from the debug binary this test run built: a release
+/// build would take minutes), then checks `dpkg-deb -c` and the control fields.
+#[test]
+fn the_deb_builds_and_dpkg_lists_the_documented_layout() {
+    let have = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        have,
+        "cargo-deb is missing: scripts/test.sh installs it (cargo install cargo-deb --locked)"
+    );
+    let out_dir = tempfile::tempdir().unwrap();
+    // The binary cargo-deb packs is the one Cargo built for these tests.
+    let bin = Path::new(env!("CARGO_BIN_EXE_tm-agent"));
+    assert!(bin.ends_with("debug/tm-agent"), "{}", bin.display());
+    let built = Command::new("cargo")
+        .current_dir(repo())
+        .args([
+            "deb",
+            "--no-build",
+            "--profile",
+            "dev",
+            "--no-strip",
+            "--fast",
+            "-o",
+        ])
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "cargo deb failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let deb = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb was written");
+    let listing = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    eprintln!("dpkg-deb -c {}:\n{listing}", deb.display());
+    let files: Vec<(String, String)> = listing
+        .lines()
+        .filter(|l| l.starts_with('-'))
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let path = cols.last().unwrap().trim_start_matches("./").to_string();
+            (path, cols[0][1..].to_string())
+        })
+        .collect();
+    let mut want: Vec<(String, String)> = DEB_LAYOUT
+        .iter()
+        .map(|(_, dest, mode)| (dest.to_string(), mode_string(mode)))
+        .collect();
+    want.push((
+        "usr/share/doc/tm-agent/copyright".into(),
+        mode_string("644"),
+    ));
+    let mut got = files.clone();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "the .deb holds exactly the documented files");
+    let control = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let control = String::from_utf8_lossy(&control.stdout).into_owned();
+    assert!(control.contains("Package: tm-agent"), "{control}");
+    assert!(
+        control.contains("systemd"),
+        "Depends names systemd: {control}"
+    );
+    let conffiles = Command::new("dpkg-deb")
+        .arg("--ctrl-tarfile")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let ctrl = String::from_utf8_lossy(&conffiles.stdout);
+    for script in ["postinst", "prerm", "postrm", "conffiles"] {
+        assert!(ctrl.contains(script), "control archive lacks {script}");
+    }
 }
 
 #[test]
