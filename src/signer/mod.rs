@@ -2,10 +2,13 @@
 //!
 //! Owns the [`Signer`] trait that each backend ([`pkcs11`], [`piv`], [`soft`]) implements, and
 //! the actor that runs them: one or more named OS threads, each owning one backend worker
-//! (e.g. a PKCS#11 session), fed by one bounded queue. The async side ([`Handle`]) hashes the
-//! message on the host, enqueues the digest with a oneshot reply, answers `Busy` when the
-//! queue is full and `Timeout` when the reply is late. Workers skip requests whose caller has
-//! gone or whose deadline has passed. Blocking hardware calls never run on the tokio runtime.
+//! (e.g. a PKCS#11 session), fed by one bounded queue that every worker receives from
+//! (crossbeam's MPMC channel: a job wakes one idle worker and only that one, where a shared
+//! `Mutex<Receiver>` also woke the next worker in line on every job). The async side
+//! ([`Handle`]) hashes the message on the host, enqueues the digest with a oneshot reply,
+//! answers `Busy` when the queue is full and `Timeout` when the reply is late. Workers skip
+//! requests whose caller has gone or whose deadline has passed. Blocking hardware calls never
+//! run on the tokio runtime.
 //!
 //! Health is published on a `watch` channel (state changes only); counters are atomics.
 //! This module never imports `server` or `token`.
@@ -16,10 +19,10 @@ pub mod pkcs11;
 pub mod soft;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 use tokio::sync::{oneshot, watch};
@@ -185,7 +188,7 @@ struct Shared {
 /// `Handle` is dropped (the queue closes) after finishing the job at hand.
 #[derive(Clone)]
 pub struct Handle {
-    queue: SyncSender<Job>,
+    queue: Sender<Job>,
     shared: Arc<Shared>,
 }
 
@@ -219,8 +222,7 @@ impl Handle {
             options,
         });
         let digest = jose::sha256(PROBE_MESSAGE);
-        let (queue, rx) = mpsc::sync_channel::<Job>(shared.options.queue_depth);
-        let rx = Arc::new(Mutex::new(rx));
+        let (queue, rx) = crossbeam_channel::bounded::<Job>(shared.options.queue_depth);
         for (index, mut worker) in workers.into_iter().enumerate() {
             // Self-test each worker before it joins the pool, so a bad session is found now.
             let sig = worker.sign_digest(&digest)?;
@@ -230,7 +232,7 @@ impl Handle {
                      (is the public key object paired with this private key?)"
                 )));
             }
-            let rx = Arc::clone(&rx);
+            let rx = rx.clone();
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(format!("{}-{index}", shared.options.name))
@@ -323,10 +325,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn run_worker(mut worker: Box<dyn Signer>, rx: Arc<Mutex<Receiver<Job>>>, shared: Arc<Shared>) {
+fn run_worker(mut worker: Box<dyn Signer>, rx: Receiver<Job>, shared: Arc<Shared>) {
     loop {
-        // Only the receiving is under the lock; signing runs in parallel across workers.
-        let job = match lock(&rx).recv() {
+        let job = match rx.recv() {
             Ok(job) => job,
             Err(_) => return, // every Handle dropped
         };
