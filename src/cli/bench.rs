@@ -1,16 +1,32 @@
-//! `tm-agent bench`: a load generator for a running agent.
+//! `tm-agent bench`: a load generator for a running agent, and the other measurements that
+//! `scripts/bench.sh` puts next to it (see `docs/performance.md`).
 //!
-//! N connections each send one op (`token`, `sign_challenge` or `ping`) back to back (or with
-//! a pipeline window) for a bounded duration after a warm-up, and every round trip's latency
-//! is recorded. Then the same load runs against a bare Unix-socket echo server that the
-//! bench starts itself on a temporary socket (its own runtime, its own threads), so results
-//! read as ratios to the cheapest possible round trip on this machine.
+//! The default mode: N connections each send one op (`token`, `sign_challenge` or `ping`)
+//! back to back (or with a pipeline window) for a bounded duration after a warm-up, and
+//! every round trip's latency is recorded. Then the same load runs against a bare
+//! Unix-socket echo server that the bench starts itself on a temporary socket (its own
+//! runtime, its own threads), so results read as ratios to the cheapest possible round trip
+//! on this machine.
+//!
+//! The other modes, one at a time:
+//! - `--raw-pkcs11 --config FILE`: in-process signing with the agent's key through the
+//!   PKCS#11 backend's workers directly (`C_SignInit` + `C_Sign`, no actor, no socket), on
+//!   `-c` threads each with its own session: the floor the agent's `sign_challenge` is
+//!   compared with.
+//! - `--ssh-agent SOCK`: the same load shape against an OpenSSH agent (its wire protocol:
+//!   sign requests with the first ECDSA P-256 identity), for comparison.
+//! - `--idle N --pid PID`: holds N idle connections (each answered one `ping`) for the
+//!   duration and reads the agent's resident memory (`VmRSS`) before and while they are open.
+//! - `--startup --config FILE`: starts `tm-agent run` on that config `--runs` times and
+//!   measures spawn → first `ping` and spawn → first `token`, next to the `ready after_ms`
+//!   that the agent logs.
 //!
 //! Threads: the load runs on a tokio runtime with `--threads` workers; the echo server on a
-//! second runtime. Everything stops by itself at the deadline; durations are capped.
+//! second runtime; `--raw-pkcs11` on plain threads. Everything stops by itself at the
+//! deadline; durations are capped.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -80,6 +96,7 @@ impl Default for BenchArgs {
 #[serde(rename_all = "snake_case")]
 pub enum BenchOp {
     Token,
+    #[value(alias = "sign_challenge")]
     SignChallenge,
     Ping,
 }
@@ -126,41 +143,182 @@ impl BenchReport {
     }
 }
 
+/// `tm-agent bench`: the load options, and the other modes.
+#[derive(Debug, Clone, Args)]
+pub struct BenchCommand {
+    #[command(flatten)]
+    pub load: BenchArgs,
+    #[command(flatten)]
+    pub modes: ModeArgs,
+}
+
+/// The measurements other than the load against the agent (at most one at a time).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ModeArgs {
+    /// Sign in-process with the key of --config through the PKCS#11 backend directly
+    /// (C_SignInit + C_Sign, no actor, no socket) on -c threads, each with its own session.
+    #[arg(long, requires = "config")]
+    pub raw_pkcs11: bool,
+    /// Sign in-process with the key of --config through a signer Handle (the agent's actor)
+    /// with this many sessions, from -c concurrent tasks: the actor's hand-off without the
+    /// socket.
+    #[arg(long, value_name = "SESSIONS", requires = "config")]
+    pub handle: Option<usize>,
+    /// Load an OpenSSH agent at this socket instead: sign requests with its first ECDSA
+    /// P-256 identity, -c connections.
+    #[arg(long, value_name = "SOCK")]
+    pub ssh_agent: Option<PathBuf>,
+    /// Hold this many idle connections to the agent (each answered one ping) for the
+    /// duration, and report the resident memory of --pid before and while they are open.
+    #[arg(long, value_name = "N", requires = "pid")]
+    pub idle: Option<usize>,
+    /// Start `tm-agent run --config FILE` --runs times; measure spawn → first ping and
+    /// spawn → first token (the config's socket must not be in use).
+    #[arg(long, requires = "config")]
+    pub startup: bool,
+    /// The agent config (--raw-pkcs11: where the key is; --startup: what to run).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The key of --config for --raw-pkcs11 [default: the only pkcs11 key].
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
+    /// The agent's process id, for --idle.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Agent starts for --startup.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+}
+
+enum Mode {
+    Agent,
+    RawPkcs11,
+    Handle(usize),
+    SshAgent(PathBuf),
+    Idle(usize),
+    Startup,
+}
+
+impl ModeArgs {
+    fn mode(&self) -> anyhow::Result<Mode> {
+        let mut modes = Vec::new();
+        if self.raw_pkcs11 {
+            modes.push(Mode::RawPkcs11);
+        }
+        if let Some(sessions) = self.handle {
+            modes.push(Mode::Handle(sessions));
+        }
+        if let Some(sock) = &self.ssh_agent {
+            modes.push(Mode::SshAgent(sock.clone()));
+        }
+        if let Some(n) = self.idle {
+            modes.push(Mode::Idle(n));
+        }
+        if self.startup {
+            modes.push(Mode::Startup);
+        }
+        match modes.len() {
+            0 => Ok(Mode::Agent),
+            1 => Ok(modes.remove(0)),
+            _ => {
+                bail!("give at most one of --raw-pkcs11, --handle, --ssh-agent, --idle, --startup")
+            }
+        }
+    }
+}
+
 /// Runs the bench as the CLI does: builds its runtime, prints the report. Returns the exit
 /// code (non-zero if any request failed).
-pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()
-        .context("cannot start the bench runtime")?;
-    let report = runtime.block_on(bench(&args))?;
+pub fn run(command: BenchCommand) -> anyhow::Result<i32> {
+    let args = command.load;
+    let failed = |errors: u64| {
+        if errors > 0 {
+            crate::client::exit::FAILURE
+        } else {
+            crate::client::exit::OK
+        }
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads.max(1))
+            .enable_all()
+            .build()
+            .context("cannot start the bench runtime")
+    };
     let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        use std::io::Write as _;
-        writeln!(out)?;
-    } else {
-        print_report(&mut out, &report, &args)?;
+    match command.modes.mode()? {
+        Mode::Agent => {
+            let report = runtime()?.block_on(bench(&args))?;
+            if args.json {
+                print_json(&mut out, &report)?;
+            } else {
+                print_report(&mut out, &report, &args)?;
+            }
+            Ok(failed(report.agent.errors))
+        }
+        Mode::RawPkcs11 => {
+            let report = raw_pkcs11(&args, &command.modes)?;
+            if args.json {
+                print_json(&mut out, &report)?;
+            } else {
+                print_single(&mut out, &report.label(), &report.measurement, &args)?;
+            }
+            Ok(failed(report.measurement.errors))
+        }
+        Mode::Handle(sessions) => {
+            let report = runtime()?.block_on(through_handle(sessions, &args, &command.modes))?;
+            if args.json {
+                print_json(&mut out, &report)?;
+            } else {
+                print_single(&mut out, &report.label(), &report.measurement, &args)?;
+            }
+            Ok(failed(report.measurement.errors))
+        }
+        Mode::SshAgent(sock) => {
+            let report = runtime()?.block_on(ssh_agent(&sock, &args))?;
+            if args.json {
+                print_json(&mut out, &report)?;
+            } else {
+                print_single(&mut out, &report.label(), &report.measurement, &args)?;
+            }
+            Ok(failed(report.measurement.errors))
+        }
+        Mode::Idle(n) => {
+            let pid = command.modes.pid.context("--idle needs --pid")?;
+            let report = runtime()?.block_on(idle(n, pid, &args))?;
+            if args.json {
+                print_json(&mut out, &report)?;
+            } else {
+                report.print(&mut out)?;
+            }
+            Ok(crate::client::exit::OK)
+        }
+        Mode::Startup => {
+            let config = command
+                .modes
+                .config
+                .as_deref()
+                .context("--startup needs --config")?;
+            let report = startup(config, command.modes.runs)?;
+            if args.json {
+                print_json(&mut out, &report)?;
+            } else {
+                report.print(&mut out)?;
+            }
+            Ok(crate::client::exit::OK)
+        }
     }
-    Ok(if report.agent.errors > 0 {
-        crate::client::exit::FAILURE
-    } else {
-        crate::client::exit::OK
-    })
+}
+
+fn print_json(out: &mut dyn std::io::Write, value: &impl Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
 }
 
 /// Runs the load against the agent (and the echo baseline unless disabled).
 pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    if args.connections == 0 || args.connections > 4096 {
-        bail!("--connections must be between 1 and 4096");
-    }
-    if args.pipeline == 0 || args.pipeline > 1024 {
-        bail!("--pipeline must be between 1 and 1024");
-    }
-    if args.duration == 0 || args.duration + args.warmup > MAX_SECS {
-        bail!("--duration must be at least 1 and duration + warmup at most {MAX_SECS} seconds");
-    }
+    check_load_args(args)?;
     let socket = crate::client::socket_path(args.socket.as_deref());
     let profile = match args.op {
         BenchOp::Ping => None,
@@ -186,6 +344,23 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         agent,
         baseline,
     })
+}
+
+fn check_load_args(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.connections == 0 || args.connections > 4096 {
+        bail!("--connections must be between 1 and 4096");
+    }
+    if args.pipeline == 0 || args.pipeline > 1024 {
+        bail!("--pipeline must be between 1 and 1024");
+    }
+    check_duration(args)
+}
+
+fn check_duration(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.duration == 0 || args.duration + args.warmup > MAX_SECS {
+        bail!("--duration must be at least 1 and duration + warmup at most {MAX_SECS} seconds");
+    }
+    Ok(())
 }
 
 async fn resolve_profile(
@@ -320,6 +495,11 @@ async fn load(
         errors += sample.errors;
     }
     let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
+    Ok(summarize(latencies, errors, seconds))
+}
+
+/// Percentiles (nearest rank) and the rate of one run's latencies.
+fn summarize(mut latencies: Vec<u32>, errors: u64, seconds: f64) -> Measurement {
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -328,7 +508,7 @@ async fn load(
         let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
         latencies[rank.clamp(1, latencies.len()) - 1] as f64 / 1000.0
     };
-    Ok(Measurement {
+    Measurement {
         requests: latencies.len() as u64,
         errors,
         seconds,
@@ -338,7 +518,7 @@ async fn load(
         p99_us: pct(99.0),
         p999_us: pct(99.9),
         max_us: latencies.last().map(|l| *l as f64 / 1000.0).unwrap_or(0.0),
-    })
+    }
 }
 
 async fn drive(
@@ -483,12 +663,824 @@ impl Drop for EchoServer {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// --raw-pkcs11: the in-process floor of signing
+
+/// In-process signing through the PKCS#11 backend's workers (or a signer Handle), without
+/// the agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct RawReport {
+    /// `raw_pkcs11` or `handle`.
+    pub mode: &'static str,
+    /// Sessions: threads for `raw_pkcs11`, actor workers for `handle`.
+    pub threads: usize,
+    /// Concurrent callers (= threads for `raw_pkcs11`).
+    pub clients: usize,
+    /// Where the key is (no secrets).
+    pub location: String,
+    pub measurement: Measurement,
+}
+
+impl RawReport {
+    fn label(&self) -> String {
+        if self.mode == "handle" {
+            format!("handle {}s", self.threads)
+        } else {
+            format!("raw pkcs11 {}t", self.threads)
+        }
+    }
+}
+
+/// The `[keys.NAME]` PKCS#11 settings of `config`: `key`, or the only PKCS#11 key.
+fn pkcs11_settings(
+    config: &crate::config::Config,
+    key: Option<&str>,
+) -> anyhow::Result<crate::signer::pkcs11::Pkcs11Settings> {
+    use crate::config::KeyConfig;
+    let mut keys = config.keys.iter().filter_map(|(name, k)| match k {
+        KeyConfig::Pkcs11(settings) => Some((name, settings)),
+        _ => None,
+    });
+    match key {
+        Some(wanted) => keys
+            .find(|(name, _)| name.as_str() == wanted)
+            .map(|(_, s)| s.clone())
+            .with_context(|| format!("the config has no pkcs11 key called {wanted}")),
+        None => match (keys.next(), keys.next()) {
+            (Some((_, s)), None) => Ok(s.clone()),
+            (None, _) => bail!("the config has no pkcs11 key"),
+            (Some(_), Some(_)) => bail!("the config has several pkcs11 keys: give --key"),
+        },
+    }
+}
+
+/// Signs back to back on `-c` threads, each owning one backend worker (its own session).
+fn raw_pkcs11(args: &BenchArgs, modes: &ModeArgs) -> anyhow::Result<RawReport> {
+    use crate::signer::pkcs11;
+    use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+
+    check_duration(args)?;
+    let threads = args.connections;
+    if threads == 0 || threads > pkcs11::MAX_SESSIONS {
+        bail!(
+            "--raw-pkcs11 runs -c threads, 1 to {}",
+            pkcs11::MAX_SESSIONS
+        );
+    }
+    let path = modes
+        .config
+        .as_deref()
+        .context("--raw-pkcs11 needs --config")?;
+    let loaded = crate::config::Config::load(path)?;
+    let settings = pkcs11_settings(&loaded.config, modes.key.as_deref())?;
+    let (info, workers) = pkcs11::open(&settings, threads).context("cannot open the key")?;
+    let public_key = info.public_key;
+
+    // Every thread signs once and checks the signature before the clock starts.
+    let start = Instant::now() + Duration::from_millis(100);
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let end = measure_from + Duration::from_secs(args.duration);
+    let joined: Vec<_> = std::thread::scope(|scope| {
+        let running: Vec<_> = workers
+            .into_iter()
+            .enumerate()
+            .map(|(index, mut worker)| {
+                scope.spawn(move || -> anyhow::Result<Sample> {
+                    let digest = crate::jose::sha256(format!("bench.{index}").as_bytes());
+                    let probe = worker.sign_digest(&digest)?;
+                    public_key
+                        .verify_prehash(&digest, &probe)
+                        .context("a raw signature does not verify")?;
+                    let mut latencies = Vec::with_capacity(64 * 1024);
+                    let mut errors = 0;
+                    loop {
+                        let t0 = Instant::now();
+                        if t0 >= end {
+                            break;
+                        }
+                        let result = worker.sign_digest(&digest);
+                        let done = Instant::now();
+                        if t0 >= measure_from && done <= end {
+                            latencies.push(nanos(done.duration_since(t0)));
+                            if result.is_err() {
+                                errors += 1;
+                            }
+                        }
+                    }
+                    Ok(Sample {
+                        latencies_ns: latencies,
+                        errors,
+                    })
+                })
+            })
+            .collect();
+        running.into_iter().map(|t| t.join()).collect()
+    });
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for sample in joined {
+        let sample = sample.map_err(|_| anyhow::anyhow!("a signing thread panicked"))??;
+        latencies.extend_from_slice(&sample.latencies_ns);
+        errors += sample.errors;
+    }
+    let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
+    Ok(RawReport {
+        mode: "raw_pkcs11",
+        threads,
+        clients: threads,
+        location: info.location,
+        measurement: summarize(latencies, errors, seconds),
+    })
+}
+
+/// Signs back to back from `-c` tasks through a signer Handle with `sessions` workers.
+async fn through_handle(
+    sessions: usize,
+    args: &BenchArgs,
+    modes: &ModeArgs,
+) -> anyhow::Result<RawReport> {
+    use crate::signer::{pkcs11, ActorOptions, Handle};
+
+    check_load_args(args)?;
+    if sessions == 0 || sessions > pkcs11::MAX_SESSIONS {
+        bail!("--handle takes 1 to {} sessions", pkcs11::MAX_SESSIONS);
+    }
+    let path = modes.config.as_deref().context("--handle needs --config")?;
+    let loaded = crate::config::Config::load(path)?;
+    let settings = pkcs11_settings(&loaded.config, modes.key.as_deref())?;
+    let options = ActorOptions {
+        queue_depth: args.connections.max(ActorOptions::default().queue_depth),
+        name: "bench-signer".into(),
+        ..ActorOptions::default()
+    };
+    let handle = super::blocking(move || -> Result<Handle, crate::signer::SignerError> {
+        let (info, workers) = pkcs11::open(&settings, sessions)?;
+        Handle::spawn(info, workers, options)
+    })
+    .await?
+    .context("cannot open the key")?;
+    let location = handle.info().location.clone();
+
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let end = measure_from + Duration::from_secs(args.duration);
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..args.connections {
+        let handle = handle.clone();
+        tasks.spawn(async move {
+            let message = format!("bench.{index}");
+            let mut latencies = Vec::with_capacity(16 * 1024);
+            let mut errors = 0;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                let result = handle.sign(message.as_bytes()).await;
+                let done = Instant::now();
+                if t0 >= measure_from && done <= end {
+                    latencies.push(nanos(done.duration_since(t0)));
+                    if result.is_err() {
+                        errors += 1;
+                    }
+                }
+            }
+            Sample {
+                latencies_ns: latencies,
+                errors,
+            }
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let sample = joined.context("a signing task panicked")?;
+        latencies.extend_from_slice(&sample.latencies_ns);
+        errors += sample.errors;
+    }
+    let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
+    Ok(RawReport {
+        mode: "handle",
+        threads: sessions,
+        clients: args.connections,
+        location,
+        measurement: summarize(latencies, errors, seconds),
+    })
+}
+
+fn nanos(d: Duration) -> u32 {
+    d.as_nanos().min(u32::MAX as u128) as u32
+}
+
+// ---------------------------------------------------------------------------------------
+// --ssh-agent: the same load against an OpenSSH agent
+
+const SSH_AGENT_FAILURE: u8 = 5;
+const SSH_AGENTC_REQUEST_IDENTITIES: u8 = 11;
+const SSH_AGENT_IDENTITIES_ANSWER: u8 = 12;
+const SSH_AGENTC_SIGN_REQUEST: u8 = 13;
+const SSH_AGENT_SIGN_RESPONSE: u8 = 14;
+/// The longest agent message read (OpenSSH's own cap is 256 KiB).
+const SSH_MAX_MESSAGE: usize = 256 * 1024;
+
+/// The load against an OpenSSH agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct SshAgentReport {
+    /// `ssh_agent`.
+    pub mode: &'static str,
+    pub connections: usize,
+    pub pipeline: usize,
+    /// The identity's comment, as the agent lists it.
+    pub key: String,
+    pub measurement: Measurement,
+}
+
+impl SshAgentReport {
+    fn label(&self) -> String {
+        "ssh-agent".into()
+    }
+}
+
+/// One agent message: length, type, body.
+fn ssh_message(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(5 + body.len());
+    m.extend_from_slice(&(body.len() as u32 + 1).to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+fn ssh_put_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// Reads one message into `buf` (type byte first) and returns its type.
+async fn ssh_read<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<u8> {
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > SSH_MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("an ssh-agent message of {len} bytes"),
+        ));
+    }
+    buf.resize(len, 0);
+    reader.read_exact(buf).await?;
+    Ok(buf[0])
+}
+
+/// A cursor over the SSH wire encoding.
+struct SshReader<'a>(&'a [u8]);
+
+impl<'a> SshReader<'a> {
+    fn u32(&mut self) -> Option<u32> {
+        let (head, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_be_bytes(*head))
+    }
+
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let len = self.u32()? as usize;
+        if len > self.0.len() {
+            return None;
+        }
+        let (s, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Some(s)
+    }
+}
+
+/// The first `ecdsa-sha2-nistp256` identity of the agent: its key blob and comment.
+fn ssh_pick_identity(answer: &[u8]) -> anyhow::Result<(Vec<u8>, String)> {
+    let mut r = SshReader(answer);
+    let count = r.u32().context("a malformed identities answer")?;
+    let mut types = Vec::new();
+    for _ in 0..count {
+        let blob = r.string().context("a malformed identities answer")?;
+        let comment = r.string().context("a malformed identities answer")?;
+        let kind = SshReader(blob).string().unwrap_or_default();
+        if kind == b"ecdsa-sha2-nistp256" {
+            return Ok((blob.to_vec(), String::from_utf8_lossy(comment).into_owned()));
+        }
+        types.push(String::from_utf8_lossy(kind).into_owned());
+    }
+    bail!(
+        "the ssh-agent holds no ECDSA P-256 key ({} identities: {}); add it with `ssh-add -s MODULE`",
+        count,
+        types.join(", ")
+    )
+}
+
+async fn ssh_agent(sock: &Path, args: &BenchArgs) -> anyhow::Result<SshAgentReport> {
+    check_load_args(args)?;
+    let connect = || async {
+        UnixStream::connect(sock)
+            .await
+            .with_context(|| format!("cannot connect to the ssh-agent at {}", sock.display()))
+    };
+    let mut first = connect().await?;
+    first
+        .write_all(&ssh_message(SSH_AGENTC_REQUEST_IDENTITIES, &[]))
+        .await?;
+    let mut buf = Vec::new();
+    let kind = ssh_read(&mut first, &mut buf).await?;
+    if kind != SSH_AGENT_IDENTITIES_ANSWER {
+        bail!("the ssh-agent answered message type {kind} to a request for identities");
+    }
+    let (blob, comment) = ssh_pick_identity(&buf[1..])?;
+    // A challenge-sized message, as `sign_challenge` signs: `<key_id>.<timestamp>`.
+    let data = crate::jose::challenge_message(
+        "00000000-0000-4000-8000-000000000000",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    );
+    let mut body = Vec::with_capacity(blob.len() + data.len() + 16);
+    ssh_put_string(&mut body, &blob);
+    ssh_put_string(&mut body, data.as_bytes());
+    body.extend_from_slice(&0u32.to_be_bytes()); // flags
+    let request = std::sync::Arc::new(ssh_message(SSH_AGENTC_SIGN_REQUEST, &body));
+    // One signature first, so that a refusal is reported clearly.
+    first.write_all(&request).await?;
+    match ssh_read(&mut first, &mut buf).await? {
+        SSH_AGENT_SIGN_RESPONSE => {}
+        SSH_AGENT_FAILURE => bail!("the ssh-agent refused to sign with {comment}"),
+        other => bail!("the ssh-agent answered message type {other} to a sign request"),
+    }
+    drop(first);
+
+    let mut streams = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        streams.push(connect().await?);
+    }
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup);
+    let end = measure_from + Duration::from_secs(args.duration);
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in streams {
+        let request = std::sync::Arc::clone(&request);
+        let pipeline = args.pipeline;
+        tasks.spawn(async move { drive_ssh(stream, &request, pipeline, measure_from, end).await });
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let sample = joined.context("a load task panicked")??;
+        latencies.extend_from_slice(&sample.latencies_ns);
+        errors += sample.errors;
+    }
+    let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
+    Ok(SshAgentReport {
+        mode: "ssh_agent",
+        connections: args.connections,
+        pipeline: args.pipeline,
+        key: comment,
+        measurement: summarize(latencies, errors, seconds),
+    })
+}
+
+async fn drive_ssh(
+    stream: UnixStream,
+    request: &[u8],
+    pipeline: usize,
+    measure_from: Instant,
+    end: Instant,
+) -> std::io::Result<Sample> {
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = BufReader::with_capacity(16 * 1024, rd);
+    let mut sent: VecDeque<Instant> = VecDeque::with_capacity(pipeline);
+    let mut out = Vec::with_capacity(request.len() * pipeline);
+    let mut reply = Vec::with_capacity(512);
+    let mut latencies = Vec::with_capacity(16 * 1024);
+    let mut errors = 0;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        out.clear();
+        while sent.len() < pipeline {
+            out.extend_from_slice(request);
+            sent.push_back(now);
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+        }
+        let kind = ssh_read(&mut reader, &mut reply).await?;
+        let done = Instant::now();
+        let Some(t0) = sent.pop_front() else { continue };
+        if t0 >= measure_from && done <= end {
+            latencies.push(nanos(done.duration_since(t0)));
+            if kind != SSH_AGENT_SIGN_RESPONSE {
+                errors += 1;
+            }
+        }
+    }
+    Ok(Sample {
+        latencies_ns: latencies,
+        errors,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// --idle: resident memory with N idle connections
+
+/// The agent's resident memory with N idle connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleReport {
+    /// `idle`.
+    pub mode: &'static str,
+    pub connections: usize,
+    pub pid: u32,
+    /// `VmRSS` before the bench connects.
+    pub rss_before_kib: u64,
+    /// `VmRSS` once every connection is open and has been answered a `ping`.
+    pub rss_open_kib: u64,
+    /// The highest `VmRSS` sampled (every 100 ms) while the connections were held.
+    pub rss_held_max_kib: u64,
+    /// `VmRSS` a second after the connections were closed.
+    pub rss_after_close_kib: u64,
+    /// Open connections as the agent's `status` counts them while held (the status
+    /// request's own connection included).
+    pub agent_open_connections: Option<u64>,
+    /// Seconds the connections were held.
+    pub held_secs: f64,
+}
+
+impl IdleReport {
+    fn print(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        writeln!(
+            out,
+            "pid {}: VmRSS {:.1} MiB before; {:.1} MiB with {} idle connections open ({:.1} MiB \
+             max over {:.1} s; the agent counts {} open); {:.1} MiB after they closed",
+            self.pid,
+            mib(self.rss_before_kib),
+            mib(self.rss_open_kib),
+            self.connections,
+            mib(self.rss_held_max_kib),
+            self.held_secs,
+            self.agent_open_connections
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into()),
+            mib(self.rss_after_close_kib),
+        )
+    }
+}
+
+/// `VmRSS` of `pid` in KiB, from `/proc/<pid>/status`.
+pub fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
+}
+
+async fn idle(n: usize, pid: u32, args: &BenchArgs) -> anyhow::Result<IdleReport> {
+    check_duration(args)?;
+    if n == 0 || n > 10_000 {
+        bail!("--idle takes 1 to 10000 connections");
+    }
+    let socket = crate::client::socket_path(args.socket.as_deref());
+    let rss_before_kib = vm_rss_kib(pid)?;
+    let ping = Template::new(BenchOp::Ping, None);
+    let mut line = Vec::new();
+    ping.render(1, &mut line);
+    let mut held = Vec::with_capacity(n);
+    let mut reply = Vec::with_capacity(64);
+    for _ in 0..n {
+        let stream = UnixStream::connect(&socket)
+            .await
+            .with_context(|| format!("cannot connect to {}", socket.display()))?;
+        let mut stream = BufReader::new(stream);
+        stream.get_mut().write_all(&line).await?;
+        reply.clear();
+        stream.read_until(b'\n', &mut reply).await?;
+        if !contains(&reply, b"\"ok\":true") {
+            bail!(
+                "connection {} was not answered: {}",
+                held.len() + 1,
+                String::from_utf8_lossy(&reply).trim()
+            );
+        }
+        held.push(stream);
+    }
+    let rss_open_kib = vm_rss_kib(pid)?;
+    let agent_open_connections = match crate::client::AsyncClient::connect(&socket).await {
+        Ok(mut client) => client
+            .status(None)
+            .await
+            .ok()
+            .map(|s| s.counters.connections.open),
+        Err(_) => None,
+    };
+    let since = Instant::now();
+    let until = since + Duration::from_secs(args.duration);
+    let mut rss_held_max_kib = rss_open_kib;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss_held_max_kib = rss_held_max_kib.max(vm_rss_kib(pid)?);
+    }
+    let held_secs = since.elapsed().as_secs_f64();
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after_close_kib = vm_rss_kib(pid)?;
+    Ok(IdleReport {
+        mode: "idle",
+        connections: n,
+        pid,
+        rss_before_kib,
+        rss_open_kib,
+        rss_held_max_kib,
+        rss_after_close_kib,
+        agent_open_connections,
+        held_secs,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// --startup: spawn → first ping, spawn → first token
+
+/// One start of the agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct StartupRun {
+    /// Spawn → first `ping` answered.
+    pub ping_ms: f64,
+    /// Spawn → first `token` answered with a token.
+    pub token_ms: f64,
+    /// The `ready after_ms=…` the agent logged (counted from after its config was loaded).
+    pub logged_ready_ms: Option<u64>,
+}
+
+/// `--runs` starts of the agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct StartupReport {
+    /// `startup`.
+    pub mode: &'static str,
+    pub runs: Vec<StartupRun>,
+    pub median_ping_ms: f64,
+    pub median_token_ms: f64,
+    pub median_logged_ready_ms: Option<f64>,
+}
+
+impl StartupReport {
+    fn print(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for (i, r) in self.runs.iter().enumerate() {
+            writeln!(
+                out,
+                "run {}: spawn → ping {:.1} ms, spawn → token {:.1} ms, logged ready after_ms={}",
+                i + 1,
+                r.ping_ms,
+                r.token_ms,
+                r.logged_ready_ms
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "?".into())
+            )?;
+        }
+        writeln!(
+            out,
+            "median of {}: spawn → ping {:.1} ms, spawn → token {:.1} ms, logged ready {}",
+            self.runs.len(),
+            self.median_ping_ms,
+            self.median_token_ms,
+            self.median_logged_ready_ms
+                .map(|m| format!("{m:.0} ms"))
+                .unwrap_or_else(|| "?".into())
+        )
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+/// Starts the agent `runs` times, one after the other, each stopped with SIGTERM.
+fn startup(config: &Path, runs: usize) -> anyhow::Result<StartupReport> {
+    if runs == 0 || runs > 100 {
+        bail!("--runs must be between 1 and 100");
+    }
+    let loaded = crate::config::Config::load(config)?;
+    let socket = loaded.config.socket.path.clone();
+    let profile = loaded
+        .config
+        .profiles
+        .keys()
+        .next()
+        .cloned()
+        .context("the config has no profile")?;
+    if crate::client::Client::connect(&socket).is_ok() {
+        bail!(
+            "an agent already answers on {}: give --startup a config with its own socket",
+            socket.display()
+        );
+    }
+    let exe = std::env::current_exe().context("cannot find the tm-agent executable")?;
+    let dir = TempDir::new("startup")?;
+    let mut results = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let log = dir.path.join(format!("agent-{run}.log"));
+        results.push(start_once(&exe, config, &socket, &profile, &log)?);
+    }
+    let logged: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.logged_ready_ms.map(|m| m as f64))
+        .collect();
+    Ok(StartupReport {
+        mode: "startup",
+        median_ping_ms: median(results.iter().map(|r| r.ping_ms).collect()).unwrap_or(0.0),
+        median_token_ms: median(results.iter().map(|r| r.token_ms).collect()).unwrap_or(0.0),
+        median_logged_ready_ms: median(logged),
+        runs: results,
+    })
+}
+
+fn start_once(
+    exe: &Path,
+    config: &Path,
+    socket: &Path,
+    profile: &str,
+    log: &Path,
+) -> anyhow::Result<StartupRun> {
+    let file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(exe)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let measured = wait_ready(&mut child, t0, socket, profile);
+    stop(&mut child);
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let (ping, token) = measured.with_context(|| {
+        format!(
+            "the agent did not become ready; its log:\n{}",
+            text.trim_end()
+        )
+    })?;
+    let logged_ready_ms = text
+        .lines()
+        .filter(|l| l.contains(" ready ") || l.contains("\"ready\""))
+        .find_map(|l| {
+            let rest = &l[l.find("after_ms")? + "after_ms".len()..];
+            let digits: String = rest
+                .trim_start_matches(['=', ':', '"', ' '])
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            digits.parse().ok()
+        });
+    Ok(StartupRun {
+        ping_ms: ping.as_secs_f64() * 1000.0,
+        token_ms: token.as_secs_f64() * 1000.0,
+        logged_ready_ms,
+    })
+}
+
+/// Polls the socket every millisecond until a `ping` and then a `token` succeed.
+fn wait_ready(
+    child: &mut std::process::Child,
+    t0: Instant,
+    socket: &Path,
+    profile: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    let limit = Duration::from_secs(20);
+    let mut ping = None;
+    let mut last_error = String::from("no answer");
+    while t0.elapsed() < limit {
+        if let Some(status) = child.try_wait()? {
+            bail!("the agent exited with {status}");
+        }
+        if let Ok(mut client) = crate::client::Client::connect(socket) {
+            client.set_timeout(Some(limit))?;
+            match client.ping() {
+                Ok(()) => {
+                    let at = ping.get_or_insert_with(|| t0.elapsed());
+                    match client.token(profile, None) {
+                        Ok(_) => return Ok((*at, t0.elapsed())),
+                        Err(e) => last_error = e.to_string(),
+                    }
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("no token within {limit:?}: {last_error}")
+}
+
+/// SIGTERM (a clean shutdown removes the socket), then SIGKILL after 10 s.
+fn stop(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A private temporary directory, removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(tag: &str) -> anyhow::Result<TempDir> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let path = std::env::temp_dir().join(format!(
+            "tm-agent-bench-{tag}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempDir { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 fn fmt_us(us: f64) -> String {
     if us >= 1000.0 {
         format!("{:.2}ms", us / 1000.0)
     } else {
         format!("{us:.0}µs")
     }
+}
+
+/// Prints one measurement without a baseline (the other load modes).
+fn print_single(
+    out: &mut dyn std::io::Write,
+    label: &str,
+    m: &Measurement,
+    args: &BenchArgs,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{label}: concurrency={} duration={}s warmup={}s",
+        args.connections, args.duration, args.warmup
+    )?;
+    print_header(out)?;
+    print_row(out, label, m)
+}
+
+fn print_header(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "", "requests", "req/s", "p50", "p90", "p99", "p99.9", "max", "errors"
+    )
+}
+
+fn print_row(out: &mut dyn std::io::Write, name: &str, m: &Measurement) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<14} {:>10} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        name,
+        m.requests,
+        m.per_second,
+        fmt_us(m.p50_us),
+        fmt_us(m.p90_us),
+        fmt_us(m.p99_us),
+        fmt_us(m.p999_us),
+        fmt_us(m.max_us),
+        m.errors
+    )
 }
 
 /// Prints the human-readable report.
@@ -502,29 +1494,10 @@ pub fn print_report(
         "op={:?} connections={} pipeline={} duration={}s warmup={}s threads={}",
         r.op, r.connections, r.pipeline, args.duration, args.warmup, args.threads
     )?;
-    writeln!(
-        out,
-        "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "", "requests", "req/s", "p50", "p90", "p99", "p99.9", "max", "errors"
-    )?;
-    let mut row = |name: &str, m: &Measurement| {
-        writeln!(
-            out,
-            "{:<14} {:>10} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-            name,
-            m.requests,
-            m.per_second,
-            fmt_us(m.p50_us),
-            fmt_us(m.p90_us),
-            fmt_us(m.p99_us),
-            fmt_us(m.p999_us),
-            fmt_us(m.max_us),
-            m.errors
-        )
-    };
-    row("agent", &r.agent)?;
+    print_header(out)?;
+    print_row(out, "agent", &r.agent)?;
     if let Some(b) = &r.baseline {
-        row("echo baseline", b)?;
+        print_row(out, "echo baseline", b)?;
         writeln!(
             out,
             "agent/echo: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
@@ -549,5 +1522,70 @@ mod tests {
         let req = raw.validate().unwrap();
         assert_eq!(req.id, 42);
         assert_eq!(req.body.profile(), Some("pr\"od"));
+    }
+
+    fn identity(kind: &str, comment: &str) -> Vec<u8> {
+        let mut blob = Vec::new();
+        ssh_put_string(&mut blob, kind.as_bytes());
+        ssh_put_string(&mut blob, b"key material");
+        let mut out = Vec::new();
+        ssh_put_string(&mut out, &blob);
+        ssh_put_string(&mut out, comment.as_bytes());
+        out
+    }
+
+    #[test]
+    fn ssh_agent_identities_pick_the_p256_key() {
+        let mut answer = 2u32.to_be_bytes().to_vec();
+        answer.extend(identity("ssh-ed25519", "other"));
+        answer.extend(identity("ecdsa-sha2-nistp256", "tm-demo-key"));
+        let (blob, comment) = ssh_pick_identity(&answer).unwrap();
+        assert_eq!(comment, "tm-demo-key");
+        assert_eq!(SshReader(&blob).string(), Some(&b"ecdsa-sha2-nistp256"[..]));
+
+        let mut only_ed25519 = 1u32.to_be_bytes().to_vec();
+        only_ed25519.extend(identity("ssh-ed25519", "other"));
+        let err = ssh_pick_identity(&only_ed25519).unwrap_err().to_string();
+        assert!(err.contains("ssh-ed25519"), "{err}");
+
+        let truncated = 1u32.to_be_bytes().to_vec();
+        assert!(ssh_pick_identity(&truncated).is_err());
+    }
+
+    #[test]
+    fn ssh_messages_are_length_prefixed() {
+        assert_eq!(
+            ssh_message(SSH_AGENTC_REQUEST_IDENTITIES, &[]),
+            vec![0, 0, 0, 1, 11]
+        );
+    }
+
+    #[test]
+    fn percentiles_and_medians() {
+        let m = summarize((1..=1000).map(|i| i * 1000).collect(), 0, 2.0);
+        assert_eq!(m.requests, 1000);
+        assert_eq!(m.per_second, 500.0);
+        assert_eq!(m.p50_us, 500.0);
+        assert_eq!(m.p99_us, 990.0);
+        assert_eq!(m.max_us, 1000.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn reads_its_own_resident_memory() {
+        assert!(vm_rss_kib(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn one_mode_at_a_time() {
+        let both = ModeArgs {
+            raw_pkcs11: true,
+            startup: true,
+            ..ModeArgs::default()
+        };
+        assert!(both.mode().is_err());
+        assert!(matches!(ModeArgs::default().mode(), Ok(Mode::Agent)));
     }
 }

@@ -58,8 +58,9 @@ pub enum Command {
     #[command(flatten)]
     Client(client::ClientCommand),
     /// Load generator: N connections × an op against a running agent, with a bare
-    /// Unix-socket echo baseline.
-    Bench(bench::BenchArgs),
+    /// Unix-socket echo baseline; also raw PKCS#11 signing, ssh-agent, idle memory and
+    /// start-up measurements (scripts/bench.sh runs them all).
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the parsed command line and returns the process exit code.
