@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::Command;
 
 #[path = "common/sim.rs"]
-#[allow(dead_code)]
 mod sim_fixture;
 
 #[test]
