@@ -688,14 +688,42 @@ fn pin_from_a_systemd_credential() {
     );
     assert!(!w.path("agent.sock").exists());
 
+    // As systemd starts it: the credential directory, and stderr connected to journald
+    // ($JOURNAL_STREAM), where each line must carry its syslog priority prefix.
     let mut cmd = agent_command(&w.hsm, &config);
     cmd.env("CREDENTIALS_DIRECTORY", &creds);
+    cmd.env("JOURNAL_STREAM", "8:4242");
     let mut agent = Proc::spawn("tm-agent run (credential)", &mut cmd);
     wait_for_ping(&mut agent, &w.path("agent.sock"), START);
     w.verify_sign_output(&cli_ok(&w.path("agent.sock"), &["sign", "--profile", P]));
     w.verify_access_token(cli_ok(&w.path("agent.sock"), &["token", "--profile", P]).trim());
     agent.signal("TERM");
     assert_eq!(agent.expect_exit(Duration::from_secs(5)), 0);
+    let log = agent.stderr();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty(), "the agent logged nothing");
+    for line in &lines {
+        let bytes = line.as_bytes();
+        assert!(
+            bytes.len() > 3
+                && bytes[0] == b'<'
+                && (b'0'..=b'7').contains(&bytes[1])
+                && bytes[2] == b'>',
+            "a journald line without its <N> priority: {line:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("ready")),
+        "the ready line is filed at info (6):\n{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("audit")),
+        "{log}"
+    );
 }
 
 /// The `C_Login` calls in a pkcs11-spy log, each with the line that reports its result.
