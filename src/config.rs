@@ -422,15 +422,18 @@ impl Config {
 /// `line L, column C: message`, from a TOML error, without the source snippet that its
 /// `Display` would print.
 pub fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    match err.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {}", err.message())
-        }
+    match toml_error_position(text, err) {
+        Some((line, column)) => format!("line {line}, column {column}: {}", err.message()),
         None => err.message().to_string(),
     }
+}
+
+/// The 1-based line and column where a TOML error starts in `text`, when toml knows it.
+pub fn toml_error_position(text: &str, err: &toml::de::Error) -> Option<(usize, usize)> {
+    let before = err.span().and_then(|span| text.get(..span.start))?;
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Some((line, column))
 }
 
 /// A UUID in its canonical 8-4-4-4-12 hex form.

@@ -346,12 +346,9 @@ fn load_config_key(path: &Path, name: &str) -> anyhow::Result<KeyConfig> {
 
 /// ` at line L, column C` of a toml error when it has a position in `text`, else nothing.
 fn toml_position(text: &str, err: &toml::de::Error) -> String {
-    let Some(before) = err.span().and_then(|span| text.get(..span.start)) else {
-        return String::new();
-    };
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    format!(" at line {line}, column {column}")
+    crate::config::toml_error_position(text, err)
+        .map(|(line, column)| format!(" at line {line}, column {column}"))
+        .unwrap_or_default()
 }
 
 /// The module when neither the flags nor the config name one.
