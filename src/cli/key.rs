@@ -351,6 +351,19 @@ fn toml_position(text: &str, err: &toml::de::Error) -> String {
         .unwrap_or_default()
 }
 
+/// After an import: tell the user to destroy the bundle file, then why the key may deserve
+/// replacing (`origin`).
+fn destroy_bundle_advice(bundle_path: &Path, origin: &str) {
+    println!();
+    println!("The bundle file still holds the private key in plain text. Destroy it now:");
+    println!(
+        "  shred -u {}",
+        shell_quote(&bundle_path.display().to_string())
+    );
+    println!("and any other copy of it (downloads folder, backups, other machines).");
+    println!("{origin}");
+}
+
 /// The module when neither the flags nor the config name one.
 fn default_module() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os(MODULE_ENV) {
@@ -582,17 +595,11 @@ async fn import(
          extractable.",
         entry.id_hex()
     );
-    println!();
-    println!("The bundle file still holds the private key in plain text. Destroy it now:");
-    println!(
-        "  shred -u {}",
-        shell_quote(&bundle_path.display().to_string())
-    );
-    println!("and any other copy of it (downloads folder, backups, other machines).");
-    println!(
+    destroy_bundle_advice(
+        &bundle_path,
         "The website generated this key, so it existed outside the HSM: if that matters, \
          generate a new key inside the HSM (`tm-agent key generate`), register its public key \
-         on the API Keys page and revoke this one."
+         on the API Keys page and revoke this one.",
     );
     println!();
     println!(
@@ -831,17 +838,11 @@ async fn import_piv(
         "Imported API key {key_id} into {what} ({}): the YubiKey cannot export it.",
         slot.policy_summary()
     );
-    println!();
-    println!("The bundle file still holds the private key in plain text. Destroy it now:");
-    println!(
-        "  shred -u {}",
-        shell_quote(&bundle_path.display().to_string())
-    );
-    println!("and any other copy of it (downloads folder, backups, other machines).");
-    println!(
+    destroy_bundle_advice(
+        &bundle_path,
         "The website generated this key, so it existed outside the YubiKey (and it cannot be \
          attested): if that matters, generate a new key on the YubiKey (`tm-agent key \
-         --backend piv generate`), register its public key and revoke this one."
+         --backend piv generate`), register its public key and revoke this one.",
     );
     println!();
     println!(
