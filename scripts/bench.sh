@@ -11,6 +11,9 @@
 #   - raw in-process PKCS#11 signing (C_SignInit + C_Sign through the backend, no actor, no
 #     socket) on 1 and 2 threads, and the same through a signer Handle (the actor) in-process;
 #   - `sign_challenge` at 1, 2 and 16 connections (2 sessions), and at 16 with 1 session;
+#   - the same with `agent.worker_threads = 1` (a third agent), and a fourth agent pinned
+#     with the load generator to one CPU (`taskset -c 0`): ping, sign_challenge and raw
+#     signing there show what cross-CPU wake-ups cost on this machine;
 #   - ssh-agent holding the same SoftHSM key through PKCS#11, at 1 and 16 connections;
 #   - start-up: spawn → first ping / first token of a second agent, and its `ready after_ms`;
 #   - unless --no-criterion: `cargo bench --bench sign` (issue #2: signatures/s through the
@@ -90,7 +93,7 @@ bench() {
   local name=$1
   shift
   mark "$name"
-  "$agent" bench "$@" --json >"$results/$name.json"
+  ${BENCH_PREFIX:-} "$agent" bench "$@" --json >"$results/$name.json"
   python3 - "$results/$name.json" "$name" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -115,10 +118,22 @@ sed -e "s#^path = \".*/agent.sock\"#path = \"$work/agent-1s.sock\"#" \
   -e 's/^sessions = .*/sessions = 1/' "$work/config.toml" >"$work/config-1s.toml"
 "$agent" run --config "$work/config-1s.toml" >"$work/agent-1s.log" 2>&1 &
 stack_pids+=("$!")
-for _ in $(seq 100); do
-  "$agent" ping --socket "$work/agent-1s.sock" >/dev/null 2>&1 && break
-  sleep 0.1
+# A third with one runtime thread, and a fourth pinned to CPU 0 (the pinned load generator
+# runs there too): both with 2 sessions.
+sed -e "s#^path = \".*/agent.sock\"#path = \"$work/agent-rt1.sock\"#" \
+  -e 's/^\[agent\]$/[agent]\nworker_threads = 1/' "$work/config.toml" >"$work/config-rt1.toml"
+"$agent" run --config "$work/config-rt1.toml" >"$work/agent-rt1.log" 2>&1 &
+stack_pids+=("$!")
+sed -e "s#^path = \".*/agent.sock\"#path = \"$work/agent-pin.sock\"#" "$work/config.toml" >"$work/config-pin.toml"
+taskset -c 0 "$agent" run --config "$work/config-pin.toml" >"$work/agent-pin.log" 2>&1 &
+stack_pids+=("$!")
+for sock in agent-1s agent-rt1 agent-pin; do
+  for _ in $(seq 100); do
+    "$agent" ping --socket "$work/$sock.sock" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
 done
+grep -q 'worker_threads=1' "$work/agent-rt1.log"
 module=$(realpath /usr/lib/softhsm/libsofthsm2.so)
 printf '#!/bin/sh\ncat %s/pin\n' "$work" >"$work/askpass"
 chmod 700 "$work/askpass"
@@ -138,6 +153,13 @@ bench handle-1s-c16 --handle 1 --config "$work/config.toml" -c 16 --duration "$s
 bench handle-2s-c16 --handle 2 --config "$work/config.toml" -c 16 --duration "$secs"
 bench sign-c2 --op sign-challenge -c 2 --duration "$secs" --no-baseline
 bench ssh-agent-c1 --ssh-agent "$work/ssh-agent.sock" -c 1 --duration "$secs"
+bench sign-rt1-c1 --socket "$work/agent-rt1.sock" --op sign-challenge -c 1 --duration "$secs" --no-baseline
+
+step "pinned: the fourth agent and the load generator on CPU 0 only"
+BENCH_PREFIX="taskset -c 0" bench pin-ping-c1 --socket "$work/agent-pin.sock" --op ping -c 1 --duration "$secs"
+BENCH_PREFIX="taskset -c 0" bench pin-sign-c1 --socket "$work/agent-pin.sock" --op sign-challenge -c 1 --duration "$secs" --no-baseline
+BENCH_PREFIX="taskset -c 0" bench pin-handle-1s-c1 --handle 1 --config "$work/config.toml" -c 1 --duration "$secs"
+BENCH_PREFIX="taskset -c 0" bench pin-raw-1t --raw-pkcs11 --config "$work/config.toml" -c 1 --duration "$secs"
 
 # The measurements behind the targets, interleaved and repeated: the summary takes medians.
 for rep in $(seq "$reps"); do
@@ -148,6 +170,7 @@ for rep in $(seq "$reps"); do
   bench "sign-1s-c16-r$rep" --socket "$work/agent-1s.sock" --op sign-challenge -c 16 --duration "$secs" --no-baseline
   bench "raw-2t-r$rep" --raw-pkcs11 --config "$work/config.toml" -c 2 --duration "$secs"
   bench "sign-c16-r$rep" --op sign-challenge -c 16 --duration "$secs" --no-baseline
+  bench "sign-rt1-c16-r$rep" --socket "$work/agent-rt1.sock" --op sign-challenge -c 16 --duration "$secs" --no-baseline
   bench "ssh-agent-c16-r$rep" --ssh-agent "$work/ssh-agent.sock" -c 16 --duration "$secs"
 done
 kill "$ssh_agent_pid"
@@ -214,6 +237,13 @@ for name, label, base in [
     ("sign-c2", "sign_challenge, 2 sessions, 2 connections", False),
     ("sign-c16", "sign_challenge, 2 sessions, 16 connections", False),
     ("sign-1s-c16", "sign_challenge, 1 session, 16 connections", False),
+    ("sign-rt1-c1", "sign_challenge, worker_threads=1, 1 connection", False),
+    ("sign-rt1-c16", "sign_challenge, worker_threads=1, 16 connections", False),
+    ("pin-ping-c1", "pinned to 1 CPU: ping, 1 connection", False),
+    ("pin-ping-c1", "  pinned: echo baseline, 1 connection", True),
+    ("pin-raw-1t", "pinned: raw PKCS#11 in-process, 1 thread", False),
+    ("pin-handle-1s-c1", "pinned: signer Handle in-process, 1 task", False),
+    ("pin-sign-c1", "pinned: sign_challenge, 1 connection", False),
     ("ssh-agent-c1", "ssh-agent (same key via PKCS#11), 1 connection", False),
     ("ssh-agent-c16", "ssh-agent (same key via PKCS#11), 16 connections", False),
 ]:
@@ -297,6 +327,10 @@ line("sign_challenge/s, 1 session (16 conn.) / raw, 1 thread",
      per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-1s-c16", "raw-1t"), ">=", 0.9, x)
 line("sign_challenge/s, 2 sessions (16 conn.) / raw, 2 threads",
      per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-c16", "raw-2t"), ">=", 0.9, x)
+line("  the same with worker_threads = 1 (for reference)",
+     per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-rt1-c16", "raw-2t"), ">=", 0.9, x)
+line("pinned to 1 CPU: sign_challenge p50 / raw p50 (reference)",
+     per_round(lambda a, b: a["p50_us"] / b["p50_us"], "pin-sign-c1", "pin-raw-1t"), "<=", 1.3, x)
 line("sign_challenge/s / ssh-agent signatures/s, 16 conn.",
      per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-c16", "ssh-agent-c16"), ">=", 5, x)
 if st:

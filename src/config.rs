@@ -30,6 +30,15 @@ use crate::token::TokenSettings;
 /// Where `tm-agent run` and `tm-agent check` look without `--config`.
 pub const DEFAULT_CONFIG: &str = "/etc/tm-agent/config.toml";
 
+/// Runtime threads unless `agent.worker_threads` says otherwise. Not one per CPU (tokio's
+/// default): the runtime's work per request is a few microseconds, and on a 64-core
+/// trading server 64 workers would mostly wake each other. Two keep one thread answering
+/// while the other is busy (a TLS handshake of a token renewal, a burst of `status`).
+pub const DEFAULT_WORKER_THREADS: usize = 2;
+
+/// The most runtime threads `agent.worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 64;
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +71,9 @@ pub struct AgentConfig {
     pub sign_timeout_ms: u64,
     /// Seconds that shutdown waits for in-flight requests before giving up on them.
     pub shutdown_grace_secs: u64,
+    /// Threads of the async runtime (sockets, tokens, the Auth API). Signers have their
+    /// own threads, one per session, besides these.
+    pub worker_threads: usize,
 }
 
 impl Default for AgentConfig {
@@ -72,6 +84,7 @@ impl Default for AgentConfig {
             sign_queue_depth: ActorOptions::default().queue_depth,
             sign_timeout_ms: ActorOptions::default().timeout.as_millis() as u64,
             shutdown_grace_secs: 10,
+            worker_threads: DEFAULT_WORKER_THREADS,
         }
     }
 }
@@ -308,6 +321,12 @@ impl Config {
         if a.shutdown_grace_secs > 3600 {
             problems.push("agent.shutdown_grace_secs must be at most 3600".into());
         }
+        if !(1..=MAX_WORKER_THREADS).contains(&a.worker_threads) {
+            problems.push(format!(
+                "agent.worker_threads must be between 1 and {MAX_WORKER_THREADS} (2 suits most \
+                 machines; signers have their own threads)"
+            ));
+        }
         if self.socket.mode & 0o007 != 0 || self.socket.mode > 0o777 {
             problems.push(format!(
                 "socket.mode {:o} must be a mode without access for others, like 0o660",
@@ -488,6 +507,20 @@ key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"
         assert_eq!(t.key_id, p.key_id);
         assert_eq!(p.api_settings().timeout, ApiSettings::default().timeout);
         assert_eq!(config.server, ServerSettings::default());
+    }
+
+    #[test]
+    fn worker_threads_defaults_to_two_and_is_bounded() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(config.agent.worker_threads, 2);
+        for (threads, ok) in [(0, false), (1, true), (64, true), (65, false)] {
+            let text = format!("[agent]\nworker_threads = {threads}\n{MINIMAL}");
+            let problems = Config::parse(&text).unwrap().validate();
+            assert_eq!(problems.is_empty(), ok, "{threads}: {problems:?}");
+            if !ok {
+                assert!(problems[0].contains("agent.worker_threads"), "{problems:?}");
+            }
+        }
     }
 
     #[test]

@@ -1079,3 +1079,55 @@ fn secrets_never_reach_the_trace_log() {
         }
     }
 }
+
+/// The names of the threads of process `pid`, from /proc.
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let comm = task.expect("task entry").path().join("comm");
+        if let Ok(name) = std::fs::read_to_string(comm) {
+            names.push(name.trim().to_string());
+        }
+    }
+    names
+}
+
+#[test]
+fn worker_threads_sizes_the_runtime_and_signers_keep_their_own_threads() {
+    let w = World::new("t-daemon-threads", Duration::from_secs(600));
+    let socket = w.path("agent.sock");
+    let mut config = w.config("agent.sock");
+    config.agent_extra = "worker_threads = 1\n".into();
+    let config = config.write(&w.path("config.toml"));
+    let mut agent = start_agent(&w.hsm, &config, &socket, START);
+
+    // One runtime thread still serves tokens and signatures.
+    let token = cli_ok(&socket, &["token", "--profile", P]);
+    w.verify_access_token(token.trim());
+    w.verify_sign_output(&cli_ok(&socket, &["sign", "--profile", P]));
+
+    let log = agent.stderr();
+    assert!(
+        log.contains("worker_threads=1"),
+        "the runtime reports 1 worker:\n{log}"
+    );
+    let names = thread_names(agent.pid());
+    let signers = names.iter().filter(|n| n.starts_with("signer-k-")).count();
+    assert_eq!(
+        signers, 2,
+        "one thread per session (sessions = 2): {names:?}"
+    );
+    // The runtime's threads: its one worker, plus blocking-pool threads that opened the
+    // key at start (they share the name and linger up to 10 s).
+    assert!(
+        names.iter().any(|n| n == "tm-agent-rt"),
+        "runtime threads are named: {names:?}"
+    );
+    agent.signal("TERM");
+    assert_eq!(
+        agent.expect_exit(Duration::from_secs(5)),
+        0,
+        "{}",
+        agent.stderr()
+    );
+}

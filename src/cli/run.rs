@@ -68,6 +68,7 @@ pub fn main(args: RunArgs) -> u8 {
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(loaded.config.agent.worker_threads)
         .enable_all()
         .thread_name("tm-agent-rt")
         .build()
@@ -123,6 +124,8 @@ impl Daemon {
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %self.config_path.display(),
+            // The runtime's own count, so the log shows what `agent.worker_threads` did.
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "tm-agent starting"
         );
         let _ = self.notifier.status("opening keys");
