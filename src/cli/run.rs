@@ -11,7 +11,9 @@
 //! most `shutdown_grace_secs`), end `watch` streams, then stop the token managers; exit 0.
 //! SIGHUP → `RELOADING=1`, re-read the file, apply `[[access]]` and `agent.log_level` (other
 //! changes need a restart and are reported as such), `READY=1`.
-//! The watchdog pings only while the runtime and every signer answer a probe.
+//! The watchdog pings only while the runtime and every signer answer a probe. A token
+//! manager that panics (a bug: it cannot mint again) makes the daemon exit with status 1,
+//! for systemd's `Restart=on-failure` to start a fresh one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -177,6 +179,17 @@ impl Daemon {
             started,
         ));
 
+        // A token manager that panicked cannot mint again: exit non-zero so that systemd
+        // (Restart=on-failure) starts a fresh agent, rather than answer `unavailable`.
+        let mut failures = tokio::task::JoinSet::new();
+        for p in running.iter() {
+            let (name, manager) = (p.name.clone(), p.manager.clone());
+            failures.spawn(async move {
+                manager.failed().await;
+                name
+            });
+        }
+
         let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
@@ -185,6 +198,12 @@ impl Daemon {
                 _ = term.recv() => break Ok("SIGTERM"),
                 _ = int.recv() => break Ok("SIGINT"),
                 _ = hup.recv() => self.reload(&state),
+                Some(Ok(name)) = failures.join_next() => {
+                    break Err(anyhow::anyhow!(
+                        "profile {name}: the token manager failed (an internal error, logged \
+                         above); exiting so that the service manager restarts tm-agent"
+                    ));
+                }
                 result = &mut server_task => {
                     break Err(match result {
                         Ok(Ok(())) => anyhow::anyhow!("the server stopped on its own"),

@@ -14,7 +14,8 @@
 //! (`sleep_until`) or a demand, never polls. The two std mutexes (status, demand) are held
 //! for a copy only, never across `.await`. Shutdown: cancel the `CancellationToken`. If the
 //! task ends any other way (a panic), a drop guard still marks the manager stopped,
-//! withdraws the token and wakes waiting callers, who then get `unavailable` at once.
+//! withdraws the token and wakes waiting callers, who then get `unavailable` at once, and
+//! [`Manager::failed`] resolves (the daemon then exits for its service manager to restart it).
 //!
 //! Clocks: challenge timestamps and JWT `exp` checks use the server clock (local + offset
 //! learned from `Date` headers, see [`auth_api::ServerClock`]); `expires_at` handed out is
@@ -335,6 +336,8 @@ struct Shared {
     demand: Mutex<Option<Demand>>,
     wake: Notify,
     stopped: AtomicBool,
+    /// Cancelled when the worker panicked: see [`Manager::failed`].
+    failed: CancellationToken,
 }
 
 /// The message of the `stopped` outcome after an orderly stop.
@@ -393,6 +396,7 @@ impl Drop for StopGuard {
                 "token task panicked: the profile's token is withdrawn and token requests \
                  answer `unavailable` until the agent is restarted"
             );
+            self.shared.failed.cancel();
         } else {
             // Only a runtime shutting down drops a spawned task uncancelled.
             tracing::debug!(
@@ -475,6 +479,7 @@ impl Manager {
             demand: Mutex::new(None),
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
+            failed: CancellationToken::new(),
         });
         let span = tracing::info_span!("token", key_id = %shared.settings.key_id);
         let worker = Worker {
@@ -494,6 +499,13 @@ impl Manager {
         };
         tokio::spawn(worker.run().instrument(span));
         Manager { current, shared }
+    }
+
+    /// Resolves if the background task panicked (a bug). The manager cannot mint again
+    /// then; the daemon exits so that its service manager restarts it. Never resolves
+    /// after an orderly stop.
+    pub async fn failed(&self) {
+        self.shared.failed.cancelled().await;
     }
 
     /// The current token if it is valid for at least `min_ttl` (default: valid at all);

@@ -627,6 +627,10 @@ async fn a_panicking_worker_answers_unavailable_at_once() {
     let st = m.status();
     assert_eq!(st.last_error_code.as_deref(), Some("internal"));
     assert_eq!(st.next_refresh, None);
+    // The daemon hears of it (and exits for systemd to restart it).
+    tokio::time::timeout(Duration::from_secs(1), m.failed())
+        .await
+        .expect("failed() resolves after a panic");
 
     // At start: the very first mint panics; wait_ready does not sit out its timeout.
     let fake = Fake::new(Duration::from_secs(30));
@@ -658,6 +662,10 @@ async fn cancellation_wakes_waiting_callers() {
         let m = m.clone();
         async move { m.token(None).await }
     });
+    let failed = tokio::spawn({
+        let m = m.clone();
+        async move { m.failed().await }
+    });
     let ready = tokio::spawn({
         let m = m.clone();
         async move { m.wait_ready(Duration::from_secs(10)).await }
@@ -673,6 +681,13 @@ async fn cancellation_wakes_waiting_callers() {
         "unavailable"
     );
     assert!(t0.elapsed() < Duration::from_secs(1));
+    // An orderly stop is not a failure: the daemon must not exit with an error for it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !failed.is_finished(),
+        "failed() resolved after an orderly stop"
+    );
+    failed.abort();
 }
 
 /// An `exp` of 1e300 once panicked the worker (before the signature check), killing the
