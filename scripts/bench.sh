@@ -113,27 +113,38 @@ mark idle
 "$agent" bench --idle 1000 --pid "$agent_pid" --duration 3 --json >"$results/idle.json"
 python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("  VmRSS %.1f MiB with 0 connections, %.1f MiB with %d idle (max %.1f), %.1f MiB after they closed" % (r["rss_before_kib"]/1024, r["rss_open_kib"]/1024, r["connections"], r["rss_held_max_kib"]/1024, r["rss_after_close_kib"]/1024))' "$results/idle.json"
 
-step "a second agent with 1 session (its own socket), and ssh-agent holding the same key through PKCS#11"
-sed -e "s#^path = \".*/agent.sock\"#path = \"$work/agent-1s.sock\"#" \
-  -e 's/^sessions = .*/sessions = 1/' "$work/config.toml" >"$work/config-1s.toml"
-"$agent" run --config "$work/config-1s.toml" >"$work/agent-1s.log" 2>&1 &
-stack_pids+=("$!")
-# A third with one runtime thread, and a fourth pinned to CPU 0 (the pinned load generator
-# runs there too): both with 2 sessions.
-sed -e "s#^path = \".*/agent.sock\"#path = \"$work/agent-rt1.sock\"#" \
-  -e 's/^\[agent\]$/[agent]\nworker_threads = 1/' "$work/config.toml" >"$work/config-rt1.toml"
-"$agent" run --config "$work/config-rt1.toml" >"$work/agent-rt1.log" 2>&1 &
-stack_pids+=("$!")
-sed -e "s#^path = \".*/agent.sock\"#path = \"$work/agent-pin.sock\"#" "$work/config.toml" >"$work/config-pin.toml"
-taskset -c 0 "$agent" run --config "$work/config-pin.toml" >"$work/agent-pin.log" 2>&1 &
-stack_pids+=("$!")
-for sock in agent-1s agent-rt1 agent-pin; do
+step "more agents on the same token (1 session; worker_threads = 1; pinned to CPU 0), and ssh-agent holding the same key through PKCS#11"
+# start_agent NAME [PREFIX…]: runs `tm-agent run --config $work/config-NAME.toml` (socket
+# $work/agent-NAME.sock) and waits for its first ping. One at a time: SoftHSM's file store
+# once failed C_GetTokenInfo for one of two agents opening the token at the same instant.
+start_agent() {
+  local name=$1
+  shift
+  "$@" "$agent" run --config "$work/config-$name.toml" >"$work/agent-$name.log" 2>&1 &
+  stack_pids+=("$!")
+  local _
   for _ in $(seq 100); do
-    "$agent" ping --socket "$work/$sock.sock" >/dev/null 2>&1 && break
+    "$agent" ping --socket "$work/agent-$name.sock" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-done
+  echo "the $name agent did not start; its log:" >&2
+  cat "$work/agent-$name.log" >&2
+  exit 1
+}
+# config_for NAME SED-ARGS…: the stack's config with its own socket, edited by SED-ARGS.
+config_for() {
+  local name=$1
+  shift
+  sed -e "s#^path = \".*/agent.sock\"#path = \"$work/agent-$name.sock\"#" "$@" \
+    "$work/config.toml" >"$work/config-$name.toml"
+}
+config_for 1s -e 's/^sessions = .*/sessions = 1/'
+start_agent 1s
+config_for rt1 -e 's/^\[agent\]$/[agent]\nworker_threads = 1/'
+start_agent rt1
 grep -q 'worker_threads=1' "$work/agent-rt1.log"
+config_for pin
+start_agent pin taskset -c 0
 module=$(realpath /usr/lib/softhsm/libsofthsm2.so)
 printf '#!/bin/sh\ncat %s/pin\n' "$work" >"$work/askpass"
 chmod 700 "$work/askpass"
