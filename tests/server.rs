@@ -49,14 +49,26 @@ impl Raw {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
     }
 
-    /// True if the server closed the connection (EOF, or a reset because our unread
-    /// bytes were still queued at its end) within the read timeout.
+    /// True if the server ended the stream with a clean EOF within the read timeout (a
+    /// close the agent decides on never resets the connection, even with our bytes unread).
     fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
         match self.reader.read_to_end(&mut rest) {
             Ok(_) => true,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Err(e) => panic!("the stream did not end with EOF: {e} (after {rest:?})"),
         }
+    }
+
+    /// Everything up to the end of the stream, which must be a clean EOF (ECONNRESET
+    /// would make `read_to_end` throw away the lines already received).
+    fn read_all(&mut self) -> Vec<Value> {
+        let mut rest = String::new();
+        if let Err(e) = self.reader.read_to_string(&mut rest) {
+            panic!("the stream did not end with EOF: {e} (after {rest:?})");
+        }
+        rest.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+            .collect()
     }
 
     fn call(&mut self, request: Value) -> Value {
@@ -872,22 +884,15 @@ fn shutdown_with_clients_connected_returns_cleanly() {
     let started = Instant::now();
     agent.stop().unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
-    // In-flight requests were answered before the connection closed. Requests the server had
-    // not read yet are not in flight: closing with them unread makes the kernel end the
-    // stream with ECONNRESET instead of EOF, after the answered lines, so read line by line.
+    // In-flight requests were answered before the connection closed, and the stream ends
+    // with EOF (not ECONNRESET), so reading it all at once loses nothing.
     let mut answered = 0;
-    loop {
-        let mut line = String::new();
-        match busy.reader.read_line(&mut line) {
-            Ok(0) => break,
-            Ok(_) => {
-                let r: Value = serde_json::from_str(&line).unwrap();
-                assert_eq!(r["ok"], json!(true), "{line}");
-                answered += 1;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("reading the answers: {e}"),
-        }
+    let mut rest = String::new();
+    busy.reader.read_to_string(&mut rest).unwrap();
+    for line in rest.lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["ok"], json!(true), "{line}");
+        answered += 1;
     }
     assert!(answered > 0);
     let end = watch.recv();
@@ -897,6 +902,96 @@ fn shutdown_with_clients_connected_returns_cleanly() {
     );
     assert!(watch.closed());
     assert!(UnixStream::connect(&agent.socket).is_err());
+}
+
+/// Requests sent after the agent stopped reading (shutdown) are still unread when it closes:
+/// the client nevertheless reads every answer it was promised, then a clean EOF.
+#[test]
+fn shutdown_with_unread_requests_ends_with_eof_after_every_promised_answer() {
+    let mut builder = TestAgent::builder();
+    builder.sign_delay = Duration::from_millis(100);
+    let agent = builder.start();
+    let mut raw = Raw::connect(&agent);
+    let first: String = (0..10)
+        .map(|id| {
+            format!("{{\"v\":1,\"id\":{id},\"op\":\"sign_challenge\",\"profile\":\"prod\"}}\n")
+        })
+        .collect();
+    raw.send(&first);
+    // The batch is in flight (two signer workers, 100 ms a signature: ~500 ms).
+    std::thread::sleep(Duration::from_millis(50));
+    std::thread::scope(|s| {
+        let stopping = s.spawn(|| agent.stop());
+        std::thread::sleep(Duration::from_millis(50));
+        // The agent has stopped reading: these stay in its receive buffer.
+        let later: String = (100..400)
+            .map(|id| format!("{{\"v\":1,\"id\":{id},\"op\":\"ping\"}}\n"))
+            .collect();
+        raw.send(&later);
+        let replies = raw.read_all();
+        let ids: std::collections::BTreeSet<u64> =
+            replies.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+        // Every request read before the shutdown is answered (on a slow machine the agent
+        // may still have read some of the pings; those are answered too).
+        assert!((0..10).all(|id| ids.contains(&id)), "{replies:?}");
+        assert!(
+            replies.iter().all(|r| r["ok"] == json!(true)),
+            "{replies:?}"
+        );
+        let started = Instant::now();
+        stopping.join().unwrap().unwrap();
+        // The agent lingers at most a moment for a client that keeps its end open.
+        assert!(started.elapsed() < Duration::from_secs(2));
+    });
+}
+
+/// After an oversize line the framing is lost: the agent answers `bad_request` and closes,
+/// with the rest of the client's data unread. The client still reads that answer and EOF.
+#[test]
+fn an_oversize_line_followed_by_more_data_ends_with_the_answer_and_eof() {
+    let agent = TestAgent::start_default();
+    for _ in 0..5 {
+        let mut raw = Raw::connect(&agent);
+        let mut data = format!(
+            "{{\"v\":1,\"id\":1,\"op\":\"ping\",\"x\":\"{}\"}}\n",
+            "x".repeat(70_000)
+        );
+        for id in 2..500 {
+            data.push_str(&format!("{{\"v\":1,\"id\":{id},\"op\":\"ping\"}}\n"));
+        }
+        raw.send(&data);
+        let replies = raw.read_all();
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_eq!(
+            (replies[0]["id"].clone(), code(&replies[0])),
+            (Value::Null, "bad_request")
+        );
+    }
+    // Others are served meanwhile.
+    agent.client().ping().unwrap();
+}
+
+/// A connection over the cap that sends its request at once still reads `busy` and EOF.
+#[test]
+fn connections_over_the_cap_read_busy_then_eof_even_with_a_request_sent() {
+    let settings = ServerSettings {
+        max_connections: 1,
+        ..ServerSettings::default()
+    };
+    let agent = TestAgent::builder().settings(settings).start();
+    let mut a = agent.client();
+    a.ping().unwrap();
+    for _ in 0..20 {
+        let mut over = Raw::connect(&agent);
+        over.send("{\"v\":1,\"id\":1,\"op\":\"ping\"}\n");
+        let replies = over.read_all();
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_eq!(
+            (replies[0]["id"].clone(), code(&replies[0])),
+            (Value::Null, "busy")
+        );
+    }
+    a.ping().unwrap();
 }
 
 #[test]

@@ -17,20 +17,26 @@
 //! Ending: on EOF the task stops reading, ends its `watch` streams, delivers the replies of
 //! requests still in flight and closes. On shutdown it does the same, and each `watch`
 //! stream gets a final `end` event. A `watch` stream also ends, with `forbidden`, when a
-//! reload of the access rules withdraws it (it wakes on the reload; no polling). Nothing
-//! here blocks the runtime; no lock is held across an `.await`.
+//! reload of the access rules withdraws it (it wakes on the reload; no polling). Every close
+//! the agent decides on (EOF, shutdown, an oversize line, a line or idle timeout) goes
+//! through [`linger::close`] once the owed lines are written, so the client reads EOF, not
+//! a reset, even with requests of its own left unread; only a client that is gone or stuck
+//! (a write failed or timed out, a vanished peer) is dropped at once. A connection over the
+//! cap ([`reject`]) gets its `busy` line and the same close, without ever making the accept
+//! loop wait. Nothing here blocks the runtime; no lock is held across an `.await`.
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Profile, State};
+use super::{linger, Profile, State};
 use crate::authz::{Grants, PeerCred, Rules};
 use crate::error::WireError;
 use crate::jose;
@@ -46,14 +52,32 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 /// The longest executable path written into an audit record, in characters.
 const EXE_MAX: usize = 200;
 
-/// Answers a connection over the cap with one error line and closes it.
-pub(super) fn reject(stream: UnixStream, max: usize) {
+/// Answers a connection over the cap with one error line and closes it, never waiting:
+/// with a `lingering` permit the close ([`linger::close`]) runs as a small tracked task;
+/// without one (a flood of connections over the cap), what the client already sent is
+/// discarded and the socket dropped at once, so the lingering sockets stay few.
+pub(super) fn reject(
+    stream: UnixStream,
+    max: usize,
+    lingering: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+) {
     let line = format!(
         "{{\"id\":null,\"ok\":false,\"error\":{{\"code\":\"busy\",\"message\":\"the agent is \
          serving its maximum of {max} connections: retry shortly\"}}}}\n"
     );
     // Best effort, never waits: a fresh socket's send buffer has room for one short line.
     let _ = stream.try_write(line.as_bytes());
+    match Arc::clone(lingering).try_acquire_owned() {
+        Ok(permit) => {
+            tracker.spawn(async move {
+                let (rd, wr) = stream.into_split();
+                linger::close(rd, wr).await;
+                drop(permit);
+            });
+        }
+        Err(_) => linger::discard_ready(&stream),
+    }
 }
 
 /// The peer, as needed for audit records (shared with request tasks).
@@ -205,11 +229,20 @@ pub(super) async fn run(
         peak_out: 0,
     };
     tracing::debug!(uid = cred.uid, pid = cred.pid, "connection opened");
-    let end = conn.serve(stream, rx, &cancel, &settings).await;
+    let (mut rd, mut wr) = stream.into_split();
+    let end = conn.serve(&mut rd, &mut wr, rx, &cancel, &settings).await;
+    // Every owed line is written. A client that is gone or stuck has its requests
+    // cancelled: drop it now; any other gets EOF rather than a reset.
+    let closed = if conn.requests.is_cancelled() {
+        "dropped"
+    } else {
+        linger::close(rd, wr).await.as_str()
+    };
     tracing::debug!(
         uid = cred.uid,
         pid = cred.pid,
         reason = end,
+        closed,
         peak_output_bytes = conn.peak_out,
         "connection closed"
     );
@@ -223,12 +256,12 @@ impl Conn {
     /// The connection's main loop. Returns why it ended (for the debug log).
     async fn serve(
         &mut self,
-        stream: UnixStream,
+        rd: &mut OwnedReadHalf,
+        wr: &mut OwnedWriteHalf,
         mut rx: mpsc::Receiver<Vec<u8>>,
         cancel: &CancellationToken,
         settings: &super::ServerSettings,
     ) -> &'static str {
-        let (mut rd, mut wr) = stream.into_split();
         let mut lines = LineBuffer::new(protocol::MAX_LINE);
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut reading = true;
@@ -329,7 +362,7 @@ impl Conn {
                         // looks like, and those clients still read their replies. A peer that
                         // closed completely shows as hung up for writing: drop its requests.
                         let busy = self.in_flight.available_permits() < settings.max_in_flight;
-                        if busy && peer_hung_up(&wr) {
+                        if busy && peer_hung_up(wr) {
                             self.requests.cancel();
                             end = "client vanished";
                         }

@@ -1,8 +1,9 @@
 //! The Unix-socket server: listener, connections, peer credentials, shutdown.
 //!
 //! Owns: [`serve`] (the accept loop), the shared [`State`] (profiles, access rules, counters),
-//! the per-connection protocol engine (`conn`), and the listening socket's life cycle
-//! ([`listener`]: safe creation, stale-socket replacement, socket activation).
+//! the per-connection protocol engine (`conn`), the clean close of a connection (`linger`:
+//! the client reads EOF after its answers, never a reset), and the listening socket's life
+//! cycle ([`listener`]: safe creation, stale-socket replacement, socket activation).
 //!
 //! Threading: everything runs on the tokio runtime. One task per connection does the
 //! reading, the inline answers (`ping`, `token` from memory, `public_key`, `status`, errors)
@@ -16,6 +17,7 @@
 //! its peer lost access.
 
 mod conn;
+mod linger;
 pub mod listener;
 
 use std::collections::BTreeMap;
@@ -368,8 +370,9 @@ impl State {
 
 /// Serves connections from `listener` until `shutdown` is cancelled, then stops accepting,
 /// lets in-flight requests finish, ends `watch` streams (each gets an `end` event), waits
-/// for every connection to close and returns. The socket file, if this process created it,
-/// is removed when `listener` is dropped.
+/// for every connection to close (each lingers at most 250 ms for its client to close its
+/// end, so that the client reads EOF after its answers) and returns. The socket file, if
+/// this process created it, is removed when `listener` is dropped.
 ///
 /// Errors: only a failure of the listening socket itself; connection errors are logged.
 pub async fn serve(
@@ -379,6 +382,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(state.settings.max_connections));
+    let rejected_lingering = Arc::new(Semaphore::new(linger::REJECTED_LINGERING));
     tracing::info!(
         socket = %listener.describe(),
         profiles = state.profiles.len(),
@@ -425,7 +429,12 @@ pub async fn serve(
                     .connections_rejected
                     .fetch_add(1, Ordering::Relaxed);
                 state.counters.error(ErrorCode::Busy);
-                conn::reject(stream, state.settings.max_connections);
+                conn::reject(
+                    stream,
+                    state.settings.max_connections,
+                    &rejected_lingering,
+                    &tracker,
+                );
             }
         }
     };
