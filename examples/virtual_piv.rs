@@ -94,6 +94,8 @@ const SW_INS: u16 = 0x6d00;
 const SW_CLA: u16 = 0x6e00;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+/// A command's answer: response data and status word, or an error status word.
+type Reply = std::result::Result<(Vec<u8>, u16), u16>;
 
 fn main() -> Result<()> {
     let args = Args::parse()?;
@@ -417,7 +419,16 @@ impl Card {
         }
     }
 
-    fn select(&mut self, p1: u8, aid: &[u8]) -> std::result::Result<(Vec<u8>, u16), u16> {
+    /// Commands that change keys or objects need the management key authenticated.
+    fn require_mgm(&self) -> std::result::Result<(), u16> {
+        if self.session.mgm_authenticated {
+            Ok(())
+        } else {
+            Err(SW_SECURITY)
+        }
+    }
+
+    fn select(&mut self, p1: u8, aid: &[u8]) -> Reply {
         if p1 != 0x04 || aid.len() < PIV_AID.len() || &aid[..PIV_AID.len()] != PIV_AID {
             return Err(SW_NOT_FOUND);
         }
@@ -428,7 +439,7 @@ impl Card {
         Ok((tlv(0x61, &apt), SW_OK))
     }
 
-    fn verify(&mut self, p1: u8, p2: u8, data: &[u8]) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn verify(&mut self, p1: u8, p2: u8, data: &[u8]) -> Reply {
         if p2 != 0x80 {
             return Err(SW_WRONG_P1P2);
         }
@@ -482,11 +493,7 @@ impl Card {
         Ok(ok)
     }
 
-    fn change_reference(
-        &mut self,
-        p2: u8,
-        data: &[u8],
-    ) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn change_reference(&mut self, p2: u8, data: &[u8]) -> Reply {
         let pin = match p2 {
             0x80 => true,
             0x81 => false,
@@ -515,7 +522,7 @@ impl Card {
         Ok((Vec::new(), SW_OK))
     }
 
-    fn reset_retry(&mut self, p2: u8, data: &[u8]) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn reset_retry(&mut self, p2: u8, data: &[u8]) -> Reply {
         if p2 != 0x80 {
             return Err(SW_WRONG_P1P2);
         }
@@ -532,12 +539,7 @@ impl Card {
         Ok((Vec::new(), SW_OK))
     }
 
-    fn general_authenticate(
-        &mut self,
-        alg: u8,
-        slot: u8,
-        data: &[u8],
-    ) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn general_authenticate(&mut self, alg: u8, slot: u8, data: &[u8]) -> Reply {
         let template = parse_tlvs(data).ok_or(SW_WRONG_DATA)?;
         let inner = match template.as_slice() {
             [(0x7c, inner)] => parse_tlvs(inner).ok_or(SW_WRONG_DATA)?,
@@ -667,10 +669,8 @@ impl Card {
         let _ = self.save();
     }
 
-    fn generate(&mut self, slot: u8, data: &[u8]) -> std::result::Result<(Vec<u8>, u16), u16> {
-        if !self.session.mgm_authenticated {
-            return Err(SW_SECURITY);
-        }
+    fn generate(&mut self, slot: u8, data: &[u8]) -> Reply {
+        self.require_mgm()?;
         if !is_key_slot(slot) {
             return Err(SW_BAD_SLOT);
         }
@@ -692,15 +692,8 @@ impl Card {
         Ok((tlv2(0x7f49, &tlv(0x86, point.as_bytes())), SW_OK))
     }
 
-    fn import(
-        &mut self,
-        alg: u8,
-        slot: u8,
-        data: &[u8],
-    ) -> std::result::Result<(Vec<u8>, u16), u16> {
-        if !self.session.mgm_authenticated {
-            return Err(SW_SECURITY);
-        }
+    fn import(&mut self, alg: u8, slot: u8, data: &[u8]) -> Reply {
+        self.require_mgm()?;
         if !is_key_slot(slot) {
             return Err(SW_BAD_SLOT);
         }
@@ -736,12 +729,7 @@ impl Card {
         Ok((hex::encode(tag), rest))
     }
 
-    fn get_data(
-        &mut self,
-        p1: u8,
-        p2: u8,
-        data: &[u8],
-    ) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn get_data(&mut self, p1: u8, p2: u8, data: &[u8]) -> Reply {
         let (tag, _) = Self::object_tag(p1, p2, data)?;
         if tag == "7e" {
             // Discovery object: the PIV AID and the PIN usage policy (PIN only).
@@ -761,15 +749,8 @@ impl Card {
         Ok((tlv(0x53, &unhex(value)), SW_OK))
     }
 
-    fn put_data(
-        &mut self,
-        p1: u8,
-        p2: u8,
-        data: &[u8],
-    ) -> std::result::Result<(Vec<u8>, u16), u16> {
-        if !self.session.mgm_authenticated {
-            return Err(SW_SECURITY);
-        }
+    fn put_data(&mut self, p1: u8, p2: u8, data: &[u8]) -> Reply {
+        self.require_mgm()?;
         let (tag, value) = Self::object_tag(p1, p2, data)?;
         if value.is_empty() {
             self.state.objects.remove(&tag);
@@ -780,7 +761,7 @@ impl Card {
         Ok((Vec::new(), SW_OK))
     }
 
-    fn metadata(&mut self, slot: u8) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn metadata(&mut self, slot: u8) -> Reply {
         if self.state.version < [5, 3, 0] {
             return Err(SW_INS);
         }
@@ -816,7 +797,7 @@ impl Card {
         Ok((out, SW_OK))
     }
 
-    fn attest(&mut self, slot: u8) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn attest(&mut self, slot: u8) -> Reply {
         if !is_key_slot(slot) {
             return Err(SW_BAD_SLOT);
         }
@@ -849,15 +830,8 @@ impl Card {
         Ok((cert, SW_OK))
     }
 
-    fn set_management_key(
-        &mut self,
-        p1: u8,
-        p2: u8,
-        data: &[u8],
-    ) -> std::result::Result<(Vec<u8>, u16), u16> {
-        if !self.session.mgm_authenticated {
-            return Err(SW_SECURITY);
-        }
+    fn set_management_key(&mut self, p1: u8, p2: u8, data: &[u8]) -> Reply {
+        self.require_mgm()?;
         if p1 != 0xff || !(p2 == 0xff || p2 == 0xfe) {
             return Err(SW_WRONG_P1P2);
         }
@@ -871,7 +845,7 @@ impl Card {
         }
     }
 
-    fn reset(&mut self) -> std::result::Result<(Vec<u8>, u16), u16> {
+    fn reset(&mut self) -> Reply {
         if self.state.pin_tries != 0 || self.state.puk_tries != 0 {
             return Err(SW_CONDITIONS);
         }

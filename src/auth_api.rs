@@ -785,53 +785,45 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
+    /// The mint, refresh and JWKS URLs of `settings`.
+    fn urls(settings: &ApiSettings) -> [String; 3] {
+        let ep = settings.endpoints().unwrap();
+        [ep.mint, ep.refresh, ep.jwks].map(String::from)
+    }
+
     #[test]
     fn environment_urls() {
-        let prod = ApiSettings::default().endpoints().unwrap();
         assert_eq!(
-            prod.mint.as_str(),
-            "https://api.truemarkets.co/v1/auth/api-key/token"
-        );
-        assert_eq!(
-            prod.refresh.as_str(),
-            "https://api.truemarkets.co/v1/auth/token/refresh"
-        );
-        assert_eq!(
-            prod.jwks.as_str(),
-            "https://api.truemarkets.co/.well-known/jwks.json"
+            urls(&ApiSettings::default()),
+            [
+                "https://api.truemarkets.co/v1/auth/api-key/token",
+                "https://api.truemarkets.co/v1/auth/token/refresh",
+                "https://api.truemarkets.co/.well-known/jwks.json",
+            ]
         );
         let uat = ApiSettings {
             environment: Some(Environment::Uat),
             ..ApiSettings::default()
-        }
-        .endpoints()
-        .unwrap();
+        };
         assert_eq!(
-            uat.mint.as_str(),
-            "https://api.uat.truemarkets.co/v1/auth/api-key/token"
-        );
-        assert_eq!(
-            uat.jwks.as_str(),
-            "https://api.uat.truemarkets.co/.well-known/jwks.json"
+            urls(&uat),
+            [
+                "https://api.uat.truemarkets.co/v1/auth/api-key/token",
+                "https://api.uat.truemarkets.co/v1/auth/token/refresh",
+                "https://api.uat.truemarkets.co/.well-known/jwks.json",
+            ]
         );
     }
 
     #[test]
     fn custom_base_derives_jwks_at_host_root() {
-        let ep = ApiSettings::custom("http://127.0.0.1:8443/v1/auth/")
-            .endpoints()
-            .unwrap();
         assert_eq!(
-            ep.mint.as_str(),
-            "http://127.0.0.1:8443/v1/auth/api-key/token"
-        );
-        assert_eq!(
-            ep.refresh.as_str(),
-            "http://127.0.0.1:8443/v1/auth/token/refresh"
-        );
-        assert_eq!(
-            ep.jwks.as_str(),
-            "http://127.0.0.1:8443/.well-known/jwks.json"
+            urls(&ApiSettings::custom("http://127.0.0.1:8443/v1/auth/")),
+            [
+                "http://127.0.0.1:8443/v1/auth/api-key/token",
+                "http://127.0.0.1:8443/v1/auth/token/refresh",
+                "http://127.0.0.1:8443/.well-known/jwks.json",
+            ]
         );
         let custom = ApiSettings {
             jwks_url: Some("https://keys.example/jwks".into()),

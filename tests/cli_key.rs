@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::{Output, Stdio};
 
@@ -15,6 +14,7 @@ use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use p256::pkcs8::DecodePublicKey as _;
 
+use common::daemon::{assert_success, output_with_stdin};
 use common::softhsm::SoftHsm;
 use common::{b64url_decode, bundle_json, ring_verify_der, ring_verify_raw};
 
@@ -33,20 +33,8 @@ fn key_with_stdin(hsm: &SoftHsm, args: &[&str], stdin: Option<&[u8]>) -> Output 
         .args(["--token-label", &hsm.label])
         .args(args)
         .env_remove("RUST_LOG")
-        .env_remove("TM_AGENT_PKCS11_MODULE")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run tm-agent");
-    if let Some(bytes) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(bytes).unwrap();
-    }
-    child.wait_with_output().unwrap()
+        .env_remove("TM_AGENT_PKCS11_MODULE");
+    output_with_stdin(&mut cmd, stdin)
 }
 
 fn pin_args(hsm: &SoftHsm) -> Vec<String> {
@@ -55,14 +43,7 @@ fn pin_args(hsm: &SoftHsm) -> Vec<String> {
 
 #[track_caller]
 fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "tm-agent failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
+    assert_success(out, "tm-agent")
 }
 
 fn stderr(out: &Output) -> String {
@@ -192,38 +173,22 @@ fn generate_public_sign_challenge_verifies_and_key_is_protected() {
         key_from_generate.to_encoded_point(true).as_bytes()
     );
 
-    let out = key(
-        &hsm,
-        &args(
-            &[
-                "sign-challenge",
-                "--key-label",
-                "tm-cli",
-                "--key-id",
-                KEY_ID,
-                "--timestamp",
-                "1700000000",
-            ],
-            &pin,
-        ),
-    );
-    check_challenge_json(&ok(&out), &key_from_generate, Some(1_700_000_000));
+    let sign_challenge = |extra: &[&str]| {
+        let mut fixed = vec![
+            "sign-challenge",
+            "--key-label",
+            "tm-cli",
+            "--key-id",
+            KEY_ID,
+        ];
+        fixed.extend_from_slice(extra);
+        ok(&key(&hsm, &args(&fixed, &pin)))
+    };
+    let out = sign_challenge(&["--timestamp", "1700000000"]);
+    check_challenge_json(&out, &key_from_generate, Some(1_700_000_000));
 
     // Without --timestamp: now.
-    let out = key(
-        &hsm,
-        &args(
-            &[
-                "sign-challenge",
-                "--key-label",
-                "tm-cli",
-                "--key-id",
-                KEY_ID,
-            ],
-            &pin,
-        ),
-    );
-    let ts = check_challenge_json(&ok(&out), &key_from_generate, None);
+    let ts = check_challenge_json(&sign_challenge(&[]), &key_from_generate, None);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use p256::ecdsa::VerifyingKey;
 use serde_json::Value;
@@ -30,12 +30,12 @@ use tm_agent::protocol::StatusResult;
 use tm_agent::sim::{FaultKind, FaultSpec, FaultTarget, SimConfig};
 
 use common::daemon::{
-    access_rule, agent_command, clean_env, cli, cli_ok, generate_key, ping, poll, random_key_id,
-    start_agent, uid, uncompressed, wait_for_ping, AgentConfig, NotifyListener, Proc, AGENT,
+    access_rule, agent_command, clean_env, cli, cli_ok, generate_key, ping, poll, start_agent, uid,
+    uncompressed, wait_for_ping, AgentConfig, NotifyListener, Proc, AGENT,
 };
 use common::softhsm::{SoftHsm, MODULE, USER_PIN};
 use common::{b64url_decode, ring_verify_der, ring_verify_raw};
-use sim_fixture::BackgroundSim;
+use sim_fixture::{random_key_id, unix_now, BackgroundSim};
 
 const KEY_LABEL: &str = "tm-api-key";
 const P: &str = AgentConfig::PROFILE;
@@ -105,6 +105,20 @@ impl World {
         )
     }
 
+    /// A `NOTIFY_SOCKET` listener that notes the simulator's mint count when the first
+    /// `READY=1` arrives (on the receiving thread, so it is the count at that moment).
+    fn ready_listener(&self) -> (NotifyListener, Arc<Mutex<Option<u64>>>) {
+        let mints_at_ready = Arc::new(Mutex::new(None::<u64>));
+        let sim = self.sim.handle.clone();
+        let noted = Arc::clone(&mints_at_ready);
+        let listener = NotifyListener::bind_with(Box::new(move |text| {
+            if text.lines().any(|l| l == "READY=1") {
+                noted.lock().unwrap().get_or_insert(sim.counters().mints);
+            }
+        }));
+        (listener, mints_at_ready)
+    }
+
     /// Checks a challenge signature printed by `tm-agent sign` with ring and our public
     /// key; returns the signature text.
     #[track_caller]
@@ -155,13 +169,6 @@ impl World {
         );
         claims
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs() as i64
 }
 
 /// `tm-agent watch --profile p` as a child process.
@@ -283,19 +290,7 @@ fn run_serves_clients_refreshes_and_stops_cleanly_on_sigterm() {
 #[test]
 fn notify_ready_after_the_first_token_then_watchdog_reload_and_stopping() {
     let w = World::new("t-daemon-notify", Duration::from_secs(900));
-    let mints_at_ready = Arc::new(Mutex::new(None::<u64>));
-    let listener = {
-        let sim = w.sim.handle.clone();
-        let mints_at_ready = Arc::clone(&mints_at_ready);
-        NotifyListener::bind_with(Box::new(move |text| {
-            if text.lines().any(|l| l == "READY=1") {
-                mints_at_ready
-                    .lock()
-                    .unwrap()
-                    .get_or_insert(sim.counters().mints);
-            }
-        }))
-    };
+    let (listener, mints_at_ready) = w.ready_listener();
     let socket = w.path("agent.sock");
     let config = w.config("agent.sock").write(&w.path("config.toml"));
     let mut cmd = agent_with_watchdog_pid(&w.hsm, &config);
@@ -418,19 +413,7 @@ fn notify_no_ready_while_the_auth_api_is_down_or_failing() {
             1.0,
         ))
         .unwrap();
-    let mints_at_ready = Arc::new(Mutex::new(None::<u64>));
-    let listener_b = {
-        let sim = w.sim.handle.clone();
-        let mints_at_ready = Arc::clone(&mints_at_ready);
-        NotifyListener::bind_with(Box::new(move |text| {
-            if text.lines().any(|l| l == "READY=1") {
-                mints_at_ready
-                    .lock()
-                    .unwrap()
-                    .get_or_insert(sim.counters().mints);
-            }
-        }))
-    };
+    let (listener_b, mints_at_ready) = w.ready_listener();
     let config_b = w.config("b.sock").write(&w.path("b.toml"));
     let mut cmd = agent_command(&w.hsm, &config_b);
     cmd.env("NOTIFY_SOCKET", &listener_b.path)

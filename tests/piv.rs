@@ -10,6 +10,10 @@
 //! vpcd has one reader port for "Virtual PCD 00 00", so the tests take turns on a global
 //! lock, each with a fresh card (its own state file) started and stopped by the test.
 
+mod common;
+#[path = "common/sim.rs"]
+mod sim_fixture;
+
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -27,6 +31,9 @@ use tm_agent::signer::piv::{
 };
 use tm_agent::signer::{ActorOptions, Handle, SignerError};
 use x509_cert::der::{Decode as _, Encode as _};
+
+use common::daemon::{assert_success, clean_env, uid, Proc};
+use sim_fixture::SimProcess;
 
 const READER: &str = "Virtual PCD 00 00";
 const SERIAL: u32 = 31_415_926;
@@ -247,6 +254,36 @@ fn factory() -> WriteOptions {
     WriteOptions::new(ManagementKey::FactoryDefault)
 }
 
+/// Generates a key in `slot` with the factory management key: its settings and public key.
+fn generate(card: &VirtualCard, slot: &str) -> (PivSettings, VerifyingKey) {
+    let s = settings(card, slot, PIN);
+    let public = piv::generate(&s, &factory())
+        .expect("generate")
+        .public_key
+        .expect("public key");
+    (s, public)
+}
+
+/// `piv::open` fails (the key must not open): its error.
+#[track_caller]
+fn open_fails(settings: &PivSettings, why: &str) -> SignerError {
+    match piv::open(settings) {
+        Err(e) => e,
+        Ok(_) => panic!("{why}"),
+    }
+}
+
+#[track_caller]
+fn assert_wrong_pin(err: &SignerError, tries_left: u32) {
+    assert!(
+        matches!(
+            err,
+            SignerError::WrongPin { tries_left: Some(t) } if *t == tries_left
+        ),
+        "{err:?}"
+    );
+}
+
 fn block<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -366,24 +403,12 @@ fn imported_bundle_signs_with_its_key_and_management_key_can_be_pin_protected() 
 fn wrong_pin_reports_tries_left_and_is_never_retried() {
     let _turn = setup();
     let card = VirtualCard::start();
-    let right = settings(&card, "9c", PIN);
-    piv::generate(&right, &factory()).expect("generate");
+    let (right, _) = generate(&card, "9c");
     assert_eq!(card.pin_tries(), 3);
 
     let wrong = settings(&card, "9c", "999999");
-    let err = match piv::open(&wrong) {
-        Err(e) => e,
-        Ok(_) => panic!("a wrong PIN opened the key"),
-    };
-    assert!(
-        matches!(
-            err,
-            SignerError::WrongPin {
-                tries_left: Some(2)
-            }
-        ),
-        "{err:?}"
-    );
+    let err = open_fails(&wrong, "a wrong PIN opened the key");
+    assert_wrong_pin(&err, 2);
     assert!(err.to_string().contains("2 tries left"), "{err}");
     assert_eq!(card.pin_tries(), 2, "exactly one try spent");
     assert_eq!(piv::pin_tries_left(&right).expect("tries"), 2);
@@ -405,15 +430,7 @@ fn wrong_pin_reports_tries_left_and_is_never_retried() {
         String::from_utf8_lossy(&out.stderr)
     );
     let err = block(handle.sign(b"after")).expect_err("old PIN");
-    assert!(
-        matches!(
-            err,
-            SignerError::WrongPin {
-                tries_left: Some(2)
-            }
-        ),
-        "{err:?}"
-    );
+    assert_wrong_pin(&err, 2);
     for _ in 0..5 {
         let again = block(handle.sign(b"again")).expect_err("latched");
         assert!(matches!(again, SignerError::WrongPin { .. }), "{again:?}");
@@ -425,11 +442,7 @@ fn wrong_pin_reports_tries_left_and_is_never_retried() {
 fn card_removed_mid_run_is_unavailable_then_signing_resumes() {
     let _turn = setup();
     let mut card = VirtualCard::start();
-    let s = settings(&card, "9c", PIN);
-    let public = piv::generate(&s, &factory())
-        .expect("generate")
-        .public_key
-        .expect("public key");
+    let (s, public) = generate(&card, "9c");
     let handle = spawn(&s);
     let health = handle.subscribe_health();
     check_challenge(&handle, &public, 0);
@@ -478,11 +491,7 @@ fn card_removed_mid_run_is_unavailable_then_signing_resumes() {
 fn yubico_piv_tool_sees_the_key_and_shares_the_card() {
     let _turn = setup();
     let card = VirtualCard::start();
-    let s = settings(&card, "9c", PIN);
-    let public = piv::generate(&s, &factory())
-        .expect("generate")
-        .public_key
-        .expect("public key");
+    let (s, public) = generate(&card, "9c");
     let handle = spawn(&s);
     check_challenge(&handle, &public, 0);
 
@@ -514,8 +523,7 @@ fn yubico_piv_tool_sees_the_key_and_shares_the_card() {
 fn card_held_exclusively_is_unavailable_with_the_reason() {
     let _turn = setup();
     let card = VirtualCard::start();
-    let s = settings(&card, "9c", PIN);
-    piv::generate(&s, &factory()).expect("generate");
+    let (s, _) = generate(&card, "9c");
 
     let ctx = pcsc::Context::establish(pcsc::Scope::User).expect("pcsc");
     let reader = std::ffi::CString::new(READER).expect("reader");
@@ -529,10 +537,7 @@ fn card_held_exclusively_is_unavailable_with_the_reason() {
             }
         }
     };
-    let err = match piv::open(&s) {
-        Err(e) => e,
-        Ok(_) => panic!("opened a card held exclusively by another program"),
-    };
+    let err = open_fails(&s, "opened a card held exclusively by another program");
     assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
     let text = err.to_string();
     assert!(text.contains("exclusively"), "{text}");
@@ -546,11 +551,7 @@ fn card_held_exclusively_is_unavailable_with_the_reason() {
 fn attest_list_and_touch_policy_warning() {
     let _turn = setup();
     let card = VirtualCard::start();
-    let s9c = settings(&card, "9c", PIN);
-    let public = piv::generate(&s9c, &factory())
-        .expect("generate")
-        .public_key
-        .expect("public key");
+    let (s9c, public) = generate(&card, "9c");
 
     let attestation = piv::attest(&s9c).expect("attest");
     let cert = x509_cert::Certificate::from_der(&attestation.certificate).expect("DER");
@@ -633,14 +634,7 @@ fn cli(card: &VirtualCard, pin: &str, log: Option<&str>, args: &[&str]) -> std::
 
 #[track_caller]
 fn succeeded(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "tm-agent failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    assert_success(out, "tm-agent")
 }
 
 #[test]
@@ -751,16 +745,6 @@ fn cli_log_cap_holds_at_trace() {
     }
 }
 
-/// A child process killed on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// GET over plain HTTP on loopback (the simulator's JWKS), body as JSON.
 fn http_get_json(base: &str, path: &str) -> serde_json::Value {
     use std::io::Read as _;
@@ -806,47 +790,24 @@ fn verify_jwt(jwks: &serde_json::Value, token: &str) -> serde_json::Value {
 fn the_agent_mints_tokens_from_the_simulator_with_the_yubikey() {
     let _turn = setup();
     let card = VirtualCard::start();
-    let s = settings(&card, "9c", PIN);
-    let public = piv::generate(&s, &factory())
-        .expect("generate")
-        .public_key
-        .expect("public key");
+    let (_, public) = generate(&card, "9c");
     let dir = card.dir();
     std::fs::write(dir.join("public.pem"), jose::public_key_pem(&public)).expect("pem");
     let key_id = "5d3c1f7a-2b4e-4c6d-8e9f-0a1b2c3d4e5f";
 
-    let sim_ready = dir.join("sim.json");
-    let _sim = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_tm-auth-sim"))
-            .args(["--http", "127.0.0.1:0", "--https", "127.0.0.1:0"])
-            .arg("--cert-out")
-            .arg(dir.join("sim-ca.pem"))
-            .arg("--ready-file")
-            .arg(&sim_ready)
-            .arg("--register")
-            .arg(format!("{key_id}={}", dir.join("public.pem").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tm-auth-sim"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ready: serde_json::Value = loop {
-        if let Ok(text) = std::fs::read_to_string(&sim_ready) {
-            if let Ok(v) = serde_json::from_str(&text) {
-                break v;
-            }
-        }
-        assert!(Instant::now() < deadline, "the simulator did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let https = ready["https"].as_str().expect("https url");
-    let http = ready["http"].as_str().expect("http url");
+    let sim = SimProcess::spawn(&[
+        "--http".into(),
+        "127.0.0.1:0".into(),
+        "--https".into(),
+        "127.0.0.1:0".into(),
+        "--register".into(),
+        format!("{key_id}={}", dir.join("public.pem").display()),
+    ]);
+    let https = &sim.ready.https;
+    let http = &sim.ready.http;
 
     let socket = dir.join("agent.sock");
-    let uid = std::fs::metadata(dir)
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .expect("uid");
+    let uid = uid();
     let config = format!(
         r#"
 [agent]
@@ -875,31 +836,17 @@ profiles = "*"
 "#,
         socket = socket.display(),
         pin = pin_file(dir, PIN).display(),
-        ca = dir.join("sim-ca.pem").display(),
+        ca = sim.ca_file.display(),
     );
     std::fs::write(dir.join("config.toml"), config).expect("config");
-    let agent_log = dir.join("agent.log");
-    let _agent = Reaped(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&agent_log).expect("agent log"))
-            .spawn()
-            .expect("start tm-agent run"),
-    );
-    let client = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .env("TM_AGENT_SOCK", &socket)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .expect("tm-agent client")
-    };
+    let mut run = Command::new(BIN);
+    clean_env(&mut run)
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdin(Stdio::null());
+    let agent = Proc::spawn("tm-agent run", &mut run);
+    let client = |args: &[&str]| common::daemon::cli(&socket, args, None);
     let deadline = Instant::now() + Duration::from_secs(30);
     let token = loop {
         let out = client(&["token"]);
@@ -910,7 +857,7 @@ profiles = "*"
             Instant::now() < deadline,
             "no token within 30 s: {}\nagent log:\n{}",
             String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&agent_log).unwrap_or_default()
+            agent.stderr()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -932,7 +879,7 @@ profiles = "*"
     assert!(status.contains(&format!("YubiKey {SERIAL}")), "{status}");
 
     // The daemon runs with log_level = "trace": still no PIN in its log.
-    let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    let log = agent.stderr();
     for needle in [PIN_AS_DEBUG_BYTES, PIN, ">>> "] {
         assert!(!log.contains(needle), "agent log shows {needle:?}");
     }
@@ -942,8 +889,7 @@ profiles = "*"
 fn log_cap_keeps_the_pin_out_of_trace_logs() {
     let _turn = setup();
     let card = VirtualCard::start();
-    let s = settings(&card, "9c", PIN);
-    piv::generate(&s, &factory()).expect("generate");
+    let (s, _) = generate(&card, "9c");
     let (raw, capped) = logs();
     raw.clear();
     capped.clear();

@@ -445,9 +445,70 @@ impl Template {
     }
 }
 
+/// One load task's round trips inside the measured window.
 struct Sample {
     latencies_ns: Vec<u32>,
     errors: u64,
+}
+
+impl Sample {
+    fn with_capacity(capacity: usize) -> Sample {
+        Sample {
+            latencies_ns: Vec::with_capacity(capacity),
+            errors: 0,
+        }
+    }
+
+    /// Counts a round trip from `t0` to `done` if it lies inside the window (`ok` checks
+    /// the answer, only then).
+    fn record(&mut self, window: &Window, t0: Instant, done: Instant, ok: impl FnOnce() -> bool) {
+        if t0 >= window.measure_from && done <= window.end {
+            self.latencies_ns.push(nanos(done.duration_since(t0)));
+            if !ok() {
+                self.errors += 1;
+            }
+        }
+    }
+}
+
+/// The measured part of a run: `--warmup` seconds after its start, then `--duration`.
+#[derive(Clone, Copy)]
+struct Window {
+    measure_from: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn new(start: Instant, args: &BenchArgs) -> Window {
+        let measure_from = start + Duration::from_secs(args.warmup);
+        Window {
+            measure_from,
+            end: measure_from + Duration::from_secs(args.duration),
+        }
+    }
+
+    /// The summary of every task's sample over the window.
+    fn measure(&self, samples: Vec<Sample>) -> Measurement {
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for sample in samples {
+            latencies.extend_from_slice(&sample.latencies_ns);
+            errors += sample.errors;
+        }
+        let seconds = self.end.saturating_duration_since(self.measure_from);
+        summarize(latencies, errors, seconds.as_secs_f64())
+    }
+}
+
+/// Waits for every load task; a task that panicked or failed fails the run.
+async fn join_samples(
+    mut tasks: tokio::task::JoinSet<std::io::Result<Sample>>,
+) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::with_capacity(tasks.len());
+    while let Some(joined) = tasks.join_next().await {
+        samples.push(joined.context("a load task panicked")??);
+    }
+    Ok(samples)
 }
 
 async fn load(
@@ -464,9 +525,7 @@ async fn load(
                 .with_context(|| format!("cannot connect to {}", socket.display()))?,
         );
     }
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs(args.warmup);
-    let end = measure_from + Duration::from_secs(args.duration);
+    let window = Window::new(Instant::now(), args);
     let template = std::sync::Arc::new(Template {
         prefix: template.prefix.clone(),
         suffix: template.suffix.clone(),
@@ -475,27 +534,9 @@ async fn load(
     for stream in streams {
         let template = std::sync::Arc::clone(&template);
         let pipeline = args.pipeline;
-        tasks.spawn(async move {
-            drive(
-                stream,
-                &template,
-                pipeline,
-                measure_from,
-                end,
-                check_replies,
-            )
-            .await
-        });
+        tasks.spawn(async move { drive(stream, &template, pipeline, window, check_replies).await });
     }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let sample = joined.context("a load task panicked")??;
-        latencies.extend_from_slice(&sample.latencies_ns);
-        errors += sample.errors;
-    }
-    let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
-    Ok(summarize(latencies, errors, seconds))
+    Ok(window.measure(join_samples(tasks).await?))
 }
 
 /// Percentiles (nearest rank) and the rate of one run's latencies.
@@ -525,8 +566,7 @@ async fn drive(
     stream: UnixStream,
     template: &Template,
     pipeline: usize,
-    measure_from: Instant,
-    end: Instant,
+    window: Window,
     check_replies: bool,
 ) -> std::io::Result<Sample> {
     let (rd, mut wr) = stream.into_split();
@@ -534,12 +574,11 @@ async fn drive(
     let mut sent: VecDeque<Instant> = VecDeque::with_capacity(pipeline);
     let mut out = Vec::with_capacity(256 * pipeline);
     let mut reply = Vec::with_capacity(4096);
-    let mut latencies = Vec::with_capacity(64 * 1024);
-    let mut errors = 0;
+    let mut sample = Sample::with_capacity(64 * 1024);
     let mut id = 0u64;
     loop {
         let now = Instant::now();
-        if now >= end {
+        if now >= window.end {
             break;
         }
         out.clear();
@@ -560,18 +599,11 @@ async fn drive(
         }
         let done = Instant::now();
         let Some(t0) = sent.pop_front() else { continue };
-        if t0 >= measure_from && done <= end {
-            let ns = done.duration_since(t0).as_nanos().min(u32::MAX as u128) as u32;
-            latencies.push(ns);
-            if check_replies && !contains(&reply, b"\"ok\":true") {
-                errors += 1;
-            }
-        }
+        sample.record(&window, t0, done, || {
+            !check_replies || contains(&reply, b"\"ok\":true")
+        });
     }
-    Ok(Sample {
-        latencies_ns: latencies,
-        errors,
-    })
+    Ok(sample)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -581,24 +613,16 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// A bare echo server on a temporary socket, on its own runtime thread(s).
 struct EchoServer {
     path: PathBuf,
-    dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Removed after the server has stopped (fields drop after `Drop::drop`).
+    _dir: TempDir,
 }
 
 impl EchoServer {
     fn start(threads: usize) -> anyhow::Result<EchoServer> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let dir = std::env::temp_dir().join(format!(
-            "tm-agent-bench-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = dir.join("echo.sock");
+        let dir = TempDir::new("echo")?;
+        let path = dir.path.join("echo.sock");
         let std_listener = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("cannot bind {}", path.display()))?;
         std_listener.set_nonblocking(true)?;
@@ -643,9 +667,9 @@ impl EchoServer {
             .context("cannot start the echo thread")?;
         Ok(EchoServer {
             path,
-            dir,
             stop: Some(stop),
             thread: Some(thread),
+            _dir: dir,
         })
     }
 }
@@ -658,8 +682,6 @@ impl Drop for EchoServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -737,9 +759,7 @@ fn raw_pkcs11(args: &BenchArgs, modes: &ModeArgs) -> anyhow::Result<RawReport> {
     let public_key = info.public_key;
 
     // Every thread signs once and checks the signature before the clock starts.
-    let start = Instant::now() + Duration::from_millis(100);
-    let measure_from = start + Duration::from_secs(args.warmup);
-    let end = measure_from + Duration::from_secs(args.duration);
+    let window = Window::new(Instant::now() + Duration::from_millis(100), args);
     let joined: Vec<_> = std::thread::scope(|scope| {
         let running: Vec<_> = workers
             .into_iter()
@@ -751,45 +771,31 @@ fn raw_pkcs11(args: &BenchArgs, modes: &ModeArgs) -> anyhow::Result<RawReport> {
                     public_key
                         .verify_prehash(&digest, &probe)
                         .context("a raw signature does not verify")?;
-                    let mut latencies = Vec::with_capacity(64 * 1024);
-                    let mut errors = 0;
+                    let mut sample = Sample::with_capacity(64 * 1024);
                     loop {
                         let t0 = Instant::now();
-                        if t0 >= end {
+                        if t0 >= window.end {
                             break;
                         }
                         let result = worker.sign_digest(&digest);
-                        let done = Instant::now();
-                        if t0 >= measure_from && done <= end {
-                            latencies.push(nanos(done.duration_since(t0)));
-                            if result.is_err() {
-                                errors += 1;
-                            }
-                        }
+                        sample.record(&window, t0, Instant::now(), || result.is_ok());
                     }
-                    Ok(Sample {
-                        latencies_ns: latencies,
-                        errors,
-                    })
+                    Ok(sample)
                 })
             })
             .collect();
         running.into_iter().map(|t| t.join()).collect()
     });
-    let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut samples = Vec::with_capacity(joined.len());
     for sample in joined {
-        let sample = sample.map_err(|_| anyhow::anyhow!("a signing thread panicked"))??;
-        latencies.extend_from_slice(&sample.latencies_ns);
-        errors += sample.errors;
+        samples.push(sample.map_err(|_| anyhow::anyhow!("a signing thread panicked"))??);
     }
-    let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
     Ok(RawReport {
         mode: "raw_pkcs11",
         threads,
         clients: threads,
         location: info.location,
-        measurement: summarize(latencies, errors, seconds),
+        measurement: window.measure(samples),
     })
 }
 
@@ -821,50 +827,30 @@ async fn through_handle(
     .context("cannot open the key")?;
     let location = handle.info().location.clone();
 
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs(args.warmup);
-    let end = measure_from + Duration::from_secs(args.duration);
+    let window = Window::new(Instant::now(), args);
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..args.connections {
         let handle = handle.clone();
         tasks.spawn(async move {
             let message = format!("bench.{index}");
-            let mut latencies = Vec::with_capacity(16 * 1024);
-            let mut errors = 0;
+            let mut sample = Sample::with_capacity(16 * 1024);
             loop {
                 let t0 = Instant::now();
-                if t0 >= end {
+                if t0 >= window.end {
                     break;
                 }
                 let result = handle.sign(message.as_bytes()).await;
-                let done = Instant::now();
-                if t0 >= measure_from && done <= end {
-                    latencies.push(nanos(done.duration_since(t0)));
-                    if result.is_err() {
-                        errors += 1;
-                    }
-                }
+                sample.record(&window, t0, Instant::now(), || result.is_ok());
             }
-            Sample {
-                latencies_ns: latencies,
-                errors,
-            }
+            Ok(sample)
         });
     }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let sample = joined.context("a signing task panicked")?;
-        latencies.extend_from_slice(&sample.latencies_ns);
-        errors += sample.errors;
-    }
-    let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
     Ok(RawReport {
         mode: "handle",
         threads: sessions,
         clients: args.connections,
         location,
-        measurement: summarize(latencies, errors, seconds),
+        measurement: window.measure(join_samples(tasks).await?),
     })
 }
 
@@ -1019,29 +1005,19 @@ async fn ssh_agent(sock: &Path, args: &BenchArgs) -> anyhow::Result<SshAgentRepo
     for _ in 0..args.connections {
         streams.push(connect().await?);
     }
-    let start = Instant::now();
-    let measure_from = start + Duration::from_secs(args.warmup);
-    let end = measure_from + Duration::from_secs(args.duration);
+    let window = Window::new(Instant::now(), args);
     let mut tasks = tokio::task::JoinSet::new();
     for stream in streams {
         let request = std::sync::Arc::clone(&request);
         let pipeline = args.pipeline;
-        tasks.spawn(async move { drive_ssh(stream, &request, pipeline, measure_from, end).await });
+        tasks.spawn(async move { drive_ssh(stream, &request, pipeline, window).await });
     }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let sample = joined.context("a load task panicked")??;
-        latencies.extend_from_slice(&sample.latencies_ns);
-        errors += sample.errors;
-    }
-    let seconds = end.saturating_duration_since(measure_from).as_secs_f64();
     Ok(SshAgentReport {
         mode: "ssh_agent",
         connections: args.connections,
         pipeline: args.pipeline,
         key: comment,
-        measurement: summarize(latencies, errors, seconds),
+        measurement: window.measure(join_samples(tasks).await?),
     })
 }
 
@@ -1049,19 +1025,17 @@ async fn drive_ssh(
     stream: UnixStream,
     request: &[u8],
     pipeline: usize,
-    measure_from: Instant,
-    end: Instant,
+    window: Window,
 ) -> std::io::Result<Sample> {
     let (rd, mut wr) = stream.into_split();
     let mut reader = BufReader::with_capacity(16 * 1024, rd);
     let mut sent: VecDeque<Instant> = VecDeque::with_capacity(pipeline);
     let mut out = Vec::with_capacity(request.len() * pipeline);
     let mut reply = Vec::with_capacity(512);
-    let mut latencies = Vec::with_capacity(16 * 1024);
-    let mut errors = 0;
+    let mut sample = Sample::with_capacity(16 * 1024);
     loop {
         let now = Instant::now();
-        if now >= end {
+        if now >= window.end {
             break;
         }
         out.clear();
@@ -1075,17 +1049,9 @@ async fn drive_ssh(
         let kind = ssh_read(&mut reader, &mut reply).await?;
         let done = Instant::now();
         let Some(t0) = sent.pop_front() else { continue };
-        if t0 >= measure_from && done <= end {
-            latencies.push(nanos(done.duration_since(t0)));
-            if kind != SSH_AGENT_SIGN_RESPONSE {
-                errors += 1;
-            }
-        }
+        sample.record(&window, t0, done, || kind == SSH_AGENT_SIGN_RESPONSE);
     }
-    Ok(Sample {
-        latencies_ns: latencies,
-        errors,
-    })
+    Ok(sample)
 }
 
 // ---------------------------------------------------------------------------------------

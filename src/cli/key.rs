@@ -514,6 +514,24 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A YubiKey key is chosen by its slot: `--label` and `--id` name PKCS#11 objects.
+fn refuse_pkcs11_names(label: &Option<String>, id: &Option<String>) -> anyhow::Result<()> {
+    if label.is_some() || id.is_some() {
+        bail!("--label and --id are for PKCS#11 tokens; a YubiKey key is chosen by --slot");
+    }
+    Ok(())
+}
+
+/// Reads and parses the website's key bundle; the file's text is wiped from memory after.
+fn read_bundle(path: &Path) -> anyhow::Result<jose::KeyBundle> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the key bundle {}", path.display()))?,
+    );
+    jose::parse_key_bundle(&text)
+        .with_context(|| format!("{} is not a usable key bundle", path.display()))
+}
+
 fn parse_id(id: Option<String>) -> anyhow::Result<Option<Vec<u8>>> {
     id.map(|text| pkcs11::parse_hex_id(&text).map_err(|e| anyhow!(e)))
         .transpose()
@@ -526,9 +544,7 @@ async fn generate(
     piv_args: PivWriteArgs,
 ) -> anyhow::Result<()> {
     if let Selected::Piv(settings) = backend.select()? {
-        if label.is_some() || id.is_some() {
-            bail!("--label and --id are for PKCS#11 tokens; a YubiKey key is chosen by --slot");
-        }
+        refuse_pkcs11_names(&label, &id)?;
         return generate_piv(settings, piv_args).await;
     }
     let Some(label) = label else {
@@ -565,20 +581,12 @@ async fn import(
     piv_args: PivWriteArgs,
 ) -> anyhow::Result<()> {
     if let Selected::Piv(settings) = backend.select()? {
-        if label.is_some() || id.is_some() {
-            bail!("--label and --id are for PKCS#11 tokens; a YubiKey key is chosen by --slot");
-        }
+        refuse_pkcs11_names(&label, &id)?;
         return import_piv(settings, bundle_path, piv_args).await;
     }
     let settings = backend.pkcs11("import")?;
     let id = parse_id(id)?;
-    let text = Zeroizing::new(
-        std::fs::read_to_string(&bundle_path)
-            .with_context(|| format!("cannot read the key bundle {}", bundle_path.display()))?,
-    );
-    let bundle = jose::parse_key_bundle(&text)
-        .with_context(|| format!("{} is not a usable key bundle", bundle_path.display()))?;
-    drop(text);
+    let bundle = read_bundle(&bundle_path)?;
     let label = label
         .or_else(|| bundle.label.clone().filter(|l| !l.trim().is_empty()))
         .unwrap_or_else(|| format!("tm-{}", bundle.key_id.chars().take(8).collect::<String>()));
@@ -822,13 +830,7 @@ async fn import_piv(
     args: PivWriteArgs,
 ) -> anyhow::Result<()> {
     let options = args.options()?;
-    let text = Zeroizing::new(
-        std::fs::read_to_string(&bundle_path)
-            .with_context(|| format!("cannot read the key bundle {}", bundle_path.display()))?,
-    );
-    let bundle = jose::parse_key_bundle(&text)
-        .with_context(|| format!("{} is not a usable key bundle", bundle_path.display()))?;
-    drop(text);
+    let bundle = read_bundle(&bundle_path)?;
     let key_id = bundle.key_id.clone();
     let what = settings.location();
     let slot = blocking(move || piv::import(&settings, &bundle, &options))

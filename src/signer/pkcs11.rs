@@ -1605,39 +1605,35 @@ fn entry(
     private: Option<ObjectHandle>,
     public: Option<ObjectHandle>,
 ) -> Result<KeyEntry, Trouble> {
-    let priv_attrs = match private {
-        Some(object) => read_attrs(
-            session,
-            object,
-            &[
-                AttributeType::Label,
-                AttributeType::Id,
-                AttributeType::KeyType,
-                AttributeType::EcParams,
-                AttributeType::Sign,
-                AttributeType::Sensitive,
-                AttributeType::Extractable,
-                AttributeType::AlwaysSensitive,
-                AttributeType::NeverExtractable,
-                AttributeType::Local,
-            ],
-        )?,
-        None => KeyAttrs::default(),
+    let read = |object: Option<ObjectHandle>, types: &[AttributeType]| match object {
+        Some(object) => read_attrs(session, object, types),
+        None => Ok(KeyAttrs::default()),
     };
-    let pub_attrs = match public {
-        Some(object) => read_attrs(
-            session,
-            object,
-            &[
-                AttributeType::Label,
-                AttributeType::Id,
-                AttributeType::KeyType,
-                AttributeType::EcParams,
-                AttributeType::EcPoint,
-            ],
-        )?,
-        None => KeyAttrs::default(),
-    };
+    let priv_attrs = read(
+        private,
+        &[
+            AttributeType::Label,
+            AttributeType::Id,
+            AttributeType::KeyType,
+            AttributeType::EcParams,
+            AttributeType::Sign,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+            AttributeType::Local,
+        ],
+    )?;
+    let pub_attrs = read(
+        public,
+        &[
+            AttributeType::Label,
+            AttributeType::Id,
+            AttributeType::KeyType,
+            AttributeType::EcParams,
+            AttributeType::EcPoint,
+        ],
+    )?;
     let main = if private.is_some() {
         &priv_attrs
     } else {

@@ -63,19 +63,6 @@ pub fn uid() -> u32 {
         .uid()
 }
 
-/// A random key_id in UUID form.
-pub fn random_key_id() -> String {
-    let h = hex::encode(rand::random::<[u8; 16]>());
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
-}
-
 /// Generates a P-256 key labelled `label` in the fixture's token with `tm-agent key
 /// generate`, and returns its public key as `tm-agent key public` prints it.
 pub fn generate_key(hsm: &SoftHsm, label: &str) -> VerifyingKey {
@@ -487,20 +474,23 @@ pub fn ping(socket: &Path) -> bool {
 
 /// Runs the CLI client: `tm-agent <args…> --socket <socket>`, stdin from `stdin`.
 pub fn cli(socket: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    use std::io::Write as _;
     let mut cmd = Command::new(AGENT);
-    clean_env(&mut cmd)
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run tm-agent client");
+    clean_env(&mut cmd).args(args).arg("--socket").arg(socket);
+    output_with_stdin(&mut cmd, stdin)
+}
+
+/// Runs `cmd` to its end with stdout and stderr collected; `stdin` is written to its
+/// standard input (closed after), or it has none.
+pub fn output_with_stdin(cmd: &mut Command, stdin: Option<&[u8]>) -> Output {
+    use std::io::Write as _;
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the command");
     if let Some(bytes) = stdin {
         child
             .stdin
@@ -509,7 +499,7 @@ pub fn cli(socket: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
             .write_all(bytes)
             .expect("write stdin");
     }
-    child.wait_with_output().expect("wait for tm-agent client")
+    child.wait_with_output().expect("wait for the command")
 }
 
 /// Runs the CLI client and returns its stdout; panics with the output on failure.

@@ -34,18 +34,8 @@ pub struct TestKey {
 impl TestKey {
     /// A fresh random key with a random UUID key id.
     pub fn random() -> Self {
-        let b: [u8; 16] = rand::random();
-        let h = hex::encode(b);
-        let key_id = format!(
-            "{}-{}-4{}-8{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[13..16],
-            &h[17..20],
-            &h[20..32]
-        );
         TestKey {
-            key_id,
+            key_id: random_key_id(),
             signing_key: SigningKey::random(&mut rand::rngs::OsRng),
         }
     }
@@ -73,6 +63,19 @@ impl TestKey {
     pub fn registration(&self) -> KeyRegistration {
         KeyRegistration::new(self.key_id.clone(), self.verifying_key())
     }
+}
+
+/// A random key_id in UUID form (version 4, variant 1).
+pub fn random_key_id() -> String {
+    let h = hex::encode(rand::random::<[u8; 16]>());
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 /// Unix seconds from the test machine's clock.
