@@ -491,6 +491,30 @@ fn notify_no_ready_while_the_auth_api_is_down_or_failing() {
     assert_eq!(agent_b.expect_exit(Duration::from_secs(5)), 0);
 }
 
+/// Wedges the HSM until the returned process is killed: SoftHSM takes a blocking fcntl lock
+/// (F_SETLKW) on an object's file before reading it, so while another process holds write
+/// locks on the token's files every C_SignInit waits. (Rust's std has flock only, a
+/// different lock on Linux, so python's fcntl.lockf holds them.)
+fn wedge_the_hsm(hsm: &SoftHsm) -> Proc {
+    let locker_script = "import fcntl, glob, sys, time\n\
+        files = [open(p, 'r+') for p in sorted(glob.glob(sys.argv[1] + '/*/*'))]\n\
+        for f in files: fcntl.lockf(f, fcntl.LOCK_EX)\n\
+        print('locked', len(files), flush=True)\n\
+        time.sleep(120)\n";
+    let mut locker = Proc::spawn(
+        "python3 lockf",
+        Command::new("python3")
+            .arg("-c")
+            .arg(locker_script)
+            .arg(&hsm.tokendir)
+            .stdin(Stdio::null()),
+    );
+    locker.wait_while_running(Duration::from_secs(10), "locking", |l| {
+        l.stdout_lines().iter().any(|s| s.starts_with("locked"))
+    });
+    locker
+}
+
 #[test]
 fn watchdog_pings_stop_while_the_signer_is_wedged() {
     let w = World::new("t-daemon-wedge", Duration::from_secs(900));
@@ -508,26 +532,7 @@ fn watchdog_pings_stop_while_the_signer_is_wedged() {
         .count("WATCHDOG=1")
         >= 2));
 
-    // Wedge the HSM: SoftHSM takes a blocking fcntl lock (F_SETLKW) on an object's file
-    // before reading it, so while another process holds write locks on the token's files
-    // every C_SignInit waits. (Rust's std has flock only, a different lock on Linux, so
-    // python's fcntl.lockf holds them.)
-    let locker_script = "import fcntl, glob, sys, time\n\
-        files = [open(p, 'r+') for p in sorted(glob.glob(sys.argv[1] + '/*/*'))]\n\
-        for f in files: fcntl.lockf(f, fcntl.LOCK_EX)\n\
-        print('locked', len(files), flush=True)\n\
-        time.sleep(120)\n";
-    let mut locker = Proc::spawn(
-        "python3 lockf",
-        Command::new("python3")
-            .arg("-c")
-            .arg(locker_script)
-            .arg(&w.hsm.tokendir)
-            .stdin(Stdio::null()),
-    );
-    locker.wait_while_running(Duration::from_secs(10), "locking", |l| {
-        l.stdout_lines().iter().any(|s| s.starts_with("locked"))
-    });
+    let mut locker = wedge_the_hsm(&w.hsm);
     let locked_at = Instant::now();
 
     let out = cli(&socket, &["sign", "--profile", P, "--timeout", "10"], None);
@@ -1113,4 +1118,51 @@ fn worker_threads_sizes_the_runtime_and_signers_keep_their_own_threads() {
         "{}",
         agent.stderr()
     );
+}
+
+/// The process must not exit while a signer thread is inside the PKCS#11 library: exit()
+/// runs SoftHSM's static destructors under that thread (segfaults were seen at exit). So
+/// after SIGTERM the agent waits for a signer wedged in C_SignInit, which then closes its
+/// session, before it exits 0.
+#[test]
+fn exit_waits_for_a_signer_thread_inside_the_hsm_to_close_its_session() {
+    let w = World::new("t-daemon-exitwait", Duration::from_secs(900));
+    let socket = w.path("agent.sock");
+    let mut config = w.config("agent.sock");
+    config.module = PKCS11_SPY.into();
+    config.agent_extra = "sign_timeout_ms = 500\n".into();
+    let config = config.write(&w.path("config.toml"));
+    let spy_log = w.path("spy.log");
+    let mut cmd = agent_command(&w.hsm, &config);
+    cmd.env("PKCS11SPY", MODULE)
+        .env("PKCS11SPY_OUTPUT", &spy_log);
+    let mut agent = Proc::spawn("tm-agent run (spied)", &mut cmd);
+    wait_for_ping(&mut agent, &socket, START);
+
+    let mut locker = wedge_the_hsm(&w.hsm);
+    let out = cli(&socket, &["sign", "--profile", P], None);
+    assert_eq!(out.status.code(), Some(5), "times out while wedged");
+    // The caller gave up; a signer thread is still waiting inside C_SignInit.
+    agent.signal("TERM");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        agent.try_status().is_none(),
+        "exited while a signer thread was inside SoftHSM:\n{}",
+        agent.stderr()
+    );
+    locker.kill();
+    assert_eq!(
+        agent.expect_exit(Duration::from_secs(5)),
+        0,
+        "{}",
+        agent.stderr()
+    );
+    let text = std::fs::read_to_string(&spy_log).expect("pkcs11-spy log");
+    let calls = |name: &str| text.lines().filter(|l| l.ends_with(name)).count();
+    let (opened, closed) = (calls(": C_OpenSession"), calls(": C_CloseSession"));
+    assert!(
+        opened >= 2,
+        "one session per worker (sessions = 2): {opened}"
+    );
+    assert_eq!(closed, opened, "every session closed before the exit");
 }

@@ -65,6 +65,23 @@ pub enum Command {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> u8 {
+    let code = dispatch(cli);
+    // Every runtime, and with it every signer `Handle`, is gone: let the signer threads
+    // close their sessions before the process exits (see `signer::wait_for_workers`).
+    if !crate::signer::wait_for_workers(WORKERS_EXIT_LIMIT) {
+        tracing::warn!(
+            limit_ms = WORKERS_EXIT_LIMIT.as_millis() as u64,
+            "a signer thread is still inside the key's library (a wedged HSM or card?); \
+             exiting without it"
+        );
+    }
+    code
+}
+
+/// How long the process waits at exit for signer threads to close their sessions.
+const WORKERS_EXIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn dispatch(cli: Cli) -> u8 {
     if let Command::Run(args) = cli.command {
         return run::main(args);
     }

@@ -12,6 +12,11 @@
 //!
 //! Health is published on a `watch` channel (state changes only); counters are atomics.
 //! This module never imports `server` or `token`.
+//!
+//! Exit: a worker thread ends, closing its session, once every `Handle` is dropped. A
+//! process must not exit while one is still inside the hardware library: SoftHSM's static
+//! destructors then free what the thread is using (a segfault at exit was seen). So every
+//! command that opened keys calls [`wait_for_workers`] after dropping its handles.
 
 pub mod pin;
 pub mod piv;
@@ -19,7 +24,7 @@ pub mod pkcs11;
 pub mod soft;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -234,9 +239,13 @@ impl Handle {
             }
             let rx = rx.clone();
             let shared = Arc::clone(&shared);
+            let live = LiveWorker::start();
             std::thread::Builder::new()
                 .name(format!("{}-{index}", shared.options.name))
-                .spawn(move || run_worker(worker, rx, shared))
+                .spawn(move || {
+                    run_worker(worker, rx, shared); // drops the worker: its session closes
+                    drop(live);
+                })
                 .map_err(|e| SignerError::Open(format!("cannot start signer thread: {e}")))?;
         }
         *lock(&shared.last_ok) = Some(SystemTime::now());
@@ -318,6 +327,43 @@ impl Handle {
             errors: self.shared.errors.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Worker threads of every signer in the process that have not finished (their session
+/// dropped), with a condvar signalled as each one finishes.
+static LIVE_WORKERS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// Counts one live worker thread from its start until it is dropped, after the worker
+/// (and with it the session) is gone.
+struct LiveWorker;
+
+impl LiveWorker {
+    fn start() -> LiveWorker {
+        *lock(&LIVE_WORKERS.0) += 1;
+        LiveWorker
+    }
+}
+
+impl Drop for LiveWorker {
+    fn drop(&mut self) {
+        let (count, finished) = &LIVE_WORKERS;
+        let mut count = lock(count);
+        *count = count.saturating_sub(1);
+        finished.notify_all();
+    }
+}
+
+/// Waits, at most `limit`, until every signer worker thread in the process has finished
+/// and closed its session. Call it after the last [`Handle`] is dropped (workers finish
+/// the job at hand, then stop), before the process exits. Returns false if some are still
+/// busy after `limit` (e.g. a wedged HSM call); the caller says so and exits anyway.
+pub fn wait_for_workers(limit: Duration) -> bool {
+    let (count, finished) = &LIVE_WORKERS;
+    let guard = lock(count);
+    let (guard, _) = finished
+        .wait_timeout_while(guard, limit, |live| *live > 0)
+        .unwrap_or_else(|p| p.into_inner());
+    *guard == 0
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
