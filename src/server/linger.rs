@@ -61,7 +61,9 @@ pub(super) async fn close(mut rd: OwnedReadHalf, mut wr: OwnedWriteHalf) -> Clos
     if wr.shutdown().await.is_err() {
         return Closed::Error;
     }
-    let mut buf = [0u8; 8 * 1024];
+    // On the heap, and only now: an array here would live in every connection task's
+    // future for the task's whole life (8 KiB × 1,000 idle connections = 8 MiB of RSS).
+    let mut buf = vec![0u8; 8 * 1024];
     let mut discarded = 0;
     let drain = async {
         while discarded < LINGER_BYTES {
