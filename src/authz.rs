@@ -2,9 +2,15 @@
 //! may use which op on which profile.
 //!
 //! Owns the `[[access]]` rule model ([`AccessRule`], embedded by the config module), its
-//! compiled form ([`Rules`]: user and group names resolved to ids at load time, from
-//! `/etc/passwd` and `/etc/group`), the per-peer view ([`Grants`]) and the peer's identity
-//! ([`PeerCred`], executable path for audit records).
+//! compiled form ([`Rules`]: user and group names resolved to ids at load time), the per-peer
+//! view ([`Grants`]) and the peer's identity ([`PeerCred`], executable path for audit records).
+//!
+//! Names resolve as `id` and `getent` resolve them: from `/etc/passwd` and `/etc/group` first,
+//! then, for a name those files lack, through NSS (sssd, nss-systemd, LDAP...) by running
+//! `getent` ([`nss`]). A name goes to getent only if it is a plausible account name (no
+//! leading `-`, no whitespace, `:`, `,` or control character, not all digits), so a config
+//! cannot pass options to it. A user or group found nowhere, or an NSS lookup that fails or
+//! times out, is a problem of the rules: the load fails and says what to do.
 //!
 //! Policy: deny by default; a rule applies when every principal it names (`user`, `uid`,
 //! `group`, `gid`) matches the peer; it then allows its `ops` on its `profiles`. `"*"` in
@@ -15,13 +21,21 @@
 //! special. `ping` reveals nothing and is open to every peer that can connect.
 //!
 //! A group matches when it is the peer's primary gid (what SO_PEERCRED reports), or when the
-//! peer's uid belongs to a user listed as a member of the group in `/etc/group`.
-//! Supplementary groups of the peer process itself are not consulted.
+//! peer's uid belongs to a user listed as a member of the group: for `group = "name"`, the
+//! members of the entry that resolved the name (`/etc/group`, else `getent group name`); for
+//! a bare `gid`, the members listed in `/etc/group` only. Member names resolve to uids like
+//! `user` names (files, then NSS); members found nowhere are left out. Supplementary groups
+//! of the peer process itself are not consulted.
 //!
 //! [`Rules`] is immutable; reloads build a new one (see `server::State::reload_rules`).
-//! Nothing here blocks except [`Rules::compile`] (reads two small files) and
-//! [`PeerCred::exe`] (one readlink in /proc).
+//! Nothing here blocks except [`Rules::compile`] (reads two small files, and runs getent for
+//! names they lack: each run is killed after [`nss::Getent::TIMEOUT`], and after one NSS
+//! failure the rest of that compile asks NSS nothing, so a hung backend costs one timeout)
+//! and [`PeerCred::exe`] (one readlink in /proc).
 
+pub mod nss;
+
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +45,8 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::Op;
+
+use nss::{Database, Getent, NameService, NssError};
 
 /// One `[[access]]` rule of the config file.
 ///
@@ -48,12 +64,13 @@ use crate::protocol::Op;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessRule {
-    /// A user name, resolved to a uid when the rules are loaded.
+    /// A user name, resolved to a uid when the rules are loaded (`/etc/passwd`, then NSS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
-    /// A group name, resolved to a gid (and its member list) when the rules are loaded.
+    /// A group name, resolved to a gid and its member list when the rules are loaded
+    /// (`/etc/group`, then NSS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,7 +176,8 @@ pub struct AuthzError {
     pub problems: Vec<String>,
 }
 
-/// Users and groups, parsed from `/etc/passwd` and `/etc/group` formats.
+/// Users and groups, parsed from `/etc/passwd` and `/etc/group` formats (the files, or what
+/// getent printed).
 #[derive(Debug, Clone, Default)]
 pub struct UserDb {
     /// (name, uid)
@@ -170,7 +188,7 @@ pub struct UserDb {
 
 impl UserDb {
     /// Reads `/etc/passwd` and `/etc/group`. Names that exist only in a directory service
-    /// (LDAP, sssd) are not seen: use `uid`/`gid` for those.
+    /// (LDAP, sssd) are not in them: [`Rules::compile`] asks NSS for those.
     pub fn system() -> Result<UserDb, AuthzError> {
         let read = |path: &str| {
             std::fs::read_to_string(path).map_err(|e| AuthzError {
@@ -222,13 +240,157 @@ impl UserDb {
             .map(|(_, g, _)| *g)
     }
 
-    /// The uids of the users listed as members of group `gid`.
-    fn member_uids(&self, gid: u32) -> Vec<u32> {
+    /// The names listed as members of the groups with gid `gid` (several names may share it).
+    fn member_names(&self, gid: u32) -> Vec<String> {
         self.groups
             .iter()
             .filter(|(_, g, _)| *g == gid)
-            .flat_map(|(_, _, members)| members.iter().filter_map(|m| self.uid(m)))
+            .flat_map(|(_, _, members)| members.iter().cloned())
             .collect()
+    }
+}
+
+/// Why a name could not be resolved (found nowhere is `Ok(None)` instead).
+enum Unresolved {
+    /// Not a plausible account name: never passed to NSS.
+    Implausible(&'static str),
+    /// NSS was asked and could not answer.
+    Nss(NssError),
+    /// NSS was not asked: an earlier lookup of this compile failed.
+    NssSkipped,
+}
+
+impl Unresolved {
+    /// A problem line about `what` (``user `x` ``), which `file` lacks; `give` is the field
+    /// to use instead.
+    fn describe(&self, what: &str, file: &str, give: &str) -> String {
+        match self {
+            Unresolved::Implausible(why) => format!(
+                "{what} is not a valid account name ({why}): check the name, or give `{give}`"
+            ),
+            Unresolved::Nss(e) => {
+                format!("{what} is not in {file}, and the NSS lookup failed: {e}; or give `{give}`")
+            }
+            Unresolved::NssSkipped => format!(
+                "{what} is not in {file}, and NSS was not asked again after a lookup failed: \
+                 fix NSS, or give `{give}`"
+            ),
+        }
+    }
+}
+
+/// A group as resolved: its gid and the names listed as its members.
+struct GroupEntry {
+    gid: u32,
+    members: Vec<String>,
+}
+
+/// Resolves the names of one compile: the files first, then NSS. Remembers what NSS said about
+/// users (group members recur across rules) and, after the first NSS failure, asks it nothing
+/// more, so that a hung backend costs one timeout per load rather than one per name.
+struct Resolver<'a> {
+    files: &'a UserDb,
+    nss: &'a dyn NameService,
+    nss_uids: HashMap<String, Option<u32>>,
+    failed: bool,
+}
+
+impl<'a> Resolver<'a> {
+    /// Names per getent run for group members (far below any argument-size limit).
+    const BATCH: usize = 200;
+
+    fn new(files: &'a UserDb, nss: &'a dyn NameService) -> Resolver<'a> {
+        Resolver {
+            files,
+            nss,
+            nss_uids: HashMap::new(),
+            failed: false,
+        }
+    }
+
+    fn ask(&mut self, db: Database, keys: &[&str]) -> Result<String, Unresolved> {
+        if self.failed {
+            return Err(Unresolved::NssSkipped);
+        }
+        self.nss.getent(db, keys).map_err(|e| {
+            self.failed = true;
+            Unresolved::Nss(e)
+        })
+    }
+
+    /// The uid of user `name`; `Ok(None)` when neither the files nor NSS know it.
+    fn uid(&mut self, name: &str) -> Result<Option<u32>, Unresolved> {
+        if let Some(uid) = self.files.uid(name) {
+            return Ok(Some(uid));
+        }
+        nss::plausible_name(name).map_err(Unresolved::Implausible)?;
+        self.ask_users(&[name])?;
+        Ok(self.nss_uids.get(name).copied().flatten())
+    }
+
+    /// Asks NSS for those of `names` it was not asked about yet, in batches.
+    fn ask_users(&mut self, names: &[&str]) -> Result<(), Unresolved> {
+        let mut todo: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !self.nss_uids.contains_key(*n))
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        for batch in todo.chunks(Self::BATCH) {
+            let answer = UserDb::parse(&self.ask(Database::Passwd, batch)?, "");
+            for name in batch {
+                // A case-insensitive directory (sssd's default for AD) answers `Alice` with
+                // `alice`; an exact match wins when both are listed.
+                let uid = answer.uid(name).or_else(|| {
+                    let mut users = answer.users.iter();
+                    users
+                        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                        .map(|u| u.1)
+                });
+                self.nss_uids.insert((*name).to_owned(), uid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Group `name` and its members; `Ok(None)` when neither the files nor NSS know it.
+    fn group(&mut self, name: &str) -> Result<Option<GroupEntry>, Unresolved> {
+        if let Some(gid) = self.files.gid(name) {
+            return Ok(Some(GroupEntry {
+                gid,
+                members: self.files.member_names(gid),
+            }));
+        }
+        nss::plausible_name(name).map_err(Unresolved::Implausible)?;
+        let answer = UserDb::parse("", &self.ask(Database::Group, &[name])?);
+        let mut groups = answer.groups.into_iter();
+        // Asked for one name, NSS answers with that group (spelt as the directory spells it).
+        Ok(groups
+            .find(|(n, ..)| n.eq_ignore_ascii_case(name))
+            .map(|(_, gid, members)| GroupEntry { gid, members }))
+    }
+
+    /// The uids of the users named in `members`: the files first, then NSS. Names found
+    /// nowhere, and names that are no plausible account name, are left out.
+    fn member_uids(&mut self, members: &[String]) -> Result<Vec<u32>, Unresolved> {
+        let elsewhere: Vec<&str> = members
+            .iter()
+            .map(String::as_str)
+            .filter(|m| self.files.uid(m).is_none() && nss::plausible_name(m).is_ok())
+            .collect();
+        self.ask_users(&elsewhere)?;
+        let mut uids: Vec<u32> = members
+            .iter()
+            .filter_map(|m| {
+                self.files
+                    .uid(m)
+                    .or_else(|| self.nss_uids.get(m.as_str()).copied().flatten())
+            })
+            .collect();
+        uids.sort_unstable();
+        uids.dedup();
+        Ok(uids)
     }
 }
 
@@ -285,13 +447,20 @@ impl Rules {
         Rules::default()
     }
 
-    /// Compiles `rules`, resolving names with the system's `/etc/passwd` and `/etc/group`.
+    /// Compiles `rules`, resolving names with the system's `/etc/passwd` and `/etc/group`,
+    /// then with NSS through getent. Blocks (see the module docs for how long at most).
     pub fn compile(rules: &[AccessRule]) -> Result<Rules, AuthzError> {
-        Rules::compile_with(rules, &UserDb::system()?)
+        Rules::compile_with(rules, &UserDb::system()?, &Getent::new())
     }
 
-    /// Compiles `rules`, resolving names with `db`. Reports every problem at once.
-    pub fn compile_with(rules: &[AccessRule], db: &UserDb) -> Result<Rules, AuthzError> {
+    /// Compiles `rules`, resolving names with `db` (the files), then with `nss` for names
+    /// `db` lacks. Reports every problem at once.
+    pub fn compile_with(
+        rules: &[AccessRule],
+        db: &UserDb,
+        nss: &dyn NameService,
+    ) -> Result<Rules, AuthzError> {
+        let mut resolver = Resolver::new(db, nss);
         let mut problems = Vec::new();
         let mut compiled = Vec::with_capacity(rules.len());
         for (index, rule) in rules.iter().enumerate() {
@@ -306,27 +475,50 @@ impl Rules {
             }
             let mut uid = rule.uid;
             if let Some(name) = &rule.user {
-                match db.uid(name) {
-                    Some(found) if uid.is_some_and(|u| u != found) => problem(format!(
+                match resolver.uid(name) {
+                    Ok(Some(found)) if uid.is_some_and(|u| u != found) => problem(format!(
                         "user `{name}` has uid {found}, but the rule also says uid = {}",
                         uid.unwrap_or_default()
                     )),
-                    Some(found) => uid = Some(found),
-                    None => problem(format!(
-                        "user `{name}` not found in /etc/passwd (for directory users, give `uid`)"
+                    Ok(Some(found)) => uid = Some(found),
+                    Ok(None) => problem(format!(
+                        "user `{name}` not found in /etc/passwd nor through NSS (getent passwd \
+                         {name}): check the name, or give `uid`"
                     )),
+                    Err(e) => problem(e.describe(&format!("user `{name}`"), "/etc/passwd", "uid")),
                 }
             }
             let mut gid = rule.gid;
+            let mut members = None;
             if let Some(name) = &rule.group {
-                match db.gid(name) {
-                    Some(found) if gid.is_some_and(|g| g != found) => problem(format!(
-                        "group `{name}` has gid {found}, but the rule also says gid = {}",
+                match resolver.group(name) {
+                    Ok(Some(found)) if gid.is_some_and(|g| g != found.gid) => problem(format!(
+                        "group `{name}` has gid {}, but the rule also says gid = {}",
+                        found.gid,
                         gid.unwrap_or_default()
                     )),
-                    Some(found) => gid = Some(found),
-                    None => problem(format!(
-                        "group `{name}` not found in /etc/group (for directory groups, give `gid`)"
+                    Ok(Some(found)) => {
+                        gid = Some(found.gid);
+                        members = Some(found.members);
+                    }
+                    Ok(None) => problem(format!(
+                        "group `{name}` not found in /etc/group nor through NSS (getent group \
+                         {name}): check the name, or give `gid`"
+                    )),
+                    Err(e) => problem(e.describe(&format!("group `{name}`"), "/etc/group", "gid")),
+                }
+            }
+            let mut group = None;
+            if let Some(gid) = gid {
+                let members = members.unwrap_or_else(|| db.member_names(gid));
+                match resolver.member_uids(&members) {
+                    Ok(member_uids) => group = Some(GroupMatch { gid, member_uids }),
+                    Err(Unresolved::Nss(e)) => problem(format!(
+                        "members of group {gid} that /etc/passwd lacks could not be looked up: {e}"
+                    )),
+                    Err(_) => problem(format!(
+                        "members of group {gid} that /etc/passwd lacks were not looked up: NSS \
+                         was not asked again after a lookup failed"
                     )),
                 }
             }
@@ -361,10 +553,7 @@ impl Rules {
             };
             compiled.push(Compiled {
                 uid,
-                group: gid.map(|gid| GroupMatch {
-                    gid,
-                    member_uids: db.member_uids(gid),
-                }),
+                group,
                 ops,
                 profiles,
             });
@@ -429,14 +618,69 @@ mod tests {
         toml::from_str(toml_text).unwrap()
     }
 
-    fn grants(rules: &[AccessRule], uid: u32, gid: u32) -> Grants {
-        let db = UserDb::parse(PASSWD, GROUP);
-        let rules = Arc::new(Rules::compile_with(rules, &db).unwrap());
-        rules.grants(&PeerCred {
+    /// An NSS double: answers from its own passwd and group texts (ignoring ASCII case, as sssd
+    /// does by default for AD), or fails with `fail`; records every lookup.
+    #[derive(Default)]
+    struct FakeNss {
+        passwd: &'static str,
+        group: &'static str,
+        fail: Option<NssError>,
+        asked: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl NameService for FakeNss {
+        fn getent(&self, db: Database, keys: &[&str]) -> Result<String, NssError> {
+            self.asked
+                .borrow_mut()
+                .push(format!("{db} {}", keys.join(" ")));
+            if let Some(e) = &self.fail {
+                return Err(e.clone());
+            }
+            let text = match db {
+                Database::Passwd => self.passwd,
+                Database::Group => self.group,
+            };
+            Ok(text
+                .lines()
+                .filter(|l| {
+                    let name = l.split(':').next().unwrap_or_default();
+                    keys.iter().any(|k| k.eq_ignore_ascii_case(name))
+                })
+                .map(|l| format!("{l}\n"))
+                .collect())
+        }
+    }
+
+    impl FakeNss {
+        fn asked(&self) -> Vec<String> {
+            self.asked.borrow().clone()
+        }
+    }
+
+    const NSS_PASSWD: &str = "carol:x:5001:5001::/home/carol:/bin/sh\ndave:x:5002:5002::/home/dave:/bin/sh\nerin:x:5003:5003::/home/erin:/bin/sh\n";
+    const NSS_GROUP: &str = "quants:x:6000:carol,dave,alice,ghost\n";
+
+    fn directory() -> FakeNss {
+        FakeNss {
+            passwd: NSS_PASSWD,
+            group: NSS_GROUP,
+            ..FakeNss::default()
+        }
+    }
+
+    fn peer(uid: u32, gid: u32) -> PeerCred {
+        PeerCred {
             uid,
             gid,
             pid: None,
-        })
+        }
+    }
+
+    fn grants(rules: &[AccessRule], uid: u32, gid: u32) -> Grants {
+        let db = UserDb::parse(PASSWD, GROUP);
+        let nss = FakeNss::default();
+        let rules = Arc::new(Rules::compile_with(rules, &db, &nss).unwrap());
+        rules.grants(&peer(uid, gid))
     }
 
     #[test]
@@ -493,13 +737,260 @@ mod tests {
             rule("user = \"nobody-here\"\nops = [\"tokn\"]\nprofiles = \"*\""),
             rule("ops = \"*\"\nprofiles = []"),
         ];
-        let err = Rules::compile_with(&rules, &UserDb::parse(PASSWD, GROUP)).unwrap_err();
+        let err = Rules::compile_with(&rules, &UserDb::parse(PASSWD, GROUP), &FakeNss::default())
+            .unwrap_err();
         assert_eq!(err.problems.len(), 4, "{err}");
         assert!(err
             .to_string()
             .contains("rule 1: user `nobody-here` not found"));
         assert!(err.to_string().contains("unknown op `tokn`"));
         assert!(err.to_string().contains("rule 2: names no user"));
+    }
+
+    #[test]
+    fn names_in_the_files_never_reach_nss() {
+        let nss = directory();
+        let rules = [
+            rule("user = \"alice\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("group = \"traders\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("gid = 1001\nops = [\"token\"]\nprofiles = \"*\""),
+        ];
+        let rules = Rules::compile_with(&rules, &UserDb::parse(PASSWD, GROUP), &nss).unwrap();
+        assert_eq!(rules.rules[0].uid, Some(1000));
+        let group = rules.rules[1].group.as_ref().unwrap();
+        assert_eq!((group.gid, group.member_uids.clone()), (2000, vec![1000]));
+        assert_eq!(nss.asked(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn names_missing_from_the_files_come_from_nss() {
+        // traders (in the files) lists erin, whom only the directory knows.
+        let group = "alice:x:1000:\ntraders:x:2000:alice,erin\n";
+        let nss = directory();
+        let rules = [
+            rule("user = \"carol\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("group = \"quants\"\nops = [\"status\"]\nprofiles = \"*\""),
+            rule("group = \"traders\"\nops = [\"watch\"]\nprofiles = \"*\""),
+            rule("user = \"Carol\"\nuid = 5001\nops = [\"public_key\"]\nprofiles = \"*\""),
+        ];
+        let rules =
+            Arc::new(Rules::compile_with(&rules, &UserDb::parse(PASSWD, group), &nss).unwrap());
+        assert_eq!(rules.rules[0].uid, Some(5001));
+        let quants = rules.rules[1].group.as_ref().unwrap();
+        // carol and dave through NSS, alice from the files, ghost nowhere (left out).
+        assert_eq!(
+            (quants.gid, quants.member_uids.clone()),
+            (6000, vec![1000, 5001, 5002])
+        );
+        let traders = rules.rules[2].group.as_ref().unwrap();
+        assert_eq!(traders.member_uids, vec![1000, 5003]);
+        // carol was asked once (remembered); the members in one batch per group.
+        assert_eq!(
+            nss.asked(),
+            [
+                "passwd carol",
+                "group quants",
+                "passwd dave ghost",
+                "passwd erin",
+                "passwd Carol"
+            ]
+        );
+        let dave = rules.grants(&peer(5002, 5002));
+        assert!(dave.allows(Op::Status, Some("p")));
+        assert!(!dave.allows(Op::Token, Some("p")));
+        assert!(rules.grants(&peer(5003, 5003)).allows(Op::Watch, Some("p")));
+        assert!(rules
+            .grants(&peer(5001, 5001))
+            .allows(Op::PublicKey, Some("p")));
+    }
+
+    #[test]
+    fn names_found_nowhere_say_what_to_do() {
+        let nss = directory();
+        let rules = [
+            rule("user = \"zed\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("group = \"nobody-group\"\nops = [\"token\"]\nprofiles = \"*\""),
+        ];
+        let err = Rules::compile_with(&rules, &UserDb::parse(PASSWD, GROUP), &nss).unwrap_err();
+        assert_eq!(
+            err.problems,
+            [
+                "rule 1: user `zed` not found in /etc/passwd nor through NSS (getent passwd zed): \
+                 check the name, or give `uid`",
+                "rule 2: group `nobody-group` not found in /etc/group nor through NSS (getent \
+                 group nobody-group): check the name, or give `gid`",
+            ]
+        );
+        assert_eq!(nss.asked(), ["passwd zed", "group nobody-group"]);
+    }
+
+    #[test]
+    fn implausible_names_never_reach_nss() {
+        let nss = directory();
+        let hostile = [
+            "user = \"-s\"",
+            "user = \"a b\"",
+            "group = \"--help\"",
+            "user = \"x:0:0\"",
+            "group = \"a\\u0000b\"",
+            "user = \"1000\"",
+            "group = \"\"",
+        ];
+        let rules: Vec<_> = hostile
+            .iter()
+            .map(|p| rule(&format!("{p}\nops = [\"token\"]\nprofiles = \"*\"")))
+            .collect();
+        let err = Rules::compile_with(&rules, &UserDb::parse(PASSWD, GROUP), &nss).unwrap_err();
+        assert_eq!(err.problems.len(), hostile.len(), "{err}");
+        for problem in &err.problems {
+            assert!(problem.contains("is not a valid account name"), "{problem}");
+        }
+        assert!(err.problems[0].contains("user `-s` is not a valid account name (it starts with '-'): check the name, or give `uid`"), "{err}");
+        // A hostile member name in the files is left out, not looked up.
+        let group = "traders:x:2000:alice,-s,a b\n";
+        let rules = [rule(
+            "group = \"traders\"\nops = [\"token\"]\nprofiles = \"*\"",
+        )];
+        let rules = Rules::compile_with(&rules, &UserDb::parse(PASSWD, group), &nss).unwrap();
+        assert_eq!(
+            rules.rules[0].group.as_ref().unwrap().member_uids,
+            vec![1000]
+        );
+        assert_eq!(nss.asked(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_failing_nss_is_asked_once_per_load_and_reported() {
+        let nss = FakeNss {
+            fail: Some(NssError::Timeout {
+                command: "getent passwd carol".into(),
+                db: Database::Passwd,
+                secs: 5,
+            }),
+            ..directory()
+        };
+        let rules = [
+            rule("user = \"carol\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("group = \"quants\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("user = \"alice\"\nops = [\"token\"]\nprofiles = \"*\""),
+        ];
+        let err = Rules::compile_with(&rules, &UserDb::parse(PASSWD, GROUP), &nss).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(
+            err.problems[0].starts_with(
+                "rule 1: user `carol` is not in /etc/passwd, and the NSS lookup failed: \
+                 `getent passwd carol` gave no answer within 5 s"
+            ),
+            "{err}"
+        );
+        assert!(err.problems[0].ends_with("or give `uid`"), "{err}");
+        assert_eq!(
+            err.problems[1],
+            "rule 2: group `quants` is not in /etc/group, and NSS was not asked again after a \
+             lookup failed: fix NSS, or give `gid`"
+        );
+        assert_eq!(nss.asked(), ["passwd carol"]);
+    }
+
+    /// The real resolver: files that lack root (and a group, and its member) make the system's
+    /// getent supply them; the ids must be the ones the system reports.
+    #[test]
+    fn names_missing_from_the_files_come_from_the_real_getent() {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let group = std::fs::read_to_string("/etc/group").unwrap();
+        let system = UserDb::parse(&passwd, &group);
+        // A group with a member that /etc/passwd has, so that the member goes through NSS too;
+        // else root's group.
+        let (group_name, member) = system
+            .groups
+            .iter()
+            .find_map(|(name, _, members)| {
+                let m = members
+                    .iter()
+                    .find(|m| m.as_str() != "root" && system.uid(m).is_some())?;
+                Some((name.clone(), Some(m.clone())))
+            })
+            .unwrap_or_else(|| ("root".to_owned(), None));
+        let hidden_users = ["root".to_owned()]
+            .into_iter()
+            .chain(member.clone())
+            .collect::<Vec<_>>();
+        let first_field = |l: &str| l.split(':').next().unwrap_or_default().to_owned();
+        let files_passwd: String = passwd
+            .lines()
+            .filter(|l| !hidden_users.contains(&first_field(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let files_group: String = group
+            .lines()
+            .filter(|l| first_field(l) != group_name)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let files = UserDb::parse(&files_passwd, &files_group);
+        assert_eq!(files.uid("root"), None);
+        assert_eq!(files.gid(&group_name), None);
+
+        let getent_says = |db: &str, name: &str| -> u32 {
+            let out = std::process::Command::new("getent")
+                .args([db, name])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "getent {db} {name}: {out:?}");
+            let text = String::from_utf8(out.stdout).unwrap();
+            // uid in passwd, gid in group: the third field either way.
+            text.split(':').nth(2).unwrap().trim().parse().unwrap()
+        };
+
+        let rules = [
+            rule("user = \"root\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule(&format!(
+                "group = \"{group_name}\"\nops = [\"token\"]\nprofiles = \"*\""
+            )),
+        ];
+        let nss = Counting {
+            inner: Getent::new(),
+            asked: Default::default(),
+        };
+        let compiled = Rules::compile_with(&rules, &files, &nss).unwrap();
+        assert_eq!(compiled.rules[0].uid, system.uid("root"));
+        assert_eq!(compiled.rules[0].uid, Some(getent_says("passwd", "root")));
+        let g = compiled.rules[1].group.as_ref().unwrap();
+        assert_eq!(Some(g.gid), system.gid(&group_name));
+        assert_eq!(g.gid, getent_says("group", &group_name));
+        let asked = nss.asked.borrow().clone();
+        assert_eq!(
+            asked[..2],
+            ["passwd root".to_owned(), format!("group {group_name}")]
+        );
+        if let Some(member) = &member {
+            let uid = system.uid(member).unwrap();
+            assert_eq!(uid, getent_says("passwd", member));
+            assert!(
+                g.member_uids.contains(&uid),
+                "{member} ({uid}) not in {g:?}"
+            );
+            // The member's batch (with any member names that /etc/passwd lacks).
+            assert!(asked[2].split(' ').any(|m| m == member), "{asked:?}");
+        }
+
+        // Without the fallback the same files resolve nothing: the ids above came from getent.
+        let err = Rules::compile_with(&rules, &files, &FakeNss::default()).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    /// Counts what reaches a real name service.
+    struct Counting<N> {
+        inner: N,
+        asked: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl<N: NameService> NameService for Counting<N> {
+        fn getent(&self, db: Database, keys: &[&str]) -> Result<String, NssError> {
+            self.asked
+                .borrow_mut()
+                .push(format!("{db} {}", keys.join(" ")));
+            self.inner.getent(db, keys)
+        }
     }
 
     #[test]

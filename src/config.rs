@@ -9,7 +9,9 @@
 //! lives in exactly one place: the module that owns the setting.
 //!
 //! Parsing and validation are pure apart from reading the file and resolving user and group
-//! names (no hardware, no network). Loaded at start and again on SIGHUP.
+//! names (`/etc/passwd`, `/etc/group`, then NSS through getent, which may ask a directory
+//! service: bounded, see `authz`). No hardware, no network of our own. Loaded at start and
+//! again on SIGHUP.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
