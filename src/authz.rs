@@ -394,6 +394,32 @@ impl<'a> Resolver<'a> {
     }
 }
 
+/// The gid of group `name` as the system sees it (the socket's group): `/etc/group` first,
+/// then NSS through getent. `Ok(None)` when neither knows it, and for an all-digit name
+/// that `/etc/group` lacks (the caller reads it as a gid; it never reaches getent). `Err`
+/// says why the lookup could not be made. Blocks like [`Rules::compile`].
+pub fn system_group_gid(name: &str) -> Result<Option<u32>, String> {
+    group_gid_with(
+        name,
+        &UserDb::system().map_err(|e| e.to_string())?,
+        &Getent::new(),
+    )
+}
+
+fn group_gid_with(
+    name: &str,
+    files: &UserDb,
+    nss: &dyn NameService,
+) -> Result<Option<u32>, String> {
+    if files.gid(name).is_none() && !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    Resolver::new(files, nss)
+        .group(name)
+        .map(|group| group.map(|g| g.gid))
+        .map_err(|e| e.describe(&format!("group `{name}`"), "/etc/group", "a numeric gid"))
+}
+
 #[derive(Debug, Clone)]
 enum Profiles {
     All,
@@ -681,6 +707,40 @@ mod tests {
         let nss = FakeNss::default();
         let rules = Arc::new(Rules::compile_with(rules, &db, &nss).unwrap());
         rules.grants(&peer(uid, gid))
+    }
+
+    #[test]
+    fn the_socket_group_resolves_from_the_files_then_nss_and_digits_stay_a_gid() {
+        let db = UserDb::parse(PASSWD, GROUP);
+        let nss = directory();
+        assert_eq!(group_gid_with("traders", &db, &nss), Ok(Some(2000)));
+        assert!(
+            nss.asked().is_empty(),
+            "the files knew it: {:?}",
+            nss.asked()
+        );
+        assert_eq!(group_gid_with("quants", &db, &nss), Ok(Some(6000)));
+        assert_eq!(nss.asked(), ["group quants"]);
+        assert_eq!(group_gid_with("nobody-here", &db, &nss), Ok(None));
+        assert_eq!(group_gid_with("65534", &db, &nss), Ok(None));
+        assert_eq!(
+            group_gid_with("-s", &db, &nss).map_err(|e| e.contains("not a valid")),
+            Err(true)
+        );
+        assert_eq!(
+            nss.asked(),
+            ["group quants", "group nobody-here"],
+            "digits and options never reach getent"
+        );
+        let failing = FakeNss {
+            fail: Some(NssError::Failed {
+                command: "getent group x".into(),
+                status: "exit status: 3".into(),
+            }),
+            ..FakeNss::default()
+        };
+        let err = group_gid_with("quants", &db, &failing).unwrap_err();
+        assert!(err.contains("NSS lookup failed"), "{err}");
     }
 
     #[test]

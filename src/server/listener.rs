@@ -33,7 +33,8 @@ pub struct SocketSettings {
     pub path: PathBuf,
     /// Permission bits of the socket file (connecting needs write permission).
     pub mode: u32,
-    /// Group owning the socket file: a name or a numeric gid. `None` keeps the agent's group.
+    /// Group owning the socket file: a name (`/etc/group`, then NSS) or a numeric gid. `None`
+    /// keeps the agent's group.
     pub group: Option<String>,
 }
 
@@ -71,8 +72,13 @@ pub enum ListenerError {
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket: remove it or choose another socket path")]
     NotASocket { path: PathBuf },
-    #[error("group `{group}` does not exist: create it (systemd-sysusers) or change socket.group")]
+    #[error(
+        "group `{group}` does not exist (not in /etc/group, nor through NSS): create it \
+         (systemd-sysusers) or change socket.group"
+    )]
     NoGroup { group: String },
+    #[error("socket.group: {reason}")]
+    GroupLookup { reason: String },
     #[error("socket mode {mode:o} is invalid: give permission bits such as 0o660")]
     BadMode { mode: u32 },
     #[error("{what} {path}: {source}")]
@@ -238,17 +244,15 @@ fn effective_gid() -> Option<u32> {
     gids.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// A group name or numeric gid → gid, from `/etc/group`.
+/// A group name or numeric gid → gid: `/etc/group`, then NSS (as `[[access]]` names).
 fn resolve_group(group: &str) -> Result<u32, ListenerError> {
-    let text = std::fs::read_to_string("/etc/group")
-        .map_err(io_err("cannot read", Path::new("/etc/group")))?;
-    let db = crate::authz::UserDb::parse("", &text);
-    if let Some(gid) = db.gid(group) {
-        return Ok(gid);
+    match crate::authz::system_group_gid(group) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => group.parse::<u32>().map_err(|_| ListenerError::NoGroup {
+            group: group.to_owned(),
+        }),
+        Err(reason) => Err(ListenerError::GroupLookup { reason }),
     }
-    group.parse::<u32>().map_err(|_| ListenerError::NoGroup {
-        group: group.to_owned(),
-    })
 }
 
 /// Refuses if `path` is in use or not a socket; removes nothing (the rename replaces it).
