@@ -174,6 +174,9 @@ impl PeerCred {
 #[error("invalid [[access]] rules: {}", .problems.join("; "))]
 pub struct AuthzError {
     pub problems: Vec<String>,
+    /// Some name could not be resolved because NSS failed, hung or was too slow (rather
+    /// than answering "no such name"): likely transient, e.g. sssd not up yet.
+    pub nss_unavailable: bool,
 }
 
 /// Users and groups, parsed from `/etc/passwd` and `/etc/group` formats (the files, or what
@@ -193,6 +196,7 @@ impl UserDb {
         let read = |path: &str| {
             std::fs::read_to_string(path).map_err(|e| AuthzError {
                 problems: vec![format!("cannot read {path}: {e}")],
+                nss_unavailable: false,
             })
         };
         Ok(UserDb::parse(&read("/etc/passwd")?, &read("/etc/group")?))
@@ -258,7 +262,14 @@ enum Unresolved {
     Nss(NssError),
     /// NSS was not asked: an earlier lookup of this compile failed.
     NssSkipped,
+    /// NSS was not asked: the lookups of this compile have used up [`NSS_BUDGET`].
+    NssBudget,
 }
+
+/// The most time the NSS lookups of one compile may take together (each getent run is
+/// also killed after its own timeout): a slow backend must not hold a reload, and the
+/// signals it would answer, for a call per name.
+const NSS_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Unresolved {
     /// A problem line about `what` (``user `x` ``), which `file` lacks; `give` is the field
@@ -275,6 +286,11 @@ impl Unresolved {
                 "{what} is not in {file}, and NSS was not asked again after a lookup failed: \
                  fix NSS, or give `{give}`"
             ),
+            Unresolved::NssBudget => format!(
+                "{what} is not in {file}, and NSS was not asked: this load's lookups already \
+                 took over {} s (a slow NSS backend); fix NSS, or give `{give}`",
+                NSS_BUDGET.as_secs()
+            ),
         }
     }
 }
@@ -287,12 +303,15 @@ struct GroupEntry {
 
 /// Resolves the names of one compile: the files first, then NSS. Remembers what NSS said about
 /// users (group members recur across rules) and, after the first NSS failure, asks it nothing
-/// more, so that a hung backend costs one timeout per load rather than one per name.
+/// more, so that a hung backend costs one timeout per load rather than one per name; and
+/// once the lookups have taken [`NSS_BUDGET`] together, none is started.
 struct Resolver<'a> {
     files: &'a UserDb,
     nss: &'a dyn NameService,
     nss_uids: HashMap<String, Option<u32>>,
+    /// NSS failed, or the budget ran out: the names left unresolved may exist.
     failed: bool,
+    started: std::time::Instant,
 }
 
 impl<'a> Resolver<'a> {
@@ -305,12 +324,17 @@ impl<'a> Resolver<'a> {
             nss,
             nss_uids: HashMap::new(),
             failed: false,
+            started: std::time::Instant::now(),
         }
     }
 
     fn ask(&mut self, db: Database, keys: &[&str]) -> Result<String, Unresolved> {
         if self.failed {
             return Err(Unresolved::NssSkipped);
+        }
+        if self.started.elapsed() > NSS_BUDGET {
+            self.failed = true;
+            return Err(Unresolved::NssBudget);
         }
         self.nss.getent(db, keys).map_err(|e| {
             self.failed = true;
@@ -587,7 +611,10 @@ impl Rules {
         if problems.is_empty() {
             Ok(Rules { rules: compiled })
         } else {
-            Err(AuthzError { problems })
+            Err(AuthzError {
+                problems,
+                nss_unavailable: resolver.failed,
+            })
         }
     }
 
@@ -741,6 +768,35 @@ mod tests {
         };
         let err = group_gid_with("quants", &db, &failing).unwrap_err();
         assert!(err.contains("NSS lookup failed"), "{err}");
+    }
+
+    #[test]
+    fn an_nss_failure_or_a_spent_budget_is_reported_as_such_a_missing_name_is_not() {
+        let db = UserDb::parse(PASSWD, GROUP);
+        let r = rule("user = \"carol\"\nops = [\"token\"]\nprofiles = \"*\"");
+        let missing =
+            Rules::compile_with(std::slice::from_ref(&r), &db, &FakeNss::default()).unwrap_err();
+        assert!(!missing.nss_unavailable, "{missing:?}");
+        let failing = FakeNss {
+            fail: Some(NssError::Failed {
+                command: "getent passwd carol".into(),
+                status: "exit status: 3".into(),
+            }),
+            ..FakeNss::default()
+        };
+        let down = Rules::compile_with(&[r], &db, &failing).unwrap_err();
+        assert!(down.nss_unavailable, "{down:?}");
+
+        let nss = directory();
+        let mut resolver = Resolver::new(&db, &nss);
+        resolver.started -= NSS_BUDGET + std::time::Duration::from_secs(1);
+        let err = resolver.uid("carol").unwrap_err();
+        assert!(matches!(err, Unresolved::NssBudget));
+        assert!(resolver.failed);
+        assert!(nss.asked().is_empty(), "no lookup once the budget is spent");
+        assert!(err
+            .describe("user `carol`", "/etc/passwd", "uid")
+            .contains("over 10 s"));
     }
 
     #[test]

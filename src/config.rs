@@ -259,7 +259,25 @@ pub enum ConfigError {
     Invalid {
         path: PathBuf,
         problems: Vec<String>,
+        /// NSS failed or was too slow while names were resolved: the same file may load
+        /// once it answers (see [`ConfigError::may_pass_on_retry`]).
+        nss_unavailable: bool,
     },
+}
+
+impl ConfigError {
+    /// True when the file may load unchanged a little later: an `[[access]]` name could not
+    /// be resolved because NSS (sssd, LDAP) failed or did not answer in time. `run` exits
+    /// with a restartable status then, not 78, which systemd does not restart.
+    pub fn may_pass_on_retry(&self) -> bool {
+        matches!(
+            self,
+            ConfigError::Invalid {
+                nss_unavailable: true,
+                ..
+            }
+        )
+    }
 }
 
 /// A validated config and its compiled access rules.
@@ -281,9 +299,11 @@ impl Config {
             message,
         })?;
         let mut problems = config.validate();
+        let mut nss_unavailable = false;
         let rules = match Rules::compile(&config.access) {
             Ok(rules) => Some(rules),
             Err(e) => {
+                nss_unavailable = e.nss_unavailable;
                 problems.extend(e.problems.into_iter().map(|p| format!("[[access]] {p}")));
                 None
             }
@@ -293,6 +313,7 @@ impl Config {
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 problems,
+                nss_unavailable,
             }),
         }
     }

@@ -282,7 +282,7 @@ fn run_serves_clients_refreshes_and_stops_cleanly_on_sigterm() {
     );
     assert!(!socket.exists(), "the socket file is removed on exit");
     let log = agent.stderr();
-    assert!(log.contains("signal=\"SIGTERM\""), "{log}");
+    assert!(log.contains("reason=\"SIGTERM\""), "{log}");
     assert!(log.contains("tm-agent stopped"), "{log}");
     assert!(!ping(&socket));
 }

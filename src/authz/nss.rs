@@ -168,7 +168,11 @@ impl NameService for Getent {
                     tried: tried(),
                     reason: "not found".into(),
                 })?;
+        // A clean environment: the agent's may hold a PIN (`pin = { env = … }`), and getent
+        // loads NSS modules that have no business seeing it.
         let mut child = Command::new(program)
+            .env_clear()
+            .env("LC_ALL", "C")
             .arg(db.as_str())
             .arg("--")
             .args(keys)

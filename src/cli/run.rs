@@ -56,6 +56,12 @@ pub fn main(args: RunArgs) -> u8 {
     };
     let loaded = match Config::load(&args.config) {
         Ok(loaded) => loaded,
+        Err(e) if e.may_pass_on_retry() => {
+            // Not 78: systemd (RestartPreventExitStatus=78) would never try again, and the
+            // directory service may just not be up yet.
+            eprintln!("tm-agent: {e}\n(NSS did not answer: exiting with status 1 to be restarted)");
+            return super::EXIT_FAILURE;
+        }
         Err(e) => {
             eprintln!("tm-agent: {e}");
             return EXIT_CONFIG;
@@ -193,19 +199,22 @@ impl Daemon {
         let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
-        let outcome = loop {
+        // Why the agent stops: a signal or a failed token manager (both drain the server
+        // first), or the server itself ending (nothing left to drain).
+        let (reason, failure) = loop {
             tokio::select! {
-                _ = term.recv() => break Ok("SIGTERM"),
-                _ = int.recv() => break Ok("SIGINT"),
+                _ = term.recv() => break ("SIGTERM", None),
+                _ = int.recv() => break ("SIGINT", None),
                 _ = hup.recv() => self.reload(&state),
                 Some(Ok(name)) = failures.join_next() => {
-                    break Err(anyhow::anyhow!(
+                    break ("token manager failure", Some(anyhow::anyhow!(
                         "profile {name}: the token manager failed (an internal error, logged \
                          above); exiting so that the service manager restarts tm-agent"
-                    ));
+                    )));
                 }
                 result = &mut server_task => {
-                    break Err(match result {
+                    let _ = self.notifier.stopping();
+                    return Err(match result {
                         Ok(Ok(())) => anyhow::anyhow!("the server stopped on its own"),
                         Ok(Err(e)) => anyhow::Error::new(e).context("the server failed"),
                         Err(e) => anyhow::anyhow!("the server task failed: {e}"),
@@ -216,11 +225,7 @@ impl Daemon {
         let _ = self.notifier.stopping();
         status.abort();
         watchdog.abort();
-        let signal_name = outcome?;
-        tracing::info!(
-            signal = signal_name,
-            "shutting down: finishing in-flight requests"
-        );
+        tracing::info!(reason, "shutting down: finishing in-flight requests");
         shutdown.cancel();
         let grace = Duration::from_secs(config.agent.shutdown_grace_secs);
         match tokio::time::timeout(grace, &mut server_task).await {
@@ -237,6 +242,9 @@ impl Daemon {
         }
         // Token managers stop last, so watch clients got their `end` while tokens were valid.
         tokens_cancel.cancel();
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
         tracing::info!("tm-agent stopped");
         Ok(())
     }
@@ -276,6 +284,9 @@ async fn open_keys(config: &Config) -> anyhow::Result<BTreeMap<String, Handle>> 
         let (name, key) = (name.clone(), key.clone());
         let options = config.agent.actor_options(&name);
         tasks.spawn_blocking(move || {
+            // If another key fails, the daemon exits without waiting for this task: the
+            // guard keeps the exit from running under it (see `signer::wait_for_workers`).
+            let _opening = signer::LiveWorker::opening();
             let result = open_key(&key, options);
             (name, result)
         });

@@ -329,18 +329,24 @@ impl Handle {
     }
 }
 
-/// Worker threads of every signer in the process that have not finished (their session
-/// dropped), with a condvar signalled as each one finishes.
+/// Threads of the process that may be inside a key's library: signer worker threads until
+/// their session is dropped, and key openings ([`LiveWorker::opening`]) until they return;
+/// with a condvar signalled as each one finishes.
 static LIVE_WORKERS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
-/// Counts one live worker thread from its start until it is dropped, after the worker
-/// (and with it the session) is gone.
-struct LiveWorker;
+/// Counts one thread that may be inside a key's library, until it is dropped.
+pub struct LiveWorker;
 
 impl LiveWorker {
     fn start() -> LiveWorker {
         *lock(&LIVE_WORKERS.0) += 1;
         LiveWorker
+    }
+
+    /// Held for the whole of opening a key (load, login, sessions, self-test) on a thread
+    /// that the caller might stop waiting for: [`wait_for_workers`] then waits for it too.
+    pub fn opening() -> LiveWorker {
+        LiveWorker::start()
     }
 }
 
