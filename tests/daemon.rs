@@ -1166,3 +1166,56 @@ fn exit_waits_for_a_signer_thread_inside_the_hsm_to_close_its_session() {
     );
     assert_eq!(closed, opened, "every session closed before the exit");
 }
+
+/// An `[[access]]` name that NSS cannot answer for at start (sssd not up yet, say) exits 1,
+/// which systemd restarts, where a name NSS does not know is a config error (78, never
+/// restarted). The outage: a private mount namespace (unshare, as root) puts a getent that
+/// fails over /usr/bin/getent for the agent alone.
+#[test]
+fn an_nss_outage_at_start_exits_1_a_name_nss_does_not_know_exits_78() {
+    let w = World::new("t-daemon-nss", Duration::from_secs(900));
+    let mut config = w.config("agent.sock");
+    config.access +=
+        "[[access]]\nuser = \"tm-agent-no-such-user\"\nops = [\"token\"]\nprofiles = \"*\"\n";
+    let config = config.write(&w.path("config.toml"));
+
+    // The real getent: the name does not exist.
+    let mut agent = Proc::spawn(
+        "tm-agent run (unknown user)",
+        &mut agent_command(&w.hsm, &config),
+    );
+    assert_eq!(agent.expect_exit(START), 78, "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("tm-agent-no-such-user"),
+        "{}",
+        agent.stderr()
+    );
+
+    // NSS down: getent fails (status 3, as when nsswitch.conf names a broken source).
+    let fake = w.path("getent");
+    std::fs::write(&fake, "#!/bin/sh\nexit 3\n").expect("write the fake getent");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut cmd = w.hsm.command("unshare");
+    clean_env(&mut cmd)
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$1\" /usr/bin/getent && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(&fake)
+        .args([AGENT, "run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null());
+    let mut agent = Proc::spawn("tm-agent run (NSS down)", &mut cmd);
+    let code = agent.expect_exit(START);
+    let stderr = agent.stderr();
+    assert_eq!(code, 1, "restartable, not 78:\n{stderr}");
+    assert!(stderr.contains("NSS did not answer"), "{stderr}");
+    assert!(stderr.contains("NSS lookup failed"), "{stderr}");
+    // The real getent outside the namespace is untouched.
+    assert!(Command::new("getent")
+        .args(["passwd", "root"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+}
