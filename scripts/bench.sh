@@ -326,24 +326,21 @@ def line(label, values, op, limit, fmt):
     lim = ("%g" % limit) if limit < 1000 else f"{limit:,.0f}"
     print(f"{label:<58} {fmt(v):>9} {rng:>15} {op + ' ' + lim:>10}  {'met' if ok else 'MISSED'}")
 x = lambda v: f"{v:.3f}x"
-line("token p50 / echo p50, 32 connections",
-     with_baseline(lambda a, b: a["p50_us"] / b["p50_us"], "token-c32"), "<=", 2, x)
-line("token p50 / echo p50, 1 connection (for reference)",
-     with_baseline(lambda a, b: a["p50_us"] / b["p50_us"], "token-c1"), "<=", 2, x)
+p50_ratio = lambda a, b: a["p50_us"] / b["p50_us"]
+rate_ratio = lambda a, b: a["per_second"] / b["per_second"]
+line("token p50 / echo p50, 32 connections", with_baseline(p50_ratio, "token-c32"), "<=", 2, x)
+line("token p50 / echo p50, 1 connection (for reference)", with_baseline(p50_ratio, "token-c1"), "<=", 2, x)
 line("token requests/s, 32 connections", [m["per_second"] for m in runs("token-c32")], ">=", 100000,
      lambda v: f"{v:,.0f}")
-line("sign_challenge p50 (1 conn.) / raw C_Sign p50 (1 thread)",
-     per_round(lambda a, b: a["p50_us"] / b["p50_us"], "sign-c1", "raw-1t"), "<=", 1.3, x)
-line("sign_challenge/s, 1 session (16 conn.) / raw, 1 thread",
-     per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-1s-c16", "raw-1t"), ">=", 0.9, x)
-line("sign_challenge/s, 2 sessions (16 conn.) / raw, 2 threads",
-     per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-c16", "raw-2t"), ">=", 0.9, x)
-line("  the same with worker_threads = 1 (for reference)",
-     per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-rt1-c16", "raw-2t"), ">=", 0.9, x)
-line("pinned to 1 CPU: sign_challenge p50 / raw p50 (reference)",
-     per_round(lambda a, b: a["p50_us"] / b["p50_us"], "pin-sign-c1", "pin-raw-1t"), "<=", 1.3, x)
-line("sign_challenge/s / ssh-agent signatures/s, 16 conn.",
-     per_round(lambda a, b: a["per_second"] / b["per_second"], "sign-c16", "ssh-agent-c16"), ">=", 5, x)
+for label, f, agent, base, op, limit in [
+    ("sign_challenge p50 (1 conn.) / raw C_Sign p50 (1 thread)", p50_ratio, "sign-c1", "raw-1t", "<=", 1.3),
+    ("sign_challenge/s, 1 session (16 conn.) / raw, 1 thread", rate_ratio, "sign-1s-c16", "raw-1t", ">=", 0.9),
+    ("sign_challenge/s, 2 sessions (16 conn.) / raw, 2 threads", rate_ratio, "sign-c16", "raw-2t", ">=", 0.9),
+    ("  the same with worker_threads = 1 (for reference)", rate_ratio, "sign-rt1-c16", "raw-2t", ">=", 0.9),
+    ("pinned to 1 CPU: sign_challenge p50 / raw p50 (reference)", p50_ratio, "pin-sign-c1", "pin-raw-1t", "<=", 1.3),
+    ("sign_challenge/s / ssh-agent signatures/s, 16 conn.", rate_ratio, "sign-c16", "ssh-agent-c16", ">=", 5),
+]:
+    line(label, per_round(f, agent, base), op, limit, x)
 if st:
     line("ready: spawn → first token, median of runs (ms)", [st["median_token_ms"]], "<=", 200,
          lambda v: f"{v:.0f}")

@@ -258,29 +258,35 @@ pub fn run(command: BenchCommand) -> anyhow::Result<i32> {
         }
         Mode::RawPkcs11 => {
             let report = raw_pkcs11(&args, &command.modes)?;
-            if args.json {
-                print_json(&mut out, &report)?;
-            } else {
-                print_single(&mut out, &report.label(), &report.measurement, &args)?;
-            }
+            print_single_report(
+                &mut out,
+                &args,
+                &report,
+                &report.label(),
+                &report.measurement,
+            )?;
             Ok(failed(report.measurement.errors))
         }
         Mode::Handle(sessions) => {
             let report = runtime()?.block_on(through_handle(sessions, &args, &command.modes))?;
-            if args.json {
-                print_json(&mut out, &report)?;
-            } else {
-                print_single(&mut out, &report.label(), &report.measurement, &args)?;
-            }
+            print_single_report(
+                &mut out,
+                &args,
+                &report,
+                &report.label(),
+                &report.measurement,
+            )?;
             Ok(failed(report.measurement.errors))
         }
         Mode::SshAgent(sock) => {
             let report = runtime()?.block_on(ssh_agent(&sock, &args))?;
-            if args.json {
-                print_json(&mut out, &report)?;
-            } else {
-                print_single(&mut out, &report.label(), &report.measurement, &args)?;
-            }
+            print_single_report(
+                &mut out,
+                &args,
+                &report,
+                &report.label(),
+                &report.measurement,
+            )?;
             Ok(failed(report.measurement.errors))
         }
         Mode::Idle(n) => {
@@ -1406,6 +1412,21 @@ fn fmt_us(us: f64) -> String {
         format!("{:.2}ms", us / 1000.0)
     } else {
         format!("{us:.0}µs")
+    }
+}
+
+/// Prints a report of one measurement: all of it as JSON with `--json`, else the table row.
+fn print_single_report(
+    out: &mut dyn std::io::Write,
+    args: &BenchArgs,
+    report: &impl Serialize,
+    label: &str,
+    m: &Measurement,
+) -> anyhow::Result<()> {
+    if args.json {
+        print_json(out, report)
+    } else {
+        Ok(print_single(out, label, m, args)?)
     }
 }
 
