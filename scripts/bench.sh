@@ -10,6 +10,9 @@
 #   - `token` (32 connections) and `ping` (1 connection), each next to a bare echo server;
 #   - raw in-process PKCS#11 signing (C_SignInit + C_Sign through the backend, no actor, no
 #     socket) on 1 and 2 threads, and the same through a signer Handle (the actor) in-process;
+#   - the floor of any socket-served signer: a bare socket server that signs each request on
+#     the thread that read it (`tm-agent bench --inline-server`), 1 and 2 sessions, 1 and 16
+#     connections, and pinned to CPU 0;
 #   - `sign_challenge` at 1, 2 and 16 connections (2 sessions), and at 16 with 1 session;
 #   - the same with `agent.worker_threads = 1` (a third agent), and a fourth agent pinned
 #     with the load generator to one CPU (`taskset -c 0`): ping, sign_challenge and raw
@@ -34,7 +37,7 @@ while [ $# -gt 0 ]; do
     --no-criterion) criterion=0 ;;
     --secs) secs=$2; shift ;;
     --reps) reps=$2; shift ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -171,6 +174,7 @@ BENCH_PREFIX="taskset -c 0" bench pin-ping-c1 --socket "$work/agent-pin.sock" --
 BENCH_PREFIX="taskset -c 0" bench pin-sign-c1 --socket "$work/agent-pin.sock" --op sign-challenge -c 1 --duration "$secs" --no-baseline
 BENCH_PREFIX="taskset -c 0" bench pin-handle-1s-c1 --handle 1 --config "$work/config.toml" -c 1 --duration "$secs"
 BENCH_PREFIX="taskset -c 0" bench pin-raw-1t --raw-pkcs11 --config "$work/config.toml" -c 1 --duration "$secs"
+BENCH_PREFIX="taskset -c 0" bench pin-inline-1s-c1 --inline-server 1 --config "$work/config.toml" -c 1 --duration "$secs"
 
 # The measurements behind the targets, interleaved and repeated: the summary takes medians.
 for rep in $(seq "$reps"); do
@@ -178,9 +182,12 @@ for rep in $(seq "$reps"); do
   bench "token-c32-r$rep" --op token -c 32 --duration "$secs"
   bench "raw-1t-r$rep" --raw-pkcs11 --config "$work/config.toml" -c 1 --duration "$secs"
   bench "sign-c1-r$rep" --op sign-challenge -c 1 --duration "$secs" --no-baseline
+  bench "inline-1s-c1-r$rep" --inline-server 1 --config "$work/config.toml" -c 1 --duration "$secs"
+  bench "inline-1s-c16-r$rep" --inline-server 1 --config "$work/config.toml" -c 16 --duration "$secs"
   bench "sign-1s-c16-r$rep" --socket "$work/agent-1s.sock" --op sign-challenge -c 16 --duration "$secs" --no-baseline
   bench "raw-2t-r$rep" --raw-pkcs11 --config "$work/config.toml" -c 2 --duration "$secs"
   bench "sign-c16-r$rep" --op sign-challenge -c 16 --duration "$secs" --no-baseline
+  bench "inline-2s-c16-r$rep" --inline-server 2 --config "$work/config.toml" -c 16 --duration "$secs"
   bench "sign-rt1-c16-r$rep" --socket "$work/agent-rt1.sock" --op sign-challenge -c 16 --duration "$secs" --no-baseline
   bench "ssh-agent-c16-r$rep" --ssh-agent "$work/ssh-agent.sock" -c 16 --duration "$secs"
 done
@@ -208,14 +215,15 @@ d, loads = sys.argv[1], sys.argv[2]
 def load_json(path):
     return json.load(open(path)) if os.path.exists(path) else None
 
-def runs(name, baseline=False):
-    """Every repetition of a measurement (NAME.json, or NAME-r1.json, NAME-r2.json, …)."""
+def runs(name, part=None):
+    """Every repetition of a measurement (NAME.json, or NAME-r1.json, NAME-r2.json, …): the
+    load's own figures, or PART of the report ("baseline", "sign_in_server")."""
     one = os.path.join(d, name + ".json")
     paths = [one] if os.path.exists(one) else sorted(glob.glob(os.path.join(d, name + "-r*.json")))
     out = []
     for p in paths:
         r = load_json(p)
-        x = r.get("baseline") if baseline else (r["agent"] if "agent" in r else r["measurement"])
+        x = r.get(part) if part else (r["agent"] if "agent" in r else r["measurement"])
         if x:
             out.append(x)
     return out
@@ -232,31 +240,37 @@ print()
 us = lambda x: f"{x:,.0f} µs" if x >= 100 else f"{x:,.1f} µs"
 print(f"{'measurement (median of runs)':<50} {'req/s':>9} {'p50':>10} {'p99':>10}  runs (req/s range)")
 for name, label, base in [
-    ("token-c32", "token, 32 connections", False),
-    ("token-c32", "  echo baseline, 32 connections", True),
-    ("token-c1", "token, 1 connection", False),
-    ("token-c1", "  echo baseline, 1 connection", True),
-    ("ping-c1", "ping, 1 connection", False),
-    ("ping-c1", "  echo baseline, 1 connection", True),
-    ("raw-1t", "raw PKCS#11 in-process, 1 thread", False),
-    ("raw-2t", "raw PKCS#11 in-process, 2 threads", False),
-    ("handle-1s-c1", "signer Handle in-process, 1 session, 1 task", False),
-    ("handle-2s-c1", "signer Handle in-process, 2 sessions, 1 task", False),
-    ("handle-1s-c16", "signer Handle in-process, 1 session, 16 tasks", False),
-    ("handle-2s-c16", "signer Handle in-process, 2 sessions, 16 tasks", False),
-    ("sign-c1", "sign_challenge, 2 sessions, 1 connection", False),
-    ("sign-c2", "sign_challenge, 2 sessions, 2 connections", False),
-    ("sign-c16", "sign_challenge, 2 sessions, 16 connections", False),
-    ("sign-1s-c16", "sign_challenge, 1 session, 16 connections", False),
-    ("sign-rt1-c1", "sign_challenge, worker_threads=1, 1 connection", False),
-    ("sign-rt1-c16", "sign_challenge, worker_threads=1, 16 connections", False),
-    ("pin-ping-c1", "pinned to 1 CPU: ping, 1 connection", False),
-    ("pin-ping-c1", "  pinned: echo baseline, 1 connection", True),
-    ("pin-raw-1t", "pinned: raw PKCS#11 in-process, 1 thread", False),
-    ("pin-handle-1s-c1", "pinned: signer Handle in-process, 1 task", False),
-    ("pin-sign-c1", "pinned: sign_challenge, 1 connection", False),
-    ("ssh-agent-c1", "ssh-agent (same key via PKCS#11), 1 connection", False),
-    ("ssh-agent-c16", "ssh-agent (same key via PKCS#11), 16 connections", False),
+    ("token-c32", "token, 32 connections", None),
+    ("token-c32", "  echo baseline, 32 connections", "baseline"),
+    ("token-c1", "token, 1 connection", None),
+    ("token-c1", "  echo baseline, 1 connection", "baseline"),
+    ("ping-c1", "ping, 1 connection", None),
+    ("ping-c1", "  echo baseline, 1 connection", "baseline"),
+    ("raw-1t", "raw PKCS#11 in-process, 1 thread", None),
+    ("raw-2t", "raw PKCS#11 in-process, 2 threads", None),
+    ("handle-1s-c1", "signer Handle in-process, 1 session, 1 task", None),
+    ("handle-2s-c1", "signer Handle in-process, 2 sessions, 1 task", None),
+    ("handle-1s-c16", "signer Handle in-process, 1 session, 16 tasks", None),
+    ("handle-2s-c16", "signer Handle in-process, 2 sessions, 16 tasks", None),
+    ("sign-c1", "sign_challenge, 2 sessions, 1 connection", None),
+    ("sign-c2", "sign_challenge, 2 sessions, 2 connections", None),
+    ("sign-c16", "sign_challenge, 2 sessions, 16 connections", None),
+    ("sign-1s-c16", "sign_challenge, 1 session, 16 connections", None),
+    ("sign-rt1-c1", "sign_challenge, worker_threads=1, 1 connection", None),
+    ("sign-rt1-c16", "sign_challenge, worker_threads=1, 16 connections", None),
+    ("inline-1s-c1", "inline server (floor), 1 session, 1 connection", None),
+    ("inline-1s-c1", "  C_Sign timed inside it, 1 connection", "sign_in_server"),
+    ("inline-1s-c16", "inline server (floor), 1 session, 16 connections", None),
+    ("inline-2s-c16", "inline server (floor), 2 sessions, 16 connections", None),
+    ("pin-ping-c1", "pinned to 1 CPU: ping, 1 connection", None),
+    ("pin-ping-c1", "  pinned: echo baseline, 1 connection", "baseline"),
+    ("pin-raw-1t", "pinned: raw PKCS#11 in-process, 1 thread", None),
+    ("pin-handle-1s-c1", "pinned: signer Handle in-process, 1 task", None),
+    ("pin-sign-c1", "pinned: sign_challenge, 1 connection", None),
+    ("pin-inline-1s-c1", "pinned: inline server (floor), 1 connection", None),
+    ("pin-inline-1s-c1", "  pinned: C_Sign timed inside it", "sign_in_server"),
+    ("ssh-agent-c1", "ssh-agent (same key via PKCS#11), 1 connection", None),
+    ("ssh-agent-c16", "ssh-agent (same key via PKCS#11), 16 connections", None),
 ]:
     xs = runs(name, base)
     if not xs:
@@ -313,7 +327,7 @@ def per_round(f, *names):
     return [f(*(s[i] for s in series)) for i in range(n)]
 
 def with_baseline(f, name):
-    return [f(a, b) for a, b in zip(runs(name), runs(name, True))]
+    return [f(a, b) for a, b in zip(runs(name), runs(name, "baseline"))]
 
 print()
 print(f"{'target (issue #4)':<58} {'median':>9} {'range':>15} {'limit':>10}  verdict")
@@ -334,13 +348,31 @@ line("token requests/s, 32 connections", [m["per_second"] for m in runs("token-c
      lambda v: f"{v:,.0f}")
 for label, f, agent, base, op, limit in [
     ("sign_challenge p50 (1 conn.) / raw C_Sign p50 (1 thread)", p50_ratio, "sign-c1", "raw-1t", "<=", 1.3),
+    ("  floor: inline server p50 (1 conn.) / raw (reference)", p50_ratio, "inline-1s-c1", "raw-1t", "<=", 1.3),
     ("sign_challenge/s, 1 session (16 conn.) / raw, 1 thread", rate_ratio, "sign-1s-c16", "raw-1t", ">=", 0.9),
+    ("  floor: inline server, 1 session / raw (reference)", rate_ratio, "inline-1s-c16", "raw-1t", ">=", 0.9),
     ("sign_challenge/s, 2 sessions (16 conn.) / raw, 2 threads", rate_ratio, "sign-c16", "raw-2t", ">=", 0.9),
     ("  the same with worker_threads = 1 (for reference)", rate_ratio, "sign-rt1-c16", "raw-2t", ">=", 0.9),
+    ("  floor: inline server, 2 sessions / raw (reference)", rate_ratio, "inline-2s-c16", "raw-2t", ">=", 0.9),
     ("pinned to 1 CPU: sign_challenge p50 / raw p50 (reference)", p50_ratio, "pin-sign-c1", "pin-raw-1t", "<=", 1.3),
+    ("  pinned: inline server p50 / raw p50 (reference)", p50_ratio, "pin-inline-1s-c1", "pin-raw-1t", "<=", 1.3),
     ("sign_challenge/s / ssh-agent signatures/s, 16 conn.", rate_ratio, "sign-c16", "ssh-agent-c16", ">=", 5),
 ]:
     line(label, per_round(f, agent, base), op, limit, x)
+# Not targets: a C_Sign made right after a wake-up next to the back-to-back loop, and what
+# keeping signing off the socket threads costs next to the floor.
+def reference(label, values):
+    if values:
+        rng = f"{min(values):.3f}x–{max(values):.3f}x" if len(values) > 1 else ""
+        print(f"{label:<58} {med(values):>8.3f}x {rng:>15} {'':>10}  (reference)")
+reference("  C_Sign p50 inside the inline server (1 conn.) / raw p50",
+          [p50_ratio(a, b) for a, b in zip(runs("inline-1s-c1", "sign_in_server"), runs("raw-1t"))])
+for label, f, agent, base in [
+    ("  agent / floor: sign_challenge p50, 1 connection", p50_ratio, "sign-c1", "inline-1s-c1"),
+    ("  agent / floor: sign_challenge/s, 1 session, 16 conn.", rate_ratio, "sign-1s-c16", "inline-1s-c16"),
+    ("  agent / floor: sign_challenge/s, 2 sessions, 16 conn.", rate_ratio, "sign-c16", "inline-2s-c16"),
+]:
+    reference(label, per_round(f, agent, base))
 if st:
     line("ready: spawn → first token, median of runs (ms)", [st["median_token_ms"]], "<=", 200,
          lambda v: f"{v:.0f}")

@@ -953,3 +953,48 @@ fn fixture_paths_are_consistent() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert!(hsm.token_dir().starts_with(&hsm.tokendir));
 }
+
+/// `tm-agent bench --inline-server`: the floor server signs every line it reads, with the
+/// key's own sessions, on each connection (dealt to its two threads), and cleans up.
+#[test]
+fn bench_inline_server_signs_each_line_with_the_key() {
+    isolated("bench_inline_server_signs_each_line_with_the_key", |hsm| {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        use tm_agent::cli::bench::InlineServer;
+
+        let settings = hsm.settings(Some("k"));
+        pkcs11::generate(&settings, "k", None).unwrap();
+        let (info, workers) = pkcs11::open(&settings, 2).unwrap();
+        let point = uncompressed(&info.public_key);
+        let now = Instant::now();
+        let server =
+            InlineServer::start(&info, workers, now..now + Duration::from_secs(60)).unwrap();
+        let path = server.path().to_path_buf();
+        let mut connections: Vec<_> = (0..3)
+            .map(|_| {
+                let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                (stream.try_clone().unwrap(), BufReader::new(stream))
+            })
+            .collect();
+        for round in 0..3 {
+            for (index, (writer, reader)) in connections.iter_mut().enumerate() {
+                let line = format!("{{\"v\":1,\"id\":{round},\"conn\":{index}}}\n");
+                writer.write_all(line.as_bytes()).unwrap();
+                let mut reply = String::new();
+                reader.read_line(&mut reply).unwrap();
+                let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+                assert_eq!(reply["ok"], true, "{reply}");
+                let raw = b64url_decode(reply["signature"].as_str().unwrap());
+                ring_verify_raw(&point, line.as_bytes(), &raw);
+            }
+        }
+        drop(connections);
+        let timed = server.finish();
+        assert_eq!(timed.len(), 9, "one timing per signature");
+        assert!(timed.iter().all(|&ns| ns > 0));
+        assert!(!path.exists(), "the socket outlived the server");
+    });
+}

@@ -13,6 +13,9 @@
 //!   PKCS#11 backend's workers directly (`C_SignInit` + `C_Sign`, no actor, no socket), on
 //!   `-c` threads each with its own session: the floor the agent's `sign_challenge` is
 //!   compared with.
+//! - `--inline-server SESSIONS --config FILE`: the same load against a bare socket server
+//!   that signs each request on the thread that read it, one thread per session
+//!   (`inline_server`): the floor of any socket-served signer on this machine, echo + sign.
 //! - `--ssh-agent SOCK`: the same load shape against an OpenSSH agent (its wire protocol:
 //!   sign requests with the first ECDSA P-256 identity), for comparison.
 //! - `--idle N --pid PID`: holds N idle connections (each answered one `ping`) for the
@@ -34,6 +37,9 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+
+mod inline_server;
+pub use inline_server::InlineServer;
 
 /// The longest run allowed, in seconds (warm-up included).
 pub const MAX_SECS: u64 = 300;
@@ -164,6 +170,11 @@ pub struct ModeArgs {
     /// socket.
     #[arg(long, value_name = "SESSIONS", requires = "config")]
     pub handle: Option<usize>,
+    /// Load a bare socket server that signs with the key of --config on the thread that
+    /// reads each request, with this many sessions (one thread each): the floor of any
+    /// socket-served signer, to compare `sign_challenge` and --raw-pkcs11 with.
+    #[arg(long, value_name = "SESSIONS", requires = "config")]
+    pub inline_server: Option<usize>,
     /// Load an OpenSSH agent at this socket instead: sign requests with its first ECDSA
     /// P-256 identity, -c connections.
     #[arg(long, value_name = "SOCK")]
@@ -194,6 +205,7 @@ enum Mode {
     Agent,
     RawPkcs11,
     Handle(usize),
+    InlineServer(usize),
     SshAgent(PathBuf),
     Idle(usize),
     Startup,
@@ -208,6 +220,9 @@ impl ModeArgs {
         if let Some(sessions) = self.handle {
             modes.push(Mode::Handle(sessions));
         }
+        if let Some(sessions) = self.inline_server {
+            modes.push(Mode::InlineServer(sessions));
+        }
         if let Some(sock) = &self.ssh_agent {
             modes.push(Mode::SshAgent(sock.clone()));
         }
@@ -221,7 +236,10 @@ impl ModeArgs {
             0 => Ok(Mode::Agent),
             1 => Ok(modes.remove(0)),
             _ => {
-                bail!("give at most one of --raw-pkcs11, --handle, --ssh-agent, --idle, --startup")
+                bail!(
+                    "give at most one of --raw-pkcs11, --handle, --inline-server, --ssh-agent, \
+                     --idle, --startup"
+                )
             }
         }
     }
@@ -276,6 +294,20 @@ pub fn run(command: BenchCommand) -> anyhow::Result<i32> {
                 &report.label(),
                 &report.measurement,
             )?;
+            Ok(failed(report.measurement.errors))
+        }
+        Mode::InlineServer(sessions) => {
+            let report = runtime()?.block_on(inline(sessions, &args, &command.modes))?;
+            print_single_report(
+                &mut out,
+                &args,
+                &report,
+                &report.label(),
+                &report.measurement,
+            )?;
+            if let (false, Some(signing)) = (args.json, &report.sign_in_server) {
+                print_row(&mut out, "  C_Sign inside", signing)?;
+            }
             Ok(failed(report.measurement.errors))
         }
         Mode::SshAgent(sock) => {
@@ -334,12 +366,20 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     // One request first, so that a wrong profile or a refusal is reported clearly.
     check_once(&socket, &template).await?;
 
-    let agent = load(&socket, &template, args, true).await?;
+    let agent = load(
+        &socket,
+        &template,
+        args,
+        true,
+        Window::new(Instant::now(), args),
+    )
+    .await?;
     let baseline = if args.no_baseline {
         None
     } else {
         let echo = EchoServer::start(args.threads.max(1))?;
-        let m = load(&echo.path, &template, args, false).await;
+        let window = Window::new(Instant::now(), args);
+        let m = load(&echo.path, &template, args, false, window).await;
         drop(echo);
         Some(m?)
     };
@@ -517,11 +557,14 @@ async fn join_samples(
     Ok(samples)
 }
 
+/// Drives `-c` connections to `socket` over `window` (which starts when it is made: make it
+/// just before).
 async fn load(
     socket: &std::path::Path,
     template: &Template,
     args: &BenchArgs,
     check_replies: bool,
+    window: Window,
 ) -> anyhow::Result<Measurement> {
     let mut streams = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -531,7 +574,6 @@ async fn load(
                 .with_context(|| format!("cannot connect to {}", socket.display()))?,
         );
     }
-    let window = Window::new(Instant::now(), args);
     let template = std::sync::Arc::new(Template {
         prefix: template.prefix.clone(),
         suffix: template.suffix.clone(),
@@ -698,21 +740,27 @@ impl Drop for EchoServer {
 /// the agent.
 #[derive(Debug, Clone, Serialize)]
 pub struct RawReport {
-    /// `raw_pkcs11` or `handle`.
+    /// `raw_pkcs11`, `handle` or `inline_server`.
     pub mode: &'static str,
-    /// Sessions: threads for `raw_pkcs11`, actor workers for `handle`.
+    /// Sessions: threads for `raw_pkcs11` and `inline_server`, actor workers for `handle`.
     pub threads: usize,
     /// Concurrent callers (= threads for `raw_pkcs11`).
     pub clients: usize,
     /// Where the key is (no secrets).
     pub location: String,
     pub measurement: Measurement,
+    /// `inline_server`: `C_SignInit` + `C_Sign` alone, timed by the server threads (the rate
+    /// is theirs together; `errors` stays 0, the load counts them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sign_in_server: Option<Measurement>,
 }
 
 impl RawReport {
     fn label(&self) -> String {
         if self.mode == "handle" {
             format!("handle {}s", self.threads)
+        } else if self.mode == "inline_server" {
+            format!("inline server {}s", self.threads)
         } else {
             format!("raw pkcs11 {}t", self.threads)
         }
@@ -802,6 +850,7 @@ fn raw_pkcs11(args: &BenchArgs, modes: &ModeArgs) -> anyhow::Result<RawReport> {
         clients: threads,
         location: info.location,
         measurement: window.measure(samples),
+        sign_in_server: None,
     })
 }
 
@@ -857,6 +906,50 @@ async fn through_handle(
         clients: args.connections,
         location,
         measurement: window.measure(join_samples(tasks).await?),
+        sign_in_server: None,
+    })
+}
+
+/// The load of `-c` connections against an [`InlineServer`] with `sessions` sessions of the
+/// key of --config.
+async fn inline(sessions: usize, args: &BenchArgs, modes: &ModeArgs) -> anyhow::Result<RawReport> {
+    use crate::signer::pkcs11;
+
+    check_load_args(args)?;
+    if sessions == 0 || sessions > pkcs11::MAX_SESSIONS {
+        bail!(
+            "--inline-server takes 1 to {} sessions",
+            pkcs11::MAX_SESSIONS
+        );
+    }
+    let path = modes
+        .config
+        .as_deref()
+        .context("--inline-server needs --config")?;
+    let loaded = crate::config::Config::load(path)?;
+    let settings = pkcs11_settings(&loaded.config, modes.key.as_deref())?;
+    let (info, workers) = super::blocking(move || pkcs11::open(&settings, sessions))
+        .await?
+        .context("cannot open the key")?;
+    let location = info.location.clone();
+    // The server times the signatures of the load's own window.
+    let window = Window::new(Instant::now(), args);
+    let server = super::blocking(move || {
+        InlineServer::start(&info, workers, window.measure_from..window.end)
+    })
+    .await??;
+    let template = Template::new(BenchOp::SignChallenge, Some("inline"));
+    let measured = load(server.path(), &template, args, true, window).await;
+    // Joining the server's threads blocks: not on a runtime worker.
+    let nanos = super::blocking(move || server.finish()).await?;
+    let seconds = window.end.saturating_duration_since(window.measure_from);
+    Ok(RawReport {
+        mode: "inline_server",
+        threads: sessions,
+        clients: args.connections,
+        location,
+        measurement: measured?,
+        sign_in_server: Some(summarize(nanos, 0, seconds.as_secs_f64())),
     })
 }
 
