@@ -23,7 +23,8 @@
 //! A group matches when it is the peer's primary gid (what SO_PEERCRED reports), or when the
 //! peer's uid belongs to a user listed as a member of the group: for `group = "name"`, the
 //! members of the entry that resolved the name (`/etc/group`, else `getent group name`); for
-//! a bare `gid`, the members listed in `/etc/group` only. Member names resolve to uids like
+//! a bare `gid`, the members listed for it in `/etc/group`, else by `getent group <gid>` (a
+//! gid that NSS does not know either has no listed members). Member names resolve to uids like
 //! `user` names (files, then NSS); members found nowhere are left out. Supplementary groups
 //! of the peer process itself are not consulted.
 //!
@@ -244,6 +245,11 @@ impl UserDb {
             .map(|(_, g, _)| *g)
     }
 
+    /// Whether a group has gid `gid`.
+    fn has_gid(&self, gid: u32) -> bool {
+        self.groups.iter().any(|(_, g, _)| *g == gid)
+    }
+
     /// The names listed as members of the groups with gid `gid` (several names may share it).
     fn member_names(&self, gid: u32) -> Vec<String> {
         self.groups
@@ -393,6 +399,17 @@ impl<'a> Resolver<'a> {
         Ok(groups
             .find(|(n, ..)| n.eq_ignore_ascii_case(name))
             .map(|(_, gid, members)| GroupEntry { gid, members }))
+    }
+
+    /// The names listed as members of group `gid`: from `/etc/group` when it has the gid,
+    /// else from `getent group <gid>`; none when neither knows the gid.
+    fn gid_members(&mut self, gid: u32) -> Result<Vec<String>, Unresolved> {
+        if self.files.has_gid(gid) {
+            return Ok(self.files.member_names(gid));
+        }
+        let key = gid.to_string();
+        let answer = UserDb::parse("", &self.ask(Database::Group, &[key.as_str()])?);
+        Ok(answer.member_names(gid))
     }
 
     /// The uids of the users named in `members`: the files first, then NSS. Names found
@@ -560,15 +577,16 @@ impl Rules {
             }
             let mut group = None;
             if let Some(gid) = gid {
-                let members = members.unwrap_or_else(|| db.member_names(gid));
-                match resolver.member_uids(&members) {
+                let members = match members {
+                    Some(members) => Ok(members),
+                    None => resolver.gid_members(gid),
+                };
+                match members.and_then(|members| resolver.member_uids(&members)) {
                     Ok(member_uids) => group = Some(GroupMatch { gid, member_uids }),
-                    Err(Unresolved::Nss(e)) => problem(format!(
-                        "members of group {gid} that /etc/passwd lacks could not be looked up: {e}"
-                    )),
-                    Err(_) => problem(format!(
-                        "members of group {gid} that /etc/passwd lacks were not looked up: NSS \
-                         was not asked again after a lookup failed"
+                    Err(e) => problem(e.describe(
+                        &format!("the membership of group {gid}"),
+                        "/etc/group and /etc/passwd",
+                        "uid",
                     )),
                 }
             }
@@ -671,8 +689,9 @@ mod tests {
         toml::from_str(toml_text).unwrap()
     }
 
-    /// An NSS double: answers from its own passwd and group texts (ignoring ASCII case, as sssd
-    /// does by default for AD), or fails with `fail`; records every lookup.
+    /// An NSS double: answers from its own passwd and group texts, by name (ignoring ASCII
+    /// case, as sssd does by default for AD) or by numeric id, or fails with `fail`; records
+    /// every lookup.
     #[derive(Default)]
     struct FakeNss {
         passwd: &'static str,
@@ -696,8 +715,9 @@ mod tests {
             Ok(text
                 .lines()
                 .filter(|l| {
-                    let name = l.split(':').next().unwrap_or_default();
-                    keys.iter().any(|k| k.eq_ignore_ascii_case(name))
+                    let fields: Vec<&str> = l.split(':').collect();
+                    keys.iter()
+                        .any(|k| k.eq_ignore_ascii_case(fields[0]) || fields.get(2) == Some(k))
                 })
                 .map(|l| format!("{l}\n"))
                 .collect())
@@ -876,6 +896,51 @@ mod tests {
         let group = rules.rules[1].group.as_ref().unwrap();
         assert_eq!((group.gid, group.member_uids.clone()), (2000, vec![1000]));
         assert_eq!(nss.asked(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_bare_gid_that_the_files_lack_takes_its_members_from_nss() {
+        let files = UserDb::parse(PASSWD, GROUP);
+        let nss = directory();
+        let rules = [
+            rule("gid = 6000\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("gid = 7000\nops = [\"status\"]\nprofiles = \"*\""),
+        ];
+        let compiled = Rules::compile_with(&rules, &files, &nss).unwrap();
+        let quants = compiled.rules[0].group.as_ref().unwrap();
+        // carol and dave from NSS, alice from the files; ghost is found nowhere.
+        assert_eq!(quants.member_uids, vec![1000, 5001, 5002]);
+        let unknown = compiled.rules[1].group.as_ref().unwrap();
+        assert_eq!((unknown.gid, unknown.member_uids.len()), (7000, 0));
+        assert_eq!(
+            nss.asked(),
+            ["group 6000", "passwd carol dave ghost", "group 7000"]
+        );
+        let compiled = Arc::new(compiled);
+        assert!(compiled
+            .grants(&peer(5001, 5001))
+            .allows(Op::Token, Some("p")));
+        assert!(compiled
+            .grants(&peer(4242, 6000))
+            .allows(Op::Token, Some("p")));
+        assert!(!compiled
+            .grants(&peer(5003, 5003))
+            .allows(Op::Token, Some("p")));
+
+        let failing = FakeNss {
+            fail: Some(NssError::Failed {
+                command: "getent group 6000".into(),
+                status: "exit status: 3".into(),
+            }),
+            ..FakeNss::default()
+        };
+        let err = Rules::compile_with(&rules[..1], &files, &failing).unwrap_err();
+        assert!(err.nss_unavailable, "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("the membership of group 6000 is not in /etc/group"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1092,6 +1157,21 @@ mod tests {
         // Without the fallback the same files resolve nothing: the ids above came from getent.
         let err = Rules::compile_with(&rules, &files, &FakeNss::default()).unwrap_err();
         assert_eq!(err.problems.len(), 2, "{err}");
+
+        // A bare gid: the hidden group's members come from `getent group <gid>`; a gid that
+        // nobody has compiles, with no members.
+        let by_gid = [
+            rule(&format!(
+                "gid = {}\nops = [\"token\"]\nprofiles = \"*\"",
+                g.gid
+            )),
+            rule("gid = 4242424\nops = [\"token\"]\nprofiles = \"*\""),
+        ];
+        let compiled = Rules::compile_with(&by_gid, &files, &Getent::new()).unwrap();
+        let found = compiled.rules[0].group.as_ref().unwrap();
+        assert_eq!(found.member_uids, g.member_uids);
+        let nobody = compiled.rules[1].group.as_ref().unwrap();
+        assert!(nobody.member_uids.is_empty(), "{nobody:?}");
     }
 
     /// Counts what reaches a real name service.
