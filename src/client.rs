@@ -147,17 +147,20 @@ fn encode(id: u64, body: Body<'_>) -> Vec<u8> {
 fn decode<T: DeserializeOwned>(id: u64, line: &[u8]) -> Result<T, ClientError> {
     let reply: Response<serde_json::Value> = serde_json::from_slice(line)
         .map_err(|e| ClientError::Protocol(format!("not a reply line ({e})")))?;
-    check_id(id, reply.id)?;
+    check_id(id, &reply)?;
     into_result(reply)
 }
 
-fn check_id(sent: u64, got: Option<u64>) -> Result<(), ClientError> {
-    if got == Some(sent) {
-        Ok(())
-    } else {
-        Err(ClientError::Protocol(format!(
+/// Whether `reply` answers request `sent`: its own reply, or an error with a null `id`,
+/// which the agent sends about the connection rather than a request (`busy` at the
+/// connection cap, a line it could not read) and which ends whatever was asked.
+fn check_id(sent: u64, reply: &Response<serde_json::Value>) -> Result<(), ClientError> {
+    match reply.id {
+        Some(id) if id == sent => Ok(()),
+        None if !reply.ok => Ok(()),
+        got => Err(ClientError::Protocol(format!(
             "reply for request {got:?}, expected {sent}"
-        )))
+        ))),
     }
 }
 
@@ -182,7 +185,7 @@ fn into_result<T: DeserializeOwned>(reply: Response<serde_json::Value>) -> Resul
 fn decode_event(id: u64, line: &[u8]) -> Result<WatchEvent, ClientError> {
     let reply: Response<serde_json::Value> = serde_json::from_slice(line)
         .map_err(|e| ClientError::Protocol(format!("not a reply line ({e})")))?;
-    check_id(id, reply.id)?;
+    check_id(id, &reply)?;
     match reply.event {
         Some(Event::End) => {
             let end: protocol::WatchEnd = into_result(reply)?;

@@ -266,8 +266,9 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// True when the file may load unchanged a little later: an `[[access]]` name could not
-    /// be resolved because NSS (sssd, LDAP) failed or did not answer in time. `run` exits
+    /// True when the file may load unchanged a little later: an `[[access]]` name or
+    /// `socket.group` could not be resolved because NSS (sssd, LDAP) failed or did not answer
+    /// in time. `run` exits
     /// with a restartable status then, not 78, which systemd does not restart.
     pub fn may_pass_on_retry(&self) -> bool {
         matches!(
@@ -300,6 +301,17 @@ impl Config {
         })?;
         let mut problems = config.validate();
         let mut nss_unavailable = false;
+        if let Some(group) = &config.socket.group {
+            use crate::server::listener::{resolve_group, ListenerError};
+            match resolve_group(group) {
+                Ok(_) => {}
+                Err(e @ ListenerError::GroupLookup { .. }) => {
+                    nss_unavailable = true;
+                    problems.push(e.to_string());
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
         let rules = match Rules::compile(&config.access) {
             Ok(rules) => Some(rules),
             Err(e) => {
@@ -337,6 +349,12 @@ impl Config {
         }
         if a.sign_queue_depth == 0 {
             problems.push("agent.sign_queue_depth must be at least 1".into());
+        }
+        if self.server.max_connections == 0 {
+            problems.push("server.max_connections must be at least 1".into());
+        }
+        if self.server.max_in_flight == 0 {
+            problems.push("server.max_in_flight must be at least 1".into());
         }
         if !(1..=600_000).contains(&a.sign_timeout_ms) {
             problems.push("agent.sign_timeout_ms must be between 1 and 600000 (10 min)".into());
@@ -449,7 +467,11 @@ impl Config {
         }
         for (i, rule) in self.access.iter().enumerate() {
             if let Selector::List(names) = &rule.profiles {
-                for unknown in names.iter().filter(|n| !self.profiles.contains_key(*n)) {
+                // "*" inside a list means every profile, as a bare "*" does (see `authz`).
+                let unknown = names
+                    .iter()
+                    .filter(|n| n.as_str() != "*" && !self.profiles.contains_key(*n));
+                for unknown in unknown {
                     problems.push(format!(
                         "[[access]] rule {}: profile {unknown:?} is not defined",
                         i + 1
@@ -504,6 +526,51 @@ pin = { file = "/etc/tm-agent/pin" }
 key = "prod"
 key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"
 "#;
+
+    #[test]
+    fn a_star_in_a_profile_list_is_every_profile_not_an_unknown_one() {
+        let text = format!(
+            "{MINIMAL}\n[[access]]\nuid = 0\nops = [\"token\"]\nprofiles = [\"*\"]\n\
+             [[access]]\nuid = 1\nops = [\"token\"]\nprofiles = [\"nope\"]\n"
+        );
+        let problems = Config::parse(&text).unwrap().validate();
+        assert_eq!(
+            problems,
+            ["[[access]] rule 2: profile \"nope\" is not defined"],
+            "{problems:#?}"
+        );
+    }
+
+    /// What `check` and `run` load: the socket's group and the server's limits are checked
+    /// with everything else, so a config that cannot serve fails as a config (78).
+    #[test]
+    fn load_reports_a_missing_socket_group_and_zero_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let text = format!(
+            "[socket]\ngroup = \"tm-no-such-group-xyz\"\n[server]\nmax_connections = 0\n\
+             max_in_flight = 0\n{MINIMAL}"
+        );
+        std::fs::write(&path, text).unwrap();
+        let err = Config::load(&path).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(!err.may_pass_on_retry(), "{err}");
+        for expected in [
+            "group `tm-no-such-group-xyz` does not exist",
+            "server.max_connections must be at least 1",
+            "server.max_in_flight must be at least 1",
+        ] {
+            assert!(problems.iter().any(|p| p.contains(expected)), "{problems:#?}");
+        }
+        // A group that exists, and a bare gid, load (MINIMAL's key file need not exist).
+        for group in ["root", "4242"] {
+            let text = format!("[socket]\ngroup = \"{group}\"\n{MINIMAL}");
+            std::fs::write(&path, text).unwrap();
+            Config::load(&path).unwrap();
+        }
+    }
 
     #[test]
     fn the_shipped_example_parses_and_validates() {

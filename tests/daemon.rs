@@ -477,6 +477,19 @@ fn notify_no_ready_while_the_auth_api_is_down_or_failing() {
         Some(5),
         "token while failing: unavailable"
     );
+    // A SIGHUP before readiness reloads the rules but sends neither RELOADING=1 nor READY=1
+    // (systemd would take that READY=1 for the start-up's; A's count is checked at the end).
+    agent_a.signal("HUP");
+    agent_a.wait_while_running(Duration::from_secs(5), "logging the reload", |a| {
+        a.stderr().contains("reloaded [[access]]")
+    });
+    assert!(ping(&w.path("a.sock")), "serving after the reload");
+    assert_eq!(
+        listener_a.count("RELOADING=1"),
+        0,
+        "{}",
+        listener_a.transcript()
+    );
 
     // The API recovers: B mints and sends READY=1 (with the mint already counted).
     w.sim.handle.clear_faults();

@@ -515,6 +515,45 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
     }
 }
 
+/// With the idle timeout longer than the line timeout (as by default: 300 s against 10 s),
+/// an idle connection is still closed, counted from its last request's reply; and a client
+/// that pipelines with every write ending mid-line is never taken for a trickler, since each
+/// of its lines completes well within the line timeout.
+#[test]
+fn idle_timeout_longer_than_the_line_timeout_and_steady_pipelining() {
+    let settings = ServerSettings {
+        idle_timeout: Duration::from_secs(2),
+        line_timeout: Duration::from_millis(500),
+        ..ServerSettings::default()
+    };
+    let agent = TestAgent::builder().settings(settings).start();
+    let mut idle = Raw::connect(&agent);
+    assert_eq!(idle.call(json!({"v":1,"id":1,"op":"ping"}))["ok"], json!(true));
+    let answered = Instant::now();
+    assert!(idle.closed());
+    let waited = answered.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+
+    // 2.5 s of writes that each end inside a line: the line is finished 20 ms later.
+    let mut pipeliner = Raw::connect(&agent);
+    let started = Instant::now();
+    let mut sent = 0;
+    pipeliner.send("{\"v\":1,");
+    while started.elapsed() < Duration::from_millis(2500) {
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        pipeliner.send(&format!("\"id\":{sent},\"op\":\"ping\"}}\n{{\"v\":1,"));
+    }
+    pipeliner.send("\"id\":0,\"op\":\"ping\"}\n");
+    for _ in 0..=sent {
+        let reply = pipeliner.recv();
+        assert_eq!(reply["ok"], json!(true), "{reply}");
+    }
+}
+
 #[test]
 fn five_hundred_idle_connections_do_not_block_others() {
     let agent = TestAgent::start_default();
@@ -549,6 +588,11 @@ fn connections_over_the_cap_get_busy_and_are_closed() {
     let r = third.recv();
     assert_eq!((r["id"].clone(), code(&r)), (Value::Null, "busy"));
     assert!(third.closed());
+    // The client library reads that connection-level reply as the agent's `busy` (exit 5,
+    // "temporary"), not as a reply to some other request.
+    let refused = agent.client().ping().unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Busy), "{refused:?}");
+    assert_eq!(refused.exit_code(), 5);
     drop(a);
     // The slot frees up once the server sees the close.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1305,10 +1349,14 @@ fn cli_errors_say_what_to_do_and_use_the_documented_exit_codes() {
     let (code, out, _) = token(Some("uat"));
     assert_eq!(code, 0);
     assert!(out.starts_with("eyJ"));
-    // Without --profile the CLI needs `status` to find the only profile; it is not allowed.
+    // Without --profile the CLI needs `status` to find the only profile; it is not allowed:
+    // a refusal (4), which says how to do without the lookup.
     let (code, _, err) = token(None);
-    assert_eq!(code, exit::USAGE, "{err}");
-    assert!(err.contains("--profile"), "{err}");
+    assert_eq!(code, exit::FORBIDDEN, "{err}");
+    assert!(
+        err.contains("permission denied by the agent") && err.contains("--profile"),
+        "{err}"
+    );
     let _ = ClientError::Timeout(Duration::from_secs(1));
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::client::{exit, Client, ClientError, WatchEvent};
-use crate::protocol::{ProfileStatus, StatusResult};
+use crate::protocol::{ErrorCode, ProfileStatus, StatusResult};
 
 /// The environment variable naming the default profile.
 pub const PROFILE_ENV: &str = "TM_AGENT_PROFILE";
@@ -204,10 +204,19 @@ fn pick_profile(client: &mut Client, arg: &ProfileArg) -> Result<String, Failure
     }
     let status = match client.status(None) {
         Ok(status) => status,
-        Err(ClientError::Agent { .. }) => {
-            return Err(Failure::Usage(format!(
-                "cannot list your profiles: give --profile NAME or set ${PROFILE_ENV}"
-            )))
+        // Still a refusal (exit 4), with the way around the lookup; other errors as they are.
+        Err(ClientError::Agent {
+            code: ErrorCode::Forbidden,
+            message,
+        }) => {
+            return Err(ClientError::Agent {
+                code: ErrorCode::Forbidden,
+                message: format!(
+                    "{message} (asked to find your profile: give --profile NAME or set \
+                     ${PROFILE_ENV})"
+                ),
+            }
+            .into())
         }
         Err(e) => return Err(e.into()),
     };

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -179,10 +180,13 @@ impl Daemon {
 
         let running = Arc::new(running);
         let watchdog = tokio::spawn(watchdog(self.notifier.clone(), handles.clone()));
+        // Set once READY=1 has gone out: a reload before that is no systemd reload.
+        let ready = Arc::new(AtomicBool::new(false));
         let status = tokio::spawn(report_status(
             self.notifier.clone(),
             Arc::clone(&running),
             started,
+            Arc::clone(&ready),
         ));
 
         // A token manager that panicked cannot mint again: exit non-zero so that systemd
@@ -205,7 +209,7 @@ impl Daemon {
             tokio::select! {
                 _ = term.recv() => break ("SIGTERM", None),
                 _ = int.recv() => break ("SIGINT", None),
-                _ = hup.recv() => self.reload(&state),
+                _ = hup.recv() => self.reload(&state, ready.load(Ordering::Acquire)),
                 Some(Ok(name)) = failures.join_next() => {
                     break ("token manager failure", Some(anyhow::anyhow!(
                         "profile {name}: the token manager failed (an internal error, logged \
@@ -249,9 +253,13 @@ impl Daemon {
         Ok(())
     }
 
-    /// SIGHUP: re-read the file; apply access rules and the log level.
-    fn reload(&self, state: &State) {
-        let _ = self.notifier.reloading();
+    /// SIGHUP: re-read the file; apply access rules and the log level. Once the agent has
+    /// said READY=1 (`ready`), the reload is framed by RELOADING=1 and READY=1, as
+    /// `Type=notify-reload` expects; before that, READY=1 stays for when the agent is ready.
+    fn reload(&self, state: &State, ready: bool) {
+        if ready {
+            let _ = self.notifier.reloading();
+        }
         match Config::load(&self.config_path) {
             Ok(loaded) => {
                 let count = loaded.rules.len();
@@ -270,7 +278,9 @@ impl Daemon {
                 "reload failed: keeping the previous access rules and log level"
             ),
         }
-        let _ = self.notifier.ready();
+        if ready {
+            let _ = self.notifier.ready();
+        }
     }
 }
 
@@ -352,7 +362,12 @@ async fn watchdog(notifier: Notifier, handles: BTreeMap<String, Handle>) {
 /// token change and at least every 30 s (the "valid 54m" figure ages); every second while
 /// some profile is not ready or failing, since a failed renewal is not a token change and
 /// the error and its "retrying in" figure would otherwise show up to 30 s late.
-async fn report_status(notifier: Notifier, profiles: Arc<Vec<RunningProfile>>, started: Instant) {
+async fn report_status(
+    notifier: Notifier,
+    profiles: Arc<Vec<RunningProfile>>,
+    started: Instant,
+    ready_sent: Arc<AtomicBool>,
+) {
     let mut receivers: Vec<_> = profiles.iter().map(|p| p.manager.subscribe()).collect();
     let mut ready = false;
     loop {
@@ -368,6 +383,7 @@ async fn report_status(notifier: Notifier, profiles: Arc<Vec<RunningProfile>>, s
         if all_ready && !ready {
             ready = true;
             let _ = notifier.ready_with_status(&text);
+            ready_sent.store(true, Ordering::Release);
             tracing::info!(
                 after_ms = started.elapsed().as_millis() as u64,
                 status = %text,

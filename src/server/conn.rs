@@ -266,8 +266,13 @@ impl Conn {
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut reading = true;
         let mut end = "client closed";
-        let mut last_input = Instant::now();
+        // The idle clock: the last bytes read or reply written (a reply is the end of some
+        // in-flight work, so "idle" counts from when the connection last did anything).
+        let mut last_activity = Instant::now();
+        // When the oldest incomplete line began; a line completed since the bookkeeping
+        // below last ran means any partial line now buffered is a newer one.
         let mut partial_since: Option<Instant> = None;
+        let mut completed_lines = false;
         let timer = tokio::time::sleep(settings.line_timeout.min(settings.idle_timeout));
         tokio::pin!(timer);
         let cancelled = cancel.cancelled();
@@ -284,7 +289,10 @@ impl Conn {
                         break;
                     }
                     match lines.next_line() {
-                        Ok(Some(line)) => self.handle_line(line, &mut out),
+                        Ok(Some(line)) => {
+                            completed_lines = true;
+                            self.handle_line(line, &mut out);
+                        }
                         Ok(None) => break,
                         Err(too_long) => {
                             self.refuse(
@@ -303,9 +311,9 @@ impl Conn {
                 }
                 if reading && !more_lines {
                     let now = Instant::now();
-                    last_input = now;
                     partial_since = match (lines.has_partial(), partial_since) {
-                        (true, None) => {
+                        (true, Some(since)) if !completed_lines => Some(since),
+                        (true, _) => {
                             // A new partial line: make sure the timer fires by its deadline.
                             let deadline = tokio::time::Instant::from(now + settings.line_timeout);
                             if timer.deadline() > deadline {
@@ -313,9 +321,9 @@ impl Conn {
                             }
                             Some(now)
                         }
-                        (true, since) => since,
                         (false, _) => None,
                     };
+                    completed_lines = false;
                 }
             }
             if !reading && self.replies.is_some() {
@@ -328,7 +336,10 @@ impl Conn {
             if !out.is_empty() {
                 self.peak_out = self.peak_out.max(out.len());
                 match tokio::time::timeout(settings.write_timeout, wr.write_all(&out)).await {
-                    Ok(Ok(())) => out.clear(),
+                    Ok(Ok(())) => {
+                        out.clear();
+                        last_activity = Instant::now();
+                    }
                     Ok(Err(_)) => return self.abort("write failed"),
                     Err(_) => return self.abort("write timed out"),
                 }
@@ -367,7 +378,10 @@ impl Conn {
                             end = "client vanished";
                         }
                     }
-                    Ok(n) => lines.filled(n),
+                    Ok(n) => {
+                        lines.filled(n);
+                        last_activity = Instant::now();
+                    }
                     Err(_) => {
                         reading = false;
                         end = "read failed";
@@ -377,7 +391,7 @@ impl Conn {
                     let now = Instant::now();
                     let idle = self.in_flight.available_permits() == settings.max_in_flight;
                     let partial_deadline = partial_since.map(|t| t + settings.line_timeout);
-                    let idle_deadline = idle.then(|| last_input + settings.idle_timeout);
+                    let idle_deadline = idle.then(|| last_activity + settings.idle_timeout);
                     if partial_deadline.is_some_and(|d| d <= now) {
                         self.refuse(
                             &mut out,

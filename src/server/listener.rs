@@ -245,7 +245,9 @@ fn effective_gid() -> Option<u32> {
 }
 
 /// A group name or numeric gid → gid: `/etc/group`, then NSS (as `[[access]]` names).
-fn resolve_group(group: &str) -> Result<u32, ListenerError> {
+/// Blocks like a rules compile (getent runs are bounded). `Config::load` calls it too, so
+/// that `check` and a start report a missing group as a config problem.
+pub fn resolve_group(group: &str) -> Result<u32, ListenerError> {
     match crate::authz::system_group_gid(group) {
         Ok(Some(gid)) => Ok(gid),
         Ok(None) => group.parse::<u32>().map_err(|_| ListenerError::NoGroup {
