@@ -195,6 +195,14 @@ fn decode_event(id: u64, line: &[u8]) -> Result<WatchEvent, ClientError> {
     }
 }
 
+fn out_of_step() -> ClientError {
+    ClientError::Io(io::Error::new(
+        io::ErrorKind::NotConnected,
+        "an earlier request on this connection failed or timed out, and its reply may still \
+         arrive: connect again",
+    ))
+}
+
 fn oversize() -> ClientError {
     ClientError::Protocol(format!("a reply longer than {MAX_REPLY} bytes"))
 }
@@ -206,6 +214,9 @@ pub struct Client {
     writer: UnixStream,
     next_id: u64,
     timeout: Option<Duration>,
+    /// A call failed between sending and reading its whole reply: the reply may still come
+    /// and would be read as the next call's, so the connection is not used again.
+    out_of_step: bool,
 }
 
 impl Client {
@@ -222,6 +233,7 @@ impl Client {
             writer,
             next_id: 1,
             timeout: None,
+            out_of_step: false,
         };
         client.set_timeout(Some(DEFAULT_TIMEOUT))?;
         Ok(client)
@@ -235,11 +247,18 @@ impl Client {
         Ok(())
     }
 
-    /// Sends one request and returns its result.
+    /// Sends one request and returns its result. After a timeout or a broken reply, the
+    /// connection refuses further calls: connect again.
     pub fn call<T: DeserializeOwned>(&mut self, body: Body<'_>) -> Result<T, ClientError> {
+        if self.out_of_step {
+            return Err(out_of_step());
+        }
+        self.out_of_step = true;
         let id = self.send(body)?;
         let line = self.read_line()?;
-        decode(id, &line)
+        let result = decode(id, &line);
+        self.out_of_step = matches!(result, Err(ClientError::Protocol(_)));
+        result
     }
 
     fn send(&mut self, body: Body<'_>) -> Result<u64, ClientError> {
@@ -330,6 +349,8 @@ pub struct AsyncClient {
     timeout: Option<Duration>,
     /// The last reply line: it may hold a token, a signature or a stamp.
     line: Vec<u8>,
+    /// As [`Client`]'s; also set when a call's future was dropped before its reply was read.
+    out_of_step: bool,
 }
 
 /// By hand: `line` (the last reply) and the read buffer may hold a token or a signature.
@@ -359,6 +380,7 @@ impl AsyncClient {
             next_id: 1,
             timeout: Some(DEFAULT_TIMEOUT),
             line: Vec::new(),
+            out_of_step: false,
         })
     }
 
@@ -367,11 +389,18 @@ impl AsyncClient {
         self.timeout = timeout;
     }
 
-    /// Sends one request and returns its result.
+    /// Sends one request and returns its result. After a timeout, a broken reply or a call
+    /// dropped half-way, the connection refuses further calls: connect again.
     pub async fn call<T: DeserializeOwned>(&mut self, body: Body<'_>) -> Result<T, ClientError> {
+        if self.out_of_step {
+            return Err(out_of_step());
+        }
+        self.out_of_step = true;
         let id = self.send(body).await?;
         self.read_line().await?;
-        decode(id, &self.line)
+        let result = decode(id, &self.line);
+        self.out_of_step = matches!(result, Err(ClientError::Protocol(_)));
+        result
     }
 
     async fn send(&mut self, body: Body<'_>) -> Result<u64, ClientError> {
@@ -514,6 +543,36 @@ async fn with_timeout<T>(
 mod tests {
     use super::*;
 
+    /// A reply that comes after the timeout is never read as the next call's.
+    #[test]
+    fn after_a_timeout_the_connection_refuses_calls_instead_of_reading_stale_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let late = "{\"v\":1,\"id\":1,\"ok\":true,\"result\":{\"version\":\"x\"}}\n";
+            (&stream).write_all(late.as_bytes()).unwrap();
+            // Answers the next request too, if one comes (it must not).
+            line.clear();
+            reader.read_line(&mut line).unwrap_or(0)
+        });
+        let mut client = Client::connect(&path).unwrap();
+        client
+            .set_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        assert!(matches!(client.ping(), Err(ClientError::Timeout(_))));
+        std::thread::sleep(Duration::from_millis(400));
+        let again = client.ping().unwrap_err();
+        assert!(again.to_string().contains("connect again"), "{again}");
+        drop(client);
+        assert_eq!(server.join().unwrap(), 0, "the refused call sent nothing");
+    }
+
     #[test]
     fn socket_path_prefers_explicit() {
         assert_eq!(
@@ -550,6 +609,7 @@ mod tests {
             next_id: 3,
             timeout: None,
             line: br#"{"id":2,"ok":true,"result":{"access_token":"eyJ-SECRET"}}"#.to_vec(),
+            out_of_step: false,
         };
         let text = format!("{client:?}");
         assert!(

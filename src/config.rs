@@ -562,7 +562,10 @@ key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"
             "server.max_connections must be at least 1",
             "server.max_in_flight must be at least 1",
         ] {
-            assert!(problems.iter().any(|p| p.contains(expected)), "{problems:#?}");
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{problems:#?}"
+            );
         }
         // A group that exists, and a bare gid, load (MINIMAL's key file need not exist).
         for group in ["root", "4242"] {

@@ -20,7 +20,9 @@ impl WireError {
     }
 
     /// A request line the JSON parser refused. Its message may quote the client's input
-    /// (the name of an unknown field): only an escaped excerpt is echoed, then the position.
+    /// (the name of an unknown field, a string of the wrong type) between backticks or
+    /// double quotes: each quote is cut to [`ECHO_MAX`] characters and the whole escaped,
+    /// then the position follows.
     pub fn invalid_json(err: &serde_json::Error) -> Self {
         let full = err.to_string();
         let position = if err.line() == 0 {
@@ -29,7 +31,20 @@ impl WireError {
             format!(" at line {} column {}", err.line(), err.column())
         };
         let what = full.strip_suffix(position.as_str()).unwrap_or(&full);
-        WireError::bad_request(format!("invalid request: {}{position}", excerpt(what, 200)))
+        let what = cut_quotes(what, ECHO_MAX);
+        WireError::bad_request(format!(
+            "invalid request: {}{position}",
+            excerpt(&what, 400)
+        ))
+    }
+
+    /// A request naming a protocol version other than 1. Such a line may carry fields that
+    /// v1 does not know, so it is told about the version rather than about those fields.
+    pub fn unsupported_version(v: u64) -> Self {
+        WireError::new(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {v} is not supported; this agent speaks v1"),
+        )
     }
 
     /// The peer's access rules do not allow `op` on `profile`.
@@ -96,6 +111,44 @@ impl WireError {
     }
 }
 
+/// `text` with every run of characters between backticks or double quotes cut to `max`
+/// characters (`…` marks a cut); the quote marks stay.
+fn cut_quotes(text: &str, max: usize) -> Cow<'_, str> {
+    let mut out = String::with_capacity(text.len().min(1024));
+    let mut open: Option<char> = None;
+    let mut inside = 0;
+    let mut cut = false;
+    for c in text.chars() {
+        match open {
+            Some(q) if c == q => {
+                open = None;
+                out.push(c);
+            }
+            Some(_) => {
+                inside += 1;
+                if inside <= max {
+                    out.push(c);
+                } else if inside == max + 1 {
+                    out.push('…');
+                    cut = true;
+                }
+            }
+            None => {
+                if c == '`' || c == '"' {
+                    open = Some(c);
+                    inside = 0;
+                }
+                out.push(c);
+            }
+        }
+    }
+    if cut {
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +189,10 @@ mod tests {
         assert!(e
             .message
             .starts_with("invalid request: unknown field `x\\n<0>audit: FORGED"));
+        // At most ECHO_MAX characters of the client's field name (the \n escaped as 2).
+        let echoed = e.message.split('`').nth(1).unwrap();
+        assert_eq!(echoed.chars().count(), ECHO_MAX + 2, "{echoed}");
+        assert!(echoed.ends_with("zz…"), "{echoed}");
         assert!(e
             .message
             .ends_with(&format!(" at line 1 column {}", err.column())));

@@ -286,6 +286,13 @@ fn malformed_unknown_and_wrong_version_requests_are_answered_and_the_connection_
         (r["id"].clone(), code(&r)),
         (json!(6), "unsupported_version")
     );
+    // A newer version's request may carry fields v1 does not know: still the version.
+    let r = raw.call(json!({"v":2,"id":16,"op":"ping","trace":"x"}));
+    assert_eq!(
+        (r["id"].clone(), code(&r)),
+        (json!(16), "unsupported_version"),
+        "{r}"
+    );
 
     let r = raw.call(json!({"v":1,"id":7,"op":"token","profile":"prod","bogus":1}));
     assert_eq!((r["id"].clone(), code(&r)), (json!(7), "bad_request"));
@@ -528,7 +535,10 @@ fn idle_timeout_longer_than_the_line_timeout_and_steady_pipelining() {
     };
     let agent = TestAgent::builder().settings(settings).start();
     let mut idle = Raw::connect(&agent);
-    assert_eq!(idle.call(json!({"v":1,"id":1,"op":"ping"}))["ok"], json!(true));
+    assert_eq!(
+        idle.call(json!({"v":1,"id":1,"op":"ping"}))["ok"],
+        json!(true)
+    );
     let answered = Instant::now();
     assert!(idle.closed());
     let waited = answered.elapsed();
@@ -1058,6 +1068,10 @@ fn audit_log_has_the_records_and_no_secrets() {
     let mut raw = Raw::connect(&agent);
     raw.send("garbage-SECRET-LINE\n");
     raw.recv();
+    // A watch stream hands out tokens too: its first one is on record.
+    let mut watch = agent.client().watch("prod").unwrap();
+    assert!(matches!(watch.next(), Some(Ok(WatchEvent::Token(_)))));
+    drop(watch);
     drop(c);
     drop(raw);
     std::thread::sleep(Duration::from_millis(100));
@@ -1087,15 +1101,19 @@ fn audit_log_has_the_records_and_no_secrets() {
         "{logs}"
     );
     assert!(has("token", "forbidden"), "{logs}");
+    assert!(has("watch", "ok"), "{logs}");
     // Only the first token on a connection is audited.
     let tokens_ok = audit
         .iter()
         .filter(|l| l.contains("op=\"token\"") && l.contains("result=\"ok\""))
         .count();
     assert_eq!(tokens_ok, 1, "{logs}");
-    assert!(audit
-        .iter()
-        .all(|l| l.contains("uid=0") && l.contains("pid=")));
+    assert!(
+        audit
+            .iter()
+            .all(|l| l.contains("uid=0") && l.contains("gid=0") && l.contains("pid=")),
+        "{logs}"
+    );
     assert!(audit.iter().any(|l| l.contains("exe=")));
     for secret in [
         token.as_str(),

@@ -46,7 +46,7 @@ impl LineBuffer {
     /// A buffer for lines of at most `max_line` bytes (excluding the newline).
     pub fn new(max_line: usize) -> Self {
         LineBuffer {
-            buf: vec![0; INITIAL.min(max_line + 1)],
+            buf: vec![0; INITIAL.min(max_line + 2)],
             start: 0,
             end: 0,
             scanned: 0,
@@ -64,8 +64,8 @@ impl LineBuffer {
                 self.start = 0;
             }
             if self.end == self.buf.len() {
-                // Room for one full line plus its newline is all that is ever needed.
-                let cap = self.max_line + 1;
+                // Room for one full line plus its `\r\n` is all that is ever needed.
+                let cap = self.max_line + 2;
                 let grown = (self.buf.len() * 2)
                     .max(INITIAL)
                     .min(cap.max(self.buf.len() + 1));
@@ -88,7 +88,10 @@ impl LineBuffer {
                 .position(|&b| b == b'\n');
             let Some(offset) = found else {
                 self.scanned = self.end;
-                if self.end - self.start > self.max_line {
+                // A `\r` at the end may be the first half of the line's `\r\n`.
+                let pending = self.end - self.start;
+                let cr = usize::from(pending > 0 && self.buf[self.end - 1] == b'\r');
+                if pending - cr > self.max_line {
                     return Err(LineTooLong { max: self.max_line });
                 }
                 if self.start == self.end {
@@ -185,7 +188,31 @@ mod tests {
             }
         }
         assert!(failed, "an endless line must be refused");
-        assert!(lb.buf.len() <= max + 1);
+        assert!(lb.buf.len() <= max + 2);
+    }
+
+    /// The cap does not count the line's `\r\n`, however the bytes arrive.
+    #[test]
+    fn a_full_length_line_may_end_with_crlf() {
+        let max = 10_000;
+        let mut line = vec![b'x'; max];
+        line.extend_from_slice(b"\r\n");
+        for chunk in [1, 7, 4096, max + 2] {
+            let mut lb = LineBuffer::new(max);
+            let mut got = None;
+            for piece in line.chunks(chunk) {
+                feed(&mut lb, piece);
+                if let Some(l) = lb.next_line().unwrap() {
+                    got = Some(l.len());
+                }
+            }
+            assert_eq!(got, Some(max), "chunks of {chunk}");
+        }
+        // One byte more than the cap, \r or not, is refused.
+        let mut lb = LineBuffer::new(max);
+        feed(&mut lb, &vec![b'x'; max]);
+        feed(&mut lb, b"\ry");
+        assert_eq!(lb.next_line(), Err(LineTooLong { max }));
     }
 
     #[test]

@@ -192,12 +192,22 @@ pub struct RawRequest<'a> {
     pub payload: Option<Cow<'a, str>>,
 }
 
-/// Only the `id` of a request, read when the full parse failed so that the error reply can
-/// still carry it.
+/// Only the `id` and `v` of a request, read when the full parse failed so that the error
+/// reply can still carry the id, and a line of another version is told so (it may carry
+/// fields that v1 does not know).
 #[derive(Debug, Deserialize)]
 pub struct IdOnly {
     #[serde(default)]
     pub id: Option<u64>,
+    #[serde(default)]
+    pub v: Option<serde_json::Value>,
+}
+
+impl IdOnly {
+    /// The version the line names, when it is a number other than this agent's.
+    pub fn other_version(&self) -> Option<u64> {
+        self.v.as_ref()?.as_u64().filter(|v| *v != VERSION)
+    }
 }
 
 /// A validated request.

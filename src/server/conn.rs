@@ -465,10 +465,13 @@ impl Conn {
         let raw: RawRequest<'_> = match serde_json::from_slice(line) {
             Ok(raw) => raw,
             Err(err) => {
-                let id = serde_json::from_slice::<protocol::IdOnly>(line)
-                    .ok()
-                    .and_then(|i| i.id);
-                return self.refuse(out, id, None, WireError::invalid_json(&err));
+                let probe = serde_json::from_slice::<protocol::IdOnly>(line).ok();
+                let id = probe.as_ref().and_then(|p| p.id);
+                let wire = match probe.as_ref().and_then(protocol::IdOnly::other_version) {
+                    Some(v) => WireError::unsupported_version(v),
+                    None => WireError::invalid_json(&err),
+                };
+                return self.refuse(out, id, None, wire);
             }
         };
         let request = match raw.validate() {
@@ -549,6 +552,7 @@ impl Conn {
                 None => tracing::warn!(
                     target: "audit",
                     uid = self.peer.cred.uid,
+                    gid = self.peer.cred.gid,
                     pid = self.peer.cred.pid.unwrap_or(0),
                     exe = self.peer.exe(),
                     result = err.code.as_str(),
@@ -767,6 +771,8 @@ impl Conn {
         let mut rules = self.rules.clone();
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
+        // A stream hands out tokens like `token` does: its first one is audited.
+        self.token_audited = true;
         self.tracker.spawn(async move {
             let mut sent: Option<Arc<AccessToken>> = None;
             let mut rules_changed = false;
@@ -804,6 +810,9 @@ impl Conn {
                         if replies.send(line).await.is_err() {
                             break;
                         }
+                        if sent.is_none() {
+                            peer.audit(Op::Watch, Some(&name), "ok");
+                        }
                         sent = Some(token);
                     }
                 }
@@ -829,6 +838,8 @@ impl Conn {
                             ErrorCode::Unavailable,
                             format!("the token source of profile `{name}` has stopped"),
                         );
+                        state.counters.error(err.code);
+                        peer.audit(Op::Watch, Some(&name), err.code.as_str());
                         write_err(&mut line, Some(id), &err);
                         let _ = replies.send(line).await;
                         break;
