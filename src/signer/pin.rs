@@ -132,7 +132,7 @@ pub enum PinError {
     BadCredentialName { name: String },
     #[error("PIN environment variable {name} is not set or not UTF-8")]
     EnvMissing { name: String },
-    #[error("no PIN source configured and standard input is not a terminal: set pin_file, pin_credential or pin_env")]
+    #[error("no PIN source given and standard input is not a terminal: give --pin-file, --pin-env or --pin-credential (in the config: pin = {{ file = … }}, {{ env = … }} or {{ credential = … }})")]
     NoTerminal,
     #[error("PIN prompt failed: {0}")]
     Prompt(std::io::Error),
