@@ -533,7 +533,10 @@ impl Client {
             .http
             .get(self.endpoints.jwks.clone())
             .header(ACCEPT, "application/json");
-        let bytes = self.send(req).await?;
+        // The JWKS is a static document, often served from a cache (or from another host
+        // with `jwks_url`): its `Date` may be stale, and is not the clock that `expires_in`
+        // and `exp` are measured against. Only mint and refresh answers set the clock.
+        let bytes = self.send(req, false).await?;
         parse_jwks(&bytes)
     }
 
@@ -552,19 +555,27 @@ impl Client {
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
             .body(bytes::Bytes::from_owner(body));
-        self.send(req).await
+        self.send(req, true).await
     }
 
-    /// Sends, learns the clock, reads the body (capped, zeroized) and maps non-2xx to errors.
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    /// Sends, learns the clock from the `Date` header when `learn_clock`, reads the body
+    /// (capped, zeroized) and maps non-2xx to errors.
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        learn_clock: bool,
+    ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
         let mut resp = req.send().await.map_err(ApiError::from_reqwest)?;
-        self.clock.observe_headers(resp.headers());
+        if learn_clock {
+            self.clock.observe_headers(resp.headers());
+        }
         let status = resp.status();
+        // An HTTP-date `Retry-After` is on the server's clock.
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            .and_then(|v| parse_retry_after(v, self.clock.server_now()));
         let mut body = Zeroizing::new(Vec::new());
         while let Some(chunk) = resp.chunk().await.map_err(ApiError::from_reqwest)? {
             if body.len() + chunk.len() > MAX_BODY {

@@ -547,6 +547,14 @@ impl Manager {
         if let Some(err) = self.hopeless(&outcomes.borrow_and_update(), deadline) {
             return Err(err);
         }
+        // A renewal or a stop that finished between the check in `token` and the line above
+        // is marked seen now, and would never wake this call: look once more before asking.
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(self.stopped_error());
+        }
+        if let Some(tok) = self.usable(need) {
+            return Ok(tok);
+        }
         {
             let mut demand = lock(&self.shared.demand);
             let mine = Demand {
@@ -916,6 +924,11 @@ impl<A: Api> Worker<A> {
                         error = %e,
                         "refresh token refused; minting with a fresh signature"
                     );
+                }
+                Err(e @ ApiError::Protocol(_)) => {
+                    // An answer came but did not parse: the server may have rotated the
+                    // refresh token already, so it is not sent again; the next attempt mints.
+                    return Err(e.into());
                 }
                 Err(e) => {
                     // Maybe never reached the server: the same refresh token may still work.

@@ -129,6 +129,8 @@ fn access_token_debug_is_redacted() {
 struct Counters {
     mint_calls: AtomicU32,
     refresh_calls: AtomicU32,
+    /// Refresh calls with a refresh token that was not live (spent or revoked).
+    refused_refreshes: AtomicU32,
     jwks_calls: AtomicU32,
 }
 
@@ -267,9 +269,16 @@ impl Api for Fake {
     async fn refresh(&self, refresh_token: &SecretString) -> Result<TokenPair, ApiError> {
         use secrecy::ExposeSecret as _;
         self.n.refresh_calls.fetch_add(1, Ordering::SeqCst);
-        self.front().await?;
+        if let Err(e) = self.front().await {
+            // An answer that does not parse came after the server did the work: spent.
+            if matches!(e, ApiError::Protocol(_)) {
+                self.with(|s| s.live.remove(refresh_token.expose_secret()));
+            }
+            return Err(e);
+        }
         self.with(|s| {
             if !s.live.remove(refresh_token.expose_secret()) {
+                self.n.refused_refreshes.fetch_add(1, Ordering::SeqCst);
                 return Err(ApiError::Unauthorized {
                     message: "refresh token revoked".into(),
                     request_id: None,
@@ -373,6 +382,24 @@ async fn hundred_callers_share_one_renewal() {
     let t = m.token(Some(Duration::from_secs(3600))).await.unwrap();
     assert_eq!(&*t.token, tokens.iter().next().unwrap().as_str());
     assert_eq!(fake.n.refresh_calls.load(Ordering::SeqCst), 1);
+}
+
+/// A refresh answer that does not parse (a 200 with a broken body) came after the server
+/// rotated the refresh token: the old one is never sent again; the next renewal mints.
+#[tokio::test]
+async fn a_refresh_answer_that_does_not_parse_spends_the_refresh_token() {
+    let fake = Fake::new(Duration::from_millis(1500));
+    let (m, _cancel) = start(&fake, settings());
+    m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    fake.with(|s| s.script.push(ApiError::Protocol("truncated body".into())));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.n.mint_calls.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no second mint");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.n.refresh_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(fake.n.refused_refreshes.load(Ordering::SeqCst), 0);
+    assert!(m.token(None).await.is_ok());
 }
 
 #[tokio::test]
