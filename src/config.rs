@@ -41,6 +41,9 @@ pub const DEFAULT_WORKER_THREADS: usize = 2;
 /// The most runtime threads `agent.worker_threads` may ask for.
 pub const MAX_WORKER_THREADS: usize = 64;
 
+/// The most signature requests a key may hold waiting (`agent.sign_queue_depth`).
+pub const MAX_SIGN_QUEUE_DEPTH: usize = 65_536;
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -347,8 +350,11 @@ impl Config {
                 a.log_level
             ));
         }
-        if a.sign_queue_depth == 0 {
-            problems.push("agent.sign_queue_depth must be at least 1".into());
+        if !(1..=MAX_SIGN_QUEUE_DEPTH).contains(&a.sign_queue_depth) {
+            problems.push(format!(
+                "agent.sign_queue_depth must be between 1 and {MAX_SIGN_QUEUE_DEPTH} (its slots \
+                 are allocated at start)"
+            ));
         }
         if self.server.max_connections == 0 {
             problems.push("server.max_connections must be at least 1".into());

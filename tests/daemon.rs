@@ -780,6 +780,28 @@ fn wrong_pin_exits_77_after_exactly_one_login_and_the_token_still_works() {
     assert!(logins[0].contains("CKR_PIN_INCORRECT"), "{logins:?}");
     assert_eq!(w.sim.handle.counters().requests.mint, 0);
 
+    // With a second key that fails at once (no such token), the wrong PIN still decides
+    // the status: 77, which systemd does not restart, not 1, which it would restart, and
+    // each restart would send the wrong PIN again.
+    let mut two = spied(&w.hsm.wrong_pin_file, "spy-two");
+    let path = w.path("spy-two.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text += &format!(
+        "\n[keys.gone]\nbackend = \"pkcs11\"\nmodule = {}\ntoken_label = \"no-such-token\"\n\
+         key_label = \"k\"\npin = {{ file = {} }}\n\n[profiles.q]\nkey = \"gone\"\n\
+         key_id = \"7d6f1b7e-1c2a-4e3b-9a5d-000000000001\"\nbase_url = \"{}\"\n",
+        common::daemon::toml_str(Path::new(PKCS11_SPY)),
+        common::daemon::toml_str(&w.hsm.pin_file),
+        w.config("agent.sock").base_url,
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut two = Proc::spawn("tm-agent run (wrong PIN, missing token)", &mut two);
+    let code = two.expect_exit(START);
+    let stderr = two.stderr();
+    assert_eq!(code, 77, "{stderr}");
+    assert!(stderr.contains("wrong PIN") && stderr.contains("no-such-token"), "{stderr}");
+    assert_eq!(spy_logins(&w.path("spy-two")).len(), 1);
+
     // Nothing was burnt: the right PIN works at once.
     let mut agent = Proc::spawn(
         "tm-agent run (right PIN)",
@@ -1178,6 +1200,60 @@ fn exit_waits_for_a_signer_thread_inside_the_hsm_to_close_its_session() {
         "one session per worker (sessions = 2): {opened}"
     );
     assert_eq!(closed, opened, "every session closed before the exit");
+}
+
+/// A signer wedged inside the HSM stops the watchdog pings, also once its queue is full and
+/// every caller hears `busy` (which the watchdog used to take for a sign of life), and the
+/// pings come back when the HSM answers again.
+#[test]
+fn a_wedged_signer_stops_the_watchdog_even_behind_a_full_queue() {
+    let w = World::new("t-daemon-wedge-wd", Duration::from_secs(900));
+    let socket = w.path("agent.sock");
+    let mut config = w.config("agent.sock");
+    config.agent_extra = "sign_timeout_ms = 300\nsign_queue_depth = 2\n".into();
+    let config = config.write(&w.path("config.toml"));
+    let (listener, _) = w.ready_listener();
+    let mut cmd = agent_command(&w.hsm, &config);
+    cmd.env("NOTIFY_SOCKET", &listener.path)
+        .env("WATCHDOG_USEC", "1000000");
+    let mut agent = Proc::spawn("tm-agent run (watchdog)", &mut cmd);
+    listener.wait_for(&mut agent, 0, "READY=1", START);
+    agent.wait_while_running(Duration::from_secs(5), "watchdog pings", |_| {
+        listener.count("WATCHDOG=1") >= 2
+    });
+
+    let mut locker = wedge_the_hsm(&w.hsm);
+    // Both sessions stuck in C_SignInit, two more jobs queued: the queue is full.
+    for _ in 0..5 {
+        let out = cli(&socket, &["sign", "--profile", P], None);
+        assert_eq!(out.status.code(), Some(5), "timeout or busy while wedged");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = listener.count("WATCHDOG=1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        listener.count("WATCHDOG=1"),
+        before,
+        "pings while the signer is wedged:\n{}",
+        listener.transcript()
+    );
+    assert!(
+        agent.stderr().contains("signer does not answer"),
+        "{}",
+        agent.stderr()
+    );
+
+    locker.kill();
+    agent.wait_while_running(Duration::from_secs(5), "pings again", |_| {
+        listener.count("WATCHDOG=1") > before
+    });
+    agent.signal("TERM");
+    assert_eq!(
+        agent.expect_exit(Duration::from_secs(5)),
+        0,
+        "{}",
+        agent.stderr()
+    );
 }
 
 /// An `[[access]]` name that NSS cannot answer for at start (sssd not up yet, say) exits 1,

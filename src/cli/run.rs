@@ -294,17 +294,41 @@ async fn open_keys(config: &Config) -> anyhow::Result<BTreeMap<String, Handle>> 
         let (name, key) = (name.clone(), key.clone());
         let options = config.agent.actor_options(&name);
         tasks.spawn_blocking(move || {
-            // If another key fails, the daemon exits without waiting for this task: the
-            // guard keeps the exit from running under it (see `signer::wait_for_workers`).
+            // Should the daemon leave before this returns (the join failed), the guard
+            // keeps the exit from running under it (see `signer::wait_for_workers`).
             let _opening = signer::LiveWorker::opening();
             let result = open_key(&key, options);
             (name, result)
         });
     }
-    let mut handles = BTreeMap::new();
+    // Every opening is waited for, even after one failed: a PIN problem of one key must
+    // decide the exit status (77, which systemd does not restart) over another key's
+    // failure (1, restarted), or each restart would send the wrong PIN again.
+    let mut opened = Vec::new();
+    let mut failed: Option<anyhow::Error> = None;
     while let Some(joined) = tasks.join_next().await {
         let (name, result) = joined.context("a key-opening task failed")?;
-        let handle = result.with_context(|| format!("cannot open key {name}"))?;
+        match result {
+            Ok(handle) => opened.push((name, handle)),
+            Err(e) => {
+                let pin_problem = super::signer_exit_code(&e) == super::EXIT_PIN;
+                let e = anyhow::Error::new(e).context(format!("cannot open key {name}"));
+                let keep_earlier = failed
+                    .as_ref()
+                    .is_some_and(|f| !pin_problem || super::exit_code(f) == super::EXIT_PIN);
+                if keep_earlier {
+                    tracing::error!(key = %name, error = %format!("{e:#}"), "key not opened");
+                } else if let Some(earlier) = failed.replace(e) {
+                    tracing::error!(error = %format!("{earlier:#}"), "key not opened");
+                }
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut handles = BTreeMap::new();
+    for (name, handle) in opened {
         let info = handle.info();
         tracing::info!(
             key = %name,
@@ -343,12 +367,11 @@ async fn watchdog(notifier: Notifier, handles: BTreeMap<String, Handle>) {
             let handles = handles.clone();
             async move {
                 for (name, handle) in &handles {
-                    // Any answer, even an error from a missing token, shows the signer
-                    // thread is alive; only silence means wedged.
-                    if let Err(SignerError::Timeout(_) | SignerError::Closed) =
-                        handle.sign(b"tm-agent watchdog probe").await
-                    {
-                        tracing::error!(key = %name, "signer does not answer");
+                    if !handle.watchdog_check().await {
+                        tracing::error!(
+                            key = %name,
+                            "signer does not answer (wedged in the HSM or card?)"
+                        );
                         return false;
                     }
                 }

@@ -186,6 +186,10 @@ struct Shared {
     last_ok: Mutex<Option<SystemTime>>,
     signatures: AtomicU64,
     errors: AtomicU64,
+    /// Jobs the workers have taken off the queue (signed or skipped): their progress.
+    taken: AtomicU64,
+    /// `taken` as [`Handle::watchdog_check`] last saw it.
+    watchdog_seen: AtomicU64,
     options: ActorOptions,
 }
 
@@ -224,6 +228,8 @@ impl Handle {
             last_ok: Mutex::new(None),
             signatures: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            watchdog_seen: AtomicU64::new(0),
             options,
         });
         let digest = jose::sha256(PROBE_MESSAGE);
@@ -278,7 +284,42 @@ impl Handle {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result.map(jose::normalize_low_s),
             Ok(Err(_)) => Err(SignerError::Closed),
-            Err(_) => Err(SignerError::Timeout(timeout)),
+            Err(_) => {
+                let err = SignerError::Timeout(timeout);
+                // Shown by `status` until a signature succeeds again.
+                let reason = err.to_string();
+                self.shared.health.send_if_modified(|state| {
+                    let next = HealthState::Failing(reason);
+                    let changed = *state != next;
+                    *state = next;
+                    changed
+                });
+                Err(err)
+            }
+        }
+    }
+
+    /// For a watchdog that calls this at intervals (one caller per handle): true while the
+    /// workers make progress, i.e. took a job off the queue since the previous call, or,
+    /// with no job waiting, sign a probe in time. False when jobs wait and no worker has
+    /// taken one since the previous call, or the probe goes unanswered: a worker is wedged
+    /// (inside the HSM, say). A full queue is no answer: a signer that only says `busy`
+    /// is as wedged as one that says nothing.
+    pub async fn watchdog_check(&self) -> bool {
+        let taken = self.shared.taken.load(Ordering::Acquire);
+        let seen = self.shared.watchdog_seen.swap(taken, Ordering::AcqRel);
+        if taken != seen {
+            return true;
+        }
+        if !self.queue.is_empty() {
+            return false;
+        }
+        match self.sign(b"tm-agent watchdog probe").await {
+            Err(SignerError::Timeout(_) | SignerError::Closed) => false,
+            // Filled up since the look above: the next call judges by progress.
+            Err(SignerError::Busy { .. }) => true,
+            // Any other answer, even an error from a missing token, came from a worker.
+            _ => true,
         }
     }
 
@@ -383,8 +424,14 @@ fn run_worker(mut worker: Box<dyn Signer>, rx: Receiver<Job>, shared: Arc<Shared
             Ok(job) => job,
             Err(_) => return, // every Handle dropped
         };
-        if job.reply.is_closed() || Instant::now() >= job.deadline {
-            continue; // the caller has gone or given up: don't spend the HSM on it
+        shared.taken.fetch_add(1, Ordering::Release);
+        if job.reply.is_closed() {
+            continue; // the caller has gone: don't spend the HSM on it
+        }
+        if Instant::now() >= job.deadline {
+            // Its caller is giving up this instant: it hears `timeout`, not a closed signer.
+            let _ = job.reply.send(Err(SignerError::Timeout(shared.options.timeout)));
+            continue;
         }
         let result = worker.sign_digest(&job.digest);
         match &result {
@@ -506,6 +553,86 @@ mod tests {
             h.public_key().verify(msg.as_bytes(), &sig).unwrap();
         }
         assert_eq!(h.health().signatures, 32);
+    }
+
+    /// Signs the self-test and one probe, then blocks in every later call until `release`
+    /// is dropped.
+    struct Wedged {
+        key: SigningKey,
+        calls: usize,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Signer for Wedged {
+        fn sign_digest(&mut self, digest: &[u8; 32]) -> Result<Signature, SignerError> {
+            self.calls += 1;
+            if self.calls > 2 {
+                let _ = self.release.recv();
+            }
+            soft::sign_prehash(&self.key, digest)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_sees_a_wedged_worker_behind_a_full_queue_and_not_a_slow_one() {
+        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let info = KeyInfo {
+            backend: "soft",
+            location: "test".into(),
+            hardware_backed: false,
+            public_key: *key.verifying_key(),
+        };
+        let (release, rx) = std::sync::mpsc::channel();
+        let worker = Wedged {
+            key,
+            calls: 0,
+            release: rx,
+        };
+        let opts = ActorOptions {
+            queue_depth: 4,
+            timeout: Duration::from_millis(100),
+            name: "t".into(),
+        };
+        let h = Handle::spawn(info, vec![Box::new(worker)], opts).unwrap();
+        assert!(h.watchdog_check().await, "idle: the probe is answered");
+        // The worker wedges on the next job; callers time out and the queue fills up.
+        let mut answers = Vec::new();
+        for _ in 0..8 {
+            answers.push(h.sign(b"m").await);
+        }
+        assert!(matches!(answers[0], Err(SignerError::Timeout(_))));
+        assert!(answers
+            .iter()
+            .any(|a| matches!(a, Err(SignerError::Busy { .. }))));
+        assert!(matches!(h.health().state, HealthState::Failing(_)));
+        // It took one job (the one it is stuck in) since the last check...
+        assert!(h.watchdog_check().await);
+        // ...and none since, with jobs waiting: wedged, though every caller hears `busy`.
+        assert!(!h.watchdog_check().await);
+        drop(release);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(h.watchdog_check().await, "working again");
+
+        // A slow signer with a long queue is alive as long as it takes jobs.
+        let opts = ActorOptions {
+            queue_depth: 64,
+            timeout: Duration::from_secs(5),
+            name: "t".into(),
+        };
+        let (h, _) = slow_handle(Duration::from_millis(30), opts);
+        let load: Vec<_> = (0..20)
+            .map(|_| {
+                let h = h.clone();
+                tokio::spawn(async move { h.sign(b"m").await })
+            })
+            .collect();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(h.watchdog_check().await);
+        }
+        for task in load {
+            task.await.unwrap().unwrap();
+        }
     }
 
     #[test]

@@ -1246,10 +1246,13 @@ impl KeyShared {
         }
     }
 
-    /// Closes a session that is known to be alive and still ours; any other is forgotten,
-    /// because its handle number may already belong to another session.
+    /// Closes a session that may still be alive and is still ours; any other is forgotten,
+    /// because its handle number may already belong to another session. After a device or
+    /// general error (`TokenGone`) the token may well still be there, holding the session:
+    /// it is closed too, or each transient error would leak one until the HSM refused to
+    /// open more (CKR_SESSION_COUNT).
     fn discard(&self, conn: Conn, fault: Fault) {
-        if matches!(fault, Fault::SessionGone | Fault::TokenGone) {
+        if matches!(fault, Fault::SessionGone) {
             return;
         }
         let state = read_lock(&self.module.state);
