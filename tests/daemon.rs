@@ -799,7 +799,10 @@ fn wrong_pin_exits_77_after_exactly_one_login_and_the_token_still_works() {
     let code = two.expect_exit(START);
     let stderr = two.stderr();
     assert_eq!(code, 77, "{stderr}");
-    assert!(stderr.contains("wrong PIN") && stderr.contains("no-such-token"), "{stderr}");
+    assert!(
+        stderr.contains("wrong PIN") && stderr.contains("no-such-token"),
+        "{stderr}"
+    );
     assert_eq!(spy_logins(&w.path("spy-two")).len(), 1);
 
     // Nothing was burnt: the right PIN works at once.

@@ -430,7 +430,9 @@ fn run_worker(mut worker: Box<dyn Signer>, rx: Receiver<Job>, shared: Arc<Shared
         }
         if Instant::now() >= job.deadline {
             // Its caller is giving up this instant: it hears `timeout`, not a closed signer.
-            let _ = job.reply.send(Err(SignerError::Timeout(shared.options.timeout)));
+            let _ = job
+                .reply
+                .send(Err(SignerError::Timeout(shared.options.timeout)));
             continue;
         }
         let result = worker.sign_digest(&job.digest);

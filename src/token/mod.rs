@@ -1007,6 +1007,15 @@ impl<A: Api> Worker<A> {
                     self.keys_fetched = Some(Instant::now());
                     tracing::info!(keys = self.keys.len(), "JWKS fetched");
                 }
+                Err(e) if self.keys.contains(&parsed.kid) => {
+                    // The keys we hold know this token's signer: check it with them, and
+                    // fetch again at the next renewal. A JWKS outage must not become a
+                    // token outage.
+                    tracing::warn!(
+                        error = %e,
+                        "cannot refresh the JWKS; checking the token with the keys held"
+                    );
+                }
                 Err(e) => {
                     // The pair came from the API over TLS; only its check is pending.
                     self.refresh_token = Some(pair.refresh_token);

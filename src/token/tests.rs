@@ -154,6 +154,8 @@ struct FakeState {
     panic: bool,
     /// Replaces the `exp` claim of issued access tokens.
     exp_claim: Option<serde_json::Value>,
+    /// While set, the JWKS answers 503.
+    jwks_down: bool,
 }
 
 #[derive(Clone)]
@@ -180,6 +182,7 @@ impl Fake {
                 latency: Duration::from_millis(20),
                 panic: false,
                 exp_claim: None,
+                jwks_down: false,
             })),
             n: Arc::new(Counters::default()),
         }
@@ -290,6 +293,13 @@ impl Api for Fake {
 
     async fn jwks(&self) -> Result<auth_api::Jwks, ApiError> {
         self.n.jwks_calls.fetch_add(1, Ordering::SeqCst);
+        if self.with(|s| s.jwks_down) {
+            return Err(ApiError::Server {
+                status: 503,
+                message: "Service Unavailable".into(),
+                retry_after: None,
+            });
+        }
         let (key, kid) = self.with(|s| (s.issuer.clone(), s.kid.clone()));
         let mut jwk = jose::Jwk::from_verifying_key(key.verifying_key());
         jwk.kid = Some(kid);
@@ -382,6 +392,35 @@ async fn hundred_callers_share_one_renewal() {
     let t = m.token(Some(Duration::from_secs(3600))).await.unwrap();
     assert_eq!(&*t.token, tokens.iter().next().unwrap().as_str());
     assert_eq!(fake.n.refresh_calls.load(Ordering::SeqCst), 1);
+}
+
+/// A JWKS that cannot be fetched when the cached one is due for a refresh does not stop
+/// renewals while the cached keys know the token's `kid`.
+#[tokio::test]
+async fn a_jwks_outage_does_not_stop_renewals_signed_by_a_known_key() {
+    let fake = Fake::new(Duration::from_millis(1500));
+    let settings = TokenSettings {
+        jwks_max_age: Duration::from_millis(200),
+        ..settings()
+    };
+    let (m, _cancel) = start(&fake, settings);
+    let first = m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    fake.with(|s| s.jwks_down = true);
+    let jwks_before = fake.n.jwks_calls.load(Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = m.token(None).await.unwrap();
+        if t.token != first.token {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no renewal during the JWKS outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fake.n.jwks_calls.load(Ordering::SeqCst) > jwks_before);
+    assert_eq!(m.status().consecutive_failures, 0);
 }
 
 /// A refresh answer that does not parse (a 200 with a broken body) came after the server
