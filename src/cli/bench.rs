@@ -790,25 +790,34 @@ fn pkcs11_settings(
     }
 }
 
+/// The PKCS#11 settings of the key of --config for a mode (`flag`) that opens it with
+/// `sessions` sessions, once that count is checked.
+fn session_settings(
+    modes: &ModeArgs,
+    flag: &str,
+    sessions: usize,
+) -> anyhow::Result<crate::signer::pkcs11::Pkcs11Settings> {
+    let max = crate::signer::pkcs11::MAX_SESSIONS;
+    if sessions == 0 || sessions > max {
+        bail!("{flag} takes 1 to {max} sessions");
+    }
+    let path = modes
+        .config
+        .as_deref()
+        .with_context(|| format!("{flag} needs --config"))?;
+    let loaded = crate::config::Config::load(path)?;
+    pkcs11_settings(&loaded.config, modes.key.as_deref())
+}
+
 /// Signs back to back on `-c` threads, each owning one backend worker (its own session).
 fn raw_pkcs11(args: &BenchArgs, modes: &ModeArgs) -> anyhow::Result<RawReport> {
     use crate::signer::pkcs11;
     use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
 
     check_duration(args)?;
+    // One session per thread, -c threads.
     let threads = args.connections;
-    if threads == 0 || threads > pkcs11::MAX_SESSIONS {
-        bail!(
-            "--raw-pkcs11 runs -c threads, 1 to {}",
-            pkcs11::MAX_SESSIONS
-        );
-    }
-    let path = modes
-        .config
-        .as_deref()
-        .context("--raw-pkcs11 needs --config")?;
-    let loaded = crate::config::Config::load(path)?;
-    let settings = pkcs11_settings(&loaded.config, modes.key.as_deref())?;
+    let settings = session_settings(modes, "--raw-pkcs11 (-c)", threads)?;
     let (info, workers) = pkcs11::open(&settings, threads).context("cannot open the key")?;
     let public_key = info.public_key;
 
@@ -863,12 +872,7 @@ async fn through_handle(
     use crate::signer::{pkcs11, ActorOptions, Handle};
 
     check_load_args(args)?;
-    if sessions == 0 || sessions > pkcs11::MAX_SESSIONS {
-        bail!("--handle takes 1 to {} sessions", pkcs11::MAX_SESSIONS);
-    }
-    let path = modes.config.as_deref().context("--handle needs --config")?;
-    let loaded = crate::config::Config::load(path)?;
-    let settings = pkcs11_settings(&loaded.config, modes.key.as_deref())?;
+    let settings = session_settings(modes, "--handle", sessions)?;
     let options = ActorOptions {
         queue_depth: args.connections.max(ActorOptions::default().queue_depth),
         name: "bench-signer".into(),
@@ -916,18 +920,7 @@ async fn inline(sessions: usize, args: &BenchArgs, modes: &ModeArgs) -> anyhow::
     use crate::signer::pkcs11;
 
     check_load_args(args)?;
-    if sessions == 0 || sessions > pkcs11::MAX_SESSIONS {
-        bail!(
-            "--inline-server takes 1 to {} sessions",
-            pkcs11::MAX_SESSIONS
-        );
-    }
-    let path = modes
-        .config
-        .as_deref()
-        .context("--inline-server needs --config")?;
-    let loaded = crate::config::Config::load(path)?;
-    let settings = pkcs11_settings(&loaded.config, modes.key.as_deref())?;
+    let settings = session_settings(modes, "--inline-server", sessions)?;
     let (info, workers) = super::blocking(move || pkcs11::open(&settings, sessions))
         .await?
         .context("cannot open the key")?;
