@@ -186,9 +186,10 @@ struct Shared {
     last_ok: Mutex<Option<SystemTime>>,
     signatures: AtomicU64,
     errors: AtomicU64,
-    /// Jobs the workers have taken off the queue (signed or skipped): their progress.
-    taken: AtomicU64,
-    /// `taken` as [`Handle::watchdog_check`] last saw it.
+    /// Jobs the workers have finished (signed, failed or skipped): their progress. A job a
+    /// worker is stuck in never counts.
+    finished: AtomicU64,
+    /// `finished` as [`Handle::watchdog_check`] last saw it.
     watchdog_seen: AtomicU64,
     options: ActorOptions,
 }
@@ -228,7 +229,7 @@ impl Handle {
             last_ok: Mutex::new(None),
             signatures: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            taken: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
             watchdog_seen: AtomicU64::new(0),
             options,
         });
@@ -300,27 +301,33 @@ impl Handle {
     }
 
     /// For a watchdog that calls this at intervals (one caller per handle): true while the
-    /// workers make progress, i.e. took a job off the queue since the previous call, or,
-    /// with no job waiting, sign a probe in time. False when jobs wait and no worker has
-    /// taken one since the previous call, or the probe goes unanswered: a worker is wedged
-    /// (inside the HSM, say). A full queue is no answer: a signer that only says `busy`
-    /// is as wedged as one that says nothing.
+    /// workers make progress, i.e. finished a job since the previous call, or, with no job
+    /// waiting, sign a probe in time. False when jobs wait and none was finished since the
+    /// previous call, or the probe goes unanswered: the workers are wedged (inside the HSM,
+    /// say). A full queue is no answer: a signer that only says `busy` is as wedged as one
+    /// that says nothing.
     pub async fn watchdog_check(&self) -> bool {
-        let taken = self.shared.taken.load(Ordering::Acquire);
-        let seen = self.shared.watchdog_seen.swap(taken, Ordering::AcqRel);
-        if taken != seen {
+        let finished = self.shared.finished.load(Ordering::Acquire);
+        let seen = self.shared.watchdog_seen.swap(finished, Ordering::AcqRel);
+        if finished != seen {
             return true;
         }
         if !self.queue.is_empty() {
             return false;
         }
-        match self.sign(b"tm-agent watchdog probe").await {
+        let alive = match self.sign(b"tm-agent watchdog probe").await {
             Err(SignerError::Timeout(_) | SignerError::Closed) => false,
             // Filled up since the look above: the next call judges by progress.
             Err(SignerError::Busy { .. }) => true,
             // Any other answer, even an error from a missing token, came from a worker.
             _ => true,
+        };
+        if alive {
+            // The probe's own job is no progress for the next call to see.
+            let finished = self.shared.finished.load(Ordering::Acquire);
+            self.shared.watchdog_seen.store(finished, Ordering::Release);
         }
+        alive
     }
 
     /// Signs the Auth API challenge `{key_id}.{timestamp}` and returns the request body.
@@ -424,12 +431,13 @@ fn run_worker(mut worker: Box<dyn Signer>, rx: Receiver<Job>, shared: Arc<Shared
             Ok(job) => job,
             Err(_) => return, // every Handle dropped
         };
-        shared.taken.fetch_add(1, Ordering::Release);
         if job.reply.is_closed() {
+            shared.finished.fetch_add(1, Ordering::Release);
             continue; // the caller has gone: don't spend the HSM on it
         }
         if Instant::now() >= job.deadline {
             // Its caller is giving up this instant: it hears `timeout`, not a closed signer.
+            shared.finished.fetch_add(1, Ordering::Release);
             let _ = job
                 .reply
                 .send(Err(SignerError::Timeout(shared.options.timeout)));
@@ -458,6 +466,7 @@ fn run_worker(mut worker: Box<dyn Signer>, rx: Receiver<Job>, shared: Arc<Shared
                 });
             }
         }
+        shared.finished.fetch_add(1, Ordering::Release);
         let _ = job.reply.send(result);
     }
 }
@@ -607,9 +616,9 @@ mod tests {
             .iter()
             .any(|a| matches!(a, Err(SignerError::Busy { .. }))));
         assert!(matches!(h.health().state, HealthState::Failing(_)));
-        // It took one job (the one it is stuck in) since the last check...
-        assert!(h.watchdog_check().await);
-        // ...and none since, with jobs waiting: wedged, though every caller hears `busy`.
+        // Nothing finished since the last check (the worker is stuck in its job), and jobs
+        // wait: wedged, though every caller hears `busy`.
+        assert!(!h.watchdog_check().await);
         assert!(!h.watchdog_check().await);
         drop(release);
         tokio::time::sleep(Duration::from_millis(200)).await;
