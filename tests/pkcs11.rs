@@ -458,6 +458,76 @@ fn closing_all_sessions_is_recovered_without_restart() {
     });
 }
 
+/// The private key is replaced under the same label and CKA_ID while the agent runs, the
+/// old public key object staying behind: after the reconnect that follows a session loss,
+/// the new key's signature must not be handed out as the agent's.
+#[test]
+fn a_private_key_replaced_under_the_same_names_is_caught_after_a_reconnect() {
+    isolated(
+        "a_private_key_replaced_under_the_same_names_is_caught_after_a_reconnect",
+        |hsm| {
+            let settings = hsm.settings(Some("k"));
+            pkcs11::generate(&settings, "k", None).unwrap();
+            let h = handle(&settings, 1);
+            let rt = runtime();
+            let public = *h.public_key();
+            let sig = rt.block_on(h.sign(b"before")).unwrap();
+            public.verify(b"before", &sig).unwrap();
+
+            // A second pair, then its private key takes the first one's label and id, its
+            // public object goes, and so does the first private key.
+            pkcs11::generate(&hsm.settings(Some("k2")), "k2", None).unwrap();
+            let ctx = raw_ctx();
+            let session = ctx.open_rw_session(raw_slot(&ctx, &hsm.label)).unwrap();
+            raw_login(&session);
+            let find = |class: ObjectClass, label: &str| {
+                let found = session
+                    .find_objects(&[
+                        Attribute::Class(class),
+                        Attribute::Label(label.as_bytes().to_vec()),
+                    ])
+                    .unwrap();
+                assert_eq!(found.len(), 1, "{label}");
+                found[0]
+            };
+            let old_private = find(ObjectClass::PRIVATE_KEY, "k");
+            let new_private = find(ObjectClass::PRIVATE_KEY, "k2");
+            let new_public = find(ObjectClass::PUBLIC_KEY, "k2");
+            let old_id = match &session
+                .get_attributes(old_private, &[AttributeType::Id])
+                .unwrap()[..]
+            {
+                [Attribute::Id(id)] => id.clone(),
+                other => panic!("{other:?}"),
+            };
+            session.destroy_object(old_private).unwrap();
+            session.destroy_object(new_public).unwrap();
+            session
+                .update_attributes(
+                    new_private,
+                    &[Attribute::Label(b"k".to_vec()), Attribute::Id(old_id)],
+                )
+                .unwrap();
+            drop(session);
+
+            close_all_sessions(hsm);
+            let after = rt.block_on(h.sign(b"after"));
+            match after {
+                Err(SignerError::SelfTest(msg)) => {
+                    assert!(msg.contains("does not verify"), "{msg}")
+                }
+                Ok(sig) => panic!(
+                    "handed out a signature (verifies with the agent's key: {})",
+                    public.verify(b"after", &sig).is_ok()
+                ),
+                Err(e) => panic!("{e}"),
+            }
+            // And it keeps refusing.
+            assert!(rt.block_on(h.sign(b"again")).is_err());
+        },
+    );
+}
+
 /// C_CloseAllSessions on the token's slot, through the raw bindings (cryptoki does not wrap
 /// it), on the same already loaded and initialized library.
 fn close_all_sessions(hsm: &SoftHsm) {

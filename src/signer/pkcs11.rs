@@ -1303,6 +1303,10 @@ pub struct Pkcs11Signer {
     conn: Option<Conn>,
     /// What the next reconnection must repair when `conn` is `None`.
     pending: Fault,
+    /// The session was reconnected: its next signature is checked against the public key
+    /// the agent started with before it is handed out (the self-test's guarantee, kept
+    /// across a token that was re-provisioned under the same labels).
+    verify_next: bool,
     index: usize,
 }
 
@@ -1349,6 +1353,7 @@ impl Pkcs11Signer {
                 rec.last_error.clear();
                 self.conn = Some(conn);
                 self.pending = Fault::SessionGone;
+                self.verify_next = true;
                 Ok(())
             }
             Err(error) => {
@@ -1381,6 +1386,35 @@ impl Pkcs11Signer {
             }
         }
     }
+
+    /// The first signature of a reconnected session must verify with the public key the
+    /// agent started with; if not, the token now pairs that public key object with another
+    /// private key, and nothing it signs may leave.
+    fn check_after_reconnect(
+        &mut self,
+        digest: &[u8; 32],
+        sig: &Signature,
+    ) -> Result<(), SignerError> {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+        let verifies = self
+            .shared
+            .public_key
+            .get()
+            .is_some_and(|key| key.verify_prehash(digest, sig).is_ok());
+        if verifies {
+            return Ok(());
+        }
+        if let Some(conn) = self.conn.take() {
+            self.shared.discard(conn, Fault::Fatal);
+        }
+        self.pending = Fault::TokenGone;
+        Err(SignerError::SelfTest(format!(
+            "{}: after reconnecting, a signature does not verify with the public key tm-agent \
+             started with (was the private key replaced?): restart tm-agent if the key was \
+             replaced on purpose",
+            self.shared.location
+        )))
+    }
 }
 
 impl Signer for Pkcs11Signer {
@@ -1398,6 +1432,11 @@ impl Signer for Pkcs11Signer {
                 )));
             };
             match self.shared.sign_with(conn, digest) {
+                Ok(sig) if self.verify_next => {
+                    self.check_after_reconnect(digest, &sig)?;
+                    self.verify_next = false;
+                    return Ok(sig);
+                }
                 Ok(sig) => return Ok(sig),
                 Err(Attempt::Stale) => {
                     // The module was re-initialized, or gave this session's number to a new
@@ -1474,6 +1513,8 @@ pub fn open(
             shared: Arc::clone(&shared),
             conn: Some(conn),
             pending: Fault::SessionGone,
+            // Handle::spawn's self-test checks the first signature of each.
+            verify_next: false,
             index,
         }));
     }
