@@ -438,6 +438,39 @@ fn wrong_pin_reports_tries_left_and_is_never_retried() {
     assert_eq!(card.pin_tries(), 2, "the PIN was tried once, not retried");
 }
 
+/// A card with one PIN try left is never sent a PIN: a wrong PIN file, started again and
+/// again (socket activation, reboots), must not block the card.
+#[test]
+fn the_last_pin_try_is_never_spent() {
+    let _turn = setup();
+    let card = VirtualCard::start();
+    let (right, _) = generate(&card, "9c");
+    let wrong = settings(&card, "9c", "999999");
+    assert_wrong_pin(&open_fails(&wrong, "a wrong PIN opened the key"), 2);
+    assert_wrong_pin(&open_fails(&wrong, "a wrong PIN opened the key"), 1);
+    assert_eq!(card.pin_tries(), 1);
+    for s in [&wrong, &right] {
+        let err = open_fails(s, "opened with one PIN try left");
+        assert!(matches!(err, SignerError::PinUnusable(_)), "{err:?}");
+        assert!(err.to_string().contains("1 PIN try left"), "{err}");
+    }
+    assert_eq!(card.pin_tries(), 1, "no PIN was sent");
+
+    // The right PIN entered once by hand resets the count; the agent opens again.
+    let out = Command::new("yubico-piv-tool")
+        .args(["-r", READER, "-a", "verify-pin", "-P", PIN])
+        .output()
+        .expect("yubico-piv-tool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(card.pin_tries(), 3);
+    let handle = spawn(&right);
+    block(handle.sign(b"after")).expect("sign");
+}
+
 #[test]
 fn card_removed_mid_run_is_unavailable_then_signing_resumes() {
     let _turn = setup();

@@ -432,3 +432,47 @@ fn examples_replay_against_a_live_agent() {
         let _ = protocol::VERSION;
     }
 }
+
+/// The signatures in the examples are real: every `sign_challenge` result verifies over
+/// `{key_id}.{timestamp}` with the public key that the examples' `public_key` reply gives
+/// for that key_id (ring, raw r||s) and is low-S, so a client author can check their
+/// verifier on them.
+#[test]
+fn example_signatures_verify_with_the_example_public_key() {
+    let all: Vec<Value> = transcripts()
+        .into_iter()
+        .flat_map(|(_, lines)| lines)
+        .filter_map(|l| l.get("recv").cloned())
+        .collect();
+    let points: HashMap<String, Vec<u8>> = all
+        .iter()
+        .filter_map(|r| {
+            let jwk = r["result"].get("jwk")?;
+            let coord = |c: &str| common::b64url_decode(jwk[c].as_str().unwrap());
+            let mut point = vec![4u8];
+            point.extend(coord("x"));
+            point.extend(coord("y"));
+            Some((r["result"]["key_id"].as_str()?.to_owned(), point))
+        })
+        .collect();
+    let mut checked = 0;
+    for r in &all {
+        let result = &r["result"];
+        let (Some(key_id), Some(ts), Some(sig)) = (
+            result["key_id"].as_str(),
+            result["timestamp"].as_i64(),
+            result["signature"].as_str(),
+        ) else {
+            continue;
+        };
+        let point = points
+            .get(key_id)
+            .unwrap_or_else(|| panic!("no public_key example for {key_id}"));
+        let raw = common::b64url_decode(sig);
+        common::ring_verify_raw(point, format!("{key_id}.{ts}").as_bytes(), &raw);
+        let parsed = p256::ecdsa::Signature::from_slice(&raw).unwrap();
+        assert!(parsed.normalize_s().is_none(), "not low-S: {sig}");
+        checked += 1;
+    }
+    assert!(checked >= 2, "sign_challenge examples checked: {checked}");
+}

@@ -462,6 +462,11 @@ impl Conn {
     }
 
     fn handle_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        // serde would also read a struct from a JSON array, by position.
+        if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            let err = WireError::bad_request("a request is one JSON object on one line");
+            return self.refuse(out, None, None, err);
+        }
         let raw: RawRequest<'_> = match serde_json::from_slice(line) {
             Ok(raw) => raw,
             Err(err) => {
@@ -934,11 +939,10 @@ fn is_json_object(text: &str) -> bool {
 }
 
 /// True if `token` stays valid for at least `min_ttl` (default: is valid at all).
+/// The manager's own test (`AccessToken::serves`, 90% cap included), so that the answer
+/// from memory here agrees with what a renewal could give.
 fn fresh_enough(token: &AccessToken, min_ttl: Option<Duration>, now: SystemTime) -> bool {
-    match token.expires_at.duration_since(now) {
-        Ok(left) => left > Duration::ZERO && min_ttl.is_none_or(|min| left >= min),
-        Err(_) => false,
-    }
+    token.serves(min_ttl.unwrap_or_default(), now)
 }
 
 /// The `public_key` result of a profile.
@@ -1068,17 +1072,31 @@ mod tests {
     }
 
     #[test]
-    fn freshness_honours_min_ttl() {
+    fn freshness_honours_min_ttl_capped_at_nine_tenths_of_the_lifetime() {
         let now = SystemTime::now();
+        // Halfway through a 100 s life.
         let token = AccessToken {
+            token: "t".into(),
+            expires_at: now + Duration::from_secs(50),
+            received_at: now - Duration::from_secs(50),
+        };
+        assert!(fresh_enough(&token, None, now));
+        assert!(fresh_enough(&token, Some(Duration::from_secs(50)), now));
+        assert!(!fresh_enough(&token, Some(Duration::from_secs(51)), now));
+        assert!(!fresh_enough(&token, Some(Duration::from_secs(3600)), now));
+        assert!(!fresh_enough(&token, None, now + Duration::from_secs(50)));
+        // Just received: any ask beyond 90 s is what a renewal could give at best.
+        let fresh = AccessToken {
             token: "t".into(),
             expires_at: now + Duration::from_secs(100),
             received_at: now,
         };
-        assert!(fresh_enough(&token, None, now));
-        assert!(fresh_enough(&token, Some(Duration::from_secs(100)), now));
-        assert!(!fresh_enough(&token, Some(Duration::from_secs(101)), now));
-        assert!(!fresh_enough(&token, None, now + Duration::from_secs(100)));
+        assert!(fresh_enough(&fresh, Some(Duration::from_secs(3600)), now));
+        assert!(!fresh_enough(
+            &fresh,
+            Some(Duration::from_secs(95)),
+            now + Duration::from_secs(11)
+        ));
     }
 
     #[test]

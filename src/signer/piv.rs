@@ -603,6 +603,25 @@ fn verify_pin(yk: &mut YubiKey, pin: &[u8]) -> Result<(), SignerError> {
         .map_err(|e| card_error("PIN verification", e))
 }
 
+/// The first PIN verification of a fresh connection: refused without sending the PIN when
+/// the card has one try left (or none), since a wrong PIN would then block it, and a PIN
+/// file that is wrong stays wrong however often the agent starts (systemd does not restart
+/// it after exit 77, but socket activation, reboots and operators do). Asking for the count
+/// spends no try, but re-selects the PIV applet, which drops any authentication: call it
+/// right after connecting, before the management key. PKCS#11 tokens get the same guard
+/// from CKF_USER_PIN_FINAL_TRY.
+fn first_verify_pin(yk: &mut YubiKey, pin: &[u8]) -> Result<(), SignerError> {
+    if let Ok(left @ 0..=1) = yk.get_pin_retries() {
+        return Err(SignerError::PinUnusable(format!(
+            "the card has {left} PIN try left: tm-agent will not spend it, since a wrong PIN \
+             would block the card. Check the PIN it is given, then enter the right PIN once \
+             yourself (yubico-piv-tool -a verify-pin), which resets the count, or unblock the \
+             PIN with the PUK"
+        )));
+    }
+    verify_pin(yk, pin)
+}
+
 fn spki_to_p256(spki: &SubjectPublicKeyInfoOwned) -> Option<VerifyingKey> {
     let der = spki.to_der().ok()?;
     VerifyingKey::from_public_key_der(&der).ok()
@@ -716,7 +735,7 @@ pub fn open(settings: &PivSettings) -> Result<(KeyInfo, Vec<Box<dyn Signer>>), S
     let pin = read_piv_pin(&settings.pin)?;
     let mut yk = connect(settings.serial)?;
     let serial = u32::from(yk.serial());
-    verify_pin(&mut yk, &pin)?;
+    first_verify_pin(&mut yk, &pin)?;
     let slot_info = read_slot(&mut yk, slot)?;
     let public_key = slot_public_key(&slot_info, serial)?;
     let location = format!(
@@ -898,7 +917,7 @@ impl PivSigner {
 
     fn reopen(&mut self) -> Result<YubiKey, SignerError> {
         let mut yk = connect(Some(self.serial))?;
-        verify_pin(&mut yk, &self.pin)?;
+        first_verify_pin(&mut yk, &self.pin)?;
         let info = read_slot(&mut yk, self.slot)?;
         if info.public_key != Some(self.public_key) {
             return Err(SignerError::Unavailable(format!(
@@ -924,7 +943,7 @@ fn admin(settings: &PivSettings, mgm: &ManagementKey) -> Result<Admin, SignerErr
     settings.validate()?;
     let pin = read_piv_pin(&settings.pin)?;
     let mut yk = connect(settings.serial)?;
-    verify_pin(&mut yk, &pin)?;
+    first_verify_pin(&mut yk, &pin)?;
     authenticate(&mut yk, mgm)?;
     Ok(Admin { yk, pin })
 }

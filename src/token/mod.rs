@@ -63,6 +63,15 @@ impl AccessToken {
             .duration_since(self.received_at)
             .unwrap_or_default()
     }
+
+    /// Whether this token answers a request for at least `need` of remaining life at
+    /// `now`: it has not expired, and has `need` left, where a `need` beyond 90% of its
+    /// whole lifetime counts as 90% of it (no renewal could do much better, and such
+    /// callers cause at most one renewal per tenth of a token's life).
+    pub fn serves(&self, need: Duration, now: SystemTime) -> bool {
+        let remaining = self.remaining(now);
+        !remaining.is_zero() && remaining >= need.min(self.lifetime().mul_f64(0.9))
+    }
 }
 
 impl std::fmt::Debug for AccessToken {
@@ -526,15 +535,7 @@ impl Manager {
     /// The current token if it serves a request for `need`, from memory.
     fn usable(&self, need: Duration) -> Option<Arc<AccessToken>> {
         let tok = self.current.borrow().clone()?;
-        let now = SystemTime::now();
-        let remaining = tok.remaining(now);
-        if remaining.is_zero() {
-            return None;
-        }
-        // No renewal can beat a fresh token's lifetime: a larger ask is capped at 90% of
-        // it, so such callers cause at most one renewal per tenth of a token's life.
-        let need = need.min(tok.lifetime().mul_f64(0.9));
-        (remaining >= need).then_some(tok)
+        tok.serves(need, SystemTime::now()).then_some(tok)
     }
 
     async fn renew_and_wait(&self, need: Duration) -> Result<Arc<AccessToken>, TokenError> {

@@ -394,6 +394,28 @@ async fn hundred_callers_share_one_renewal() {
     assert_eq!(fake.n.refresh_calls.load(Ordering::SeqCst), 1);
 }
 
+/// What the server's answer from memory and the manager both use: a `min_ttl` beyond 90%
+/// of the token's lifetime counts as 90%; an expired token serves nothing.
+#[test]
+fn a_token_serves_min_ttl_up_to_nine_tenths_of_its_life() {
+    let now = SystemTime::now();
+    let token = AccessToken {
+        token: Arc::from("t"),
+        expires_at: now + Duration::from_secs(950),
+        received_at: now - Duration::from_secs(50),
+    };
+    assert!(token.serves(Duration::ZERO, now));
+    assert!(token.serves(Duration::from_secs(900), now));
+    // 95% of the lifetime asked, 90% (900 s) is all a renewal guarantees: served.
+    assert!(token.serves(Duration::from_secs(950), now));
+    assert!(token.serves(Duration::from_secs(3600), now));
+    // With less than 90% of the life left, a large ask is not served.
+    let later = now + Duration::from_secs(100);
+    assert!(!token.serves(Duration::from_secs(3600), later));
+    assert!(token.serves(Duration::from_secs(800), later));
+    assert!(!token.serves(Duration::ZERO, now + Duration::from_secs(951)));
+}
+
 /// A JWKS that cannot be fetched when the cached one is due for a refresh does not stop
 /// renewals while the cached keys know the token's `kid`.
 #[tokio::test]
