@@ -254,6 +254,22 @@ fn factory() -> WriteOptions {
     WriteOptions::new(ManagementKey::FactoryDefault)
 }
 
+/// Runs `yubico-piv-tool -r READER ARGS…`, which must succeed; returns its standard output.
+fn piv_tool(args: &[&str]) -> String {
+    let out = Command::new("yubico-piv-tool")
+        .args(["-r", READER])
+        .args(args)
+        .output()
+        .expect("yubico-piv-tool");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// Generates a key in `slot` with the factory management key: its settings and public key.
 fn generate(card: &VirtualCard, slot: &str) -> (PivSettings, VerifyingKey) {
     let s = settings(card, slot, PIN);
@@ -420,15 +436,7 @@ fn wrong_pin_reports_tries_left_and_is_never_retried() {
 
     // The PIN changes behind the agent's back (another tool). The agent notices on its next
     // signature, tries its PIN once, and then never again.
-    let out = Command::new("yubico-piv-tool")
-        .args(["-r", READER, "-a", "change-pin", "-P", PIN, "-N", "161803"])
-        .output()
-        .expect("yubico-piv-tool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    piv_tool(&["-a", "change-pin", "-P", PIN, "-N", "161803"]);
     let err = block(handle.sign(b"after")).expect_err("old PIN");
     assert_wrong_pin(&err, 2);
     for _ in 0..5 {
@@ -457,15 +465,7 @@ fn the_last_pin_try_is_never_spent() {
     assert_eq!(card.pin_tries(), 1, "no PIN was sent");
 
     // The right PIN entered once by hand resets the count; the agent opens again.
-    let out = Command::new("yubico-piv-tool")
-        .args(["-r", READER, "-a", "verify-pin", "-P", PIN])
-        .output()
-        .expect("yubico-piv-tool");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    piv_tool(&["-a", "verify-pin", "-P", PIN]);
     assert_eq!(card.pin_tries(), 3);
     let handle = spawn(&right);
     block(handle.sign(b"after")).expect("sign");
@@ -529,16 +529,7 @@ fn yubico_piv_tool_sees_the_key_and_shares_the_card() {
     check_challenge(&handle, &public, 0);
 
     // Another program uses the card while the agent holds it (shared).
-    let out = Command::new("yubico-piv-tool")
-        .args(["-r", READER, "-a", "status"])
-        .output()
-        .expect("yubico-piv-tool");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = piv_tool(&["-a", "status"]);
     assert!(
         text.contains(&format!("Serial Number:\t{SERIAL}")),
         "{text}"

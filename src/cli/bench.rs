@@ -276,38 +276,17 @@ pub fn run(command: BenchCommand) -> anyhow::Result<i32> {
         }
         Mode::RawPkcs11 => {
             let report = raw_pkcs11(&args, &command.modes)?;
-            print_single_report(
-                &mut out,
-                &args,
-                &report,
-                &report.label(),
-                &report.measurement,
-            )?;
+            print_raw_report(&mut out, &args, &report)?;
             Ok(failed(report.measurement.errors))
         }
         Mode::Handle(sessions) => {
             let report = runtime()?.block_on(through_handle(sessions, &args, &command.modes))?;
-            print_single_report(
-                &mut out,
-                &args,
-                &report,
-                &report.label(),
-                &report.measurement,
-            )?;
+            print_raw_report(&mut out, &args, &report)?;
             Ok(failed(report.measurement.errors))
         }
         Mode::InlineServer(sessions) => {
             let report = runtime()?.block_on(inline(sessions, &args, &command.modes))?;
-            print_single_report(
-                &mut out,
-                &args,
-                &report,
-                &report.label(),
-                &report.measurement,
-            )?;
-            if let (false, Some(signing)) = (args.json, &report.sign_in_server) {
-                print_row(&mut out, "  C_Sign inside", signing)?;
-            }
+            print_raw_report(&mut out, &args, &report)?;
             Ok(failed(report.measurement.errors))
         }
         Mode::SshAgent(sock) => {
@@ -1514,6 +1493,20 @@ fn print_single_report(
     } else {
         Ok(print_single(out, label, m, args)?)
     }
+}
+
+/// A signing report (raw, handle, inline server), with the signatures timed inside the
+/// inline server when there are some.
+fn print_raw_report(
+    out: &mut dyn std::io::Write,
+    args: &BenchArgs,
+    report: &RawReport,
+) -> anyhow::Result<()> {
+    print_single_report(out, args, report, &report.label(), &report.measurement)?;
+    if let (false, Some(signing)) = (args.json, &report.sign_in_server) {
+        print_row(out, "  C_Sign inside", signing)?;
+    }
+    Ok(())
 }
 
 /// Prints one measurement without a baseline (the other load modes).
