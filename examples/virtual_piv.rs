@@ -67,6 +67,9 @@ const ATR: &[u8] = &[
     0x75, 0x62, 0x69, 0x4b, 0x65, 0x79, 0x40,
 ];
 const PIV_AID: &[u8] = &[0xa0, 0x00, 0x00, 0x03, 0x08];
+/// The OpenPGP applet's AID (as gpg's scdaemon selects it): selecting it leaves PIV, as on a
+/// real YubiKey; this card then knows no instruction until PIV is selected again.
+const OPENPGP_AID: &[u8] = &[0xd2, 0x76, 0x00, 0x01, 0x24, 0x01];
 const DEFAULT_MGM: [u8; 24] = [
     1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8,
 ];
@@ -235,6 +238,8 @@ struct Card {
     state: State,
     path: Option<PathBuf>,
     session: Session,
+    /// Another applet (OpenPGP) is selected: PIV answers nothing until selected again.
+    elsewhere: bool,
 }
 
 fn trace_enabled() -> bool {
@@ -263,6 +268,7 @@ impl Card {
                     state,
                     path: Some(path.clone()),
                     session: Session::default(),
+                    elsewhere: false,
                 });
             }
         }
@@ -283,6 +289,7 @@ impl Card {
             },
             path: args.state.clone(),
             session: Session::default(),
+            elsewhere: false,
         };
         card.make_attestation_key()?;
         card.save()?;
@@ -393,6 +400,7 @@ impl Card {
         let (p1, p2) = (cmd.p1, cmd.p2);
         let result = match cmd.ins {
             0xa4 => self.select(p1, &data),
+            _ if self.elsewhere => Err(SW_INS),
             0xc0 => {
                 let rest = std::mem::take(&mut self.session.pending);
                 Ok((rest, SW_OK))
@@ -429,10 +437,16 @@ impl Card {
     }
 
     fn select(&mut self, p1: u8, aid: &[u8]) -> Reply {
+        if p1 == 0x04 && aid.starts_with(OPENPGP_AID) {
+            self.session = Session::default();
+            self.elsewhere = true;
+            return Ok((Vec::new(), SW_OK));
+        }
         if p1 != 0x04 || aid.len() < PIV_AID.len() || &aid[..PIV_AID.len()] != PIV_AID {
             return Err(SW_NOT_FOUND);
         }
         self.session = Session::default();
+        self.elsewhere = false;
         // Application property template: the PIV application identifier and its authority.
         let mut apt = tlv(0x4f, &[0x00, 0x00, 0x10, 0x00, 0x01, 0x00]);
         apt.extend(tlv(0x79, &tlv(0x4f, PIV_AID)));

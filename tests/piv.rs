@@ -471,6 +471,32 @@ fn the_last_pin_try_is_never_spent() {
     block(handle.sign(b"after")).expect("sign");
 }
 
+/// Another program (gpg's scdaemon with pcsc-shared, say) selects the OpenPGP applet on
+/// the shared card: the agent's next signature finds PIV gone, reconnects once (selects
+/// PIV, verifies the PIN) and signs, with no try spent.
+#[test]
+fn another_applet_selected_behind_the_agent_is_recovered() {
+    let _turn = setup();
+    let card = VirtualCard::start();
+    let (s, public) = generate(&card, "9c");
+    let handle = spawn(&s);
+    check_challenge(&handle, &public, 0);
+    let out = Command::new("opensc-tool")
+        .args(["-r", READER, "-c", "default"])
+        .args(["-s", "00:A4:04:00:06:D2:76:00:01:24:01"])
+        .output()
+        .expect("opensc-tool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_challenge(&handle, &public, 1);
+    check_challenge(&handle, &public, 2);
+    assert_eq!(card.pin_tries(), 3);
+}
+
 #[test]
 fn card_removed_mid_run_is_unavailable_then_signing_resumes() {
     let _turn = setup();

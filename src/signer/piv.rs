@@ -812,12 +812,16 @@ impl Signer for PivSigner {
             Err(e) if is_transport(&e) && !fresh => {
                 tracing::warn!(serial = self.serial, error = %e, "YubiKey connection lost; reconnecting");
             }
-            // The card forgot the PIN: another program selected another applet or reset the
-            // security status. Reconnect (select PIV, verify the PIN) once.
-            Err(yubikey::Error::AuthenticationError) if !fresh => {
+            // The card forgot the PIN, or no longer knows the instruction: another program
+            // selected another applet (gpg's scdaemon selects OpenPGP on a shared card) or
+            // reset the security status. Reconnect (select PIV, verify the PIN) once.
+            Err(e @ (yubikey::Error::AuthenticationError | yubikey::Error::GenericError))
+                if !fresh =>
+            {
                 tracing::info!(
                     serial = self.serial,
-                    "YubiKey asks for the PIN again; reconnecting"
+                    error = %e,
+                    "YubiKey refused the signature (another applet selected?); reconnecting"
                 );
             }
             Err(e) => return Err(self.failed(e)),
