@@ -586,8 +586,7 @@ fn watchdog_pings_stop_while_the_signer_is_wedged() {
         listener.transcript()
     );
     w.verify_sign_output(&cli_ok(&socket, &["sign", "--profile", P]));
-    agent.signal("TERM");
-    assert_eq!(agent.expect_exit(Duration::from_secs(5)), 0);
+    agent.stop_cleanly();
 }
 
 #[test]
@@ -655,8 +654,7 @@ fn socket_activation_through_systemd_socket_activate() {
     let log = activator.stderr();
     assert!(log.contains("socket-activated"), "{log}");
 
-    activator.signal("TERM");
-    assert_eq!(activator.expect_exit(Duration::from_secs(5)), 0);
+    activator.stop_cleanly();
     assert!(
         activated.exists(),
         "an activated socket belongs to systemd: the agent must not unlink it"
@@ -698,8 +696,7 @@ fn pin_from_a_systemd_credential() {
     wait_for_ping(&mut agent, &w.path("agent.sock"), START);
     w.verify_sign_output(&cli_ok(&w.path("agent.sock"), &["sign", "--profile", P]));
     w.verify_access_token(cli_ok(&w.path("agent.sock"), &["token", "--profile", P]).trim());
-    agent.signal("TERM");
-    assert_eq!(agent.expect_exit(Duration::from_secs(5)), 0);
+    agent.stop_cleanly();
     let log = agent.stderr();
     let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
     assert!(!lines.is_empty(), "the agent logged nothing");
@@ -815,8 +812,7 @@ fn wrong_pin_exits_77_after_exactly_one_login_and_the_token_still_works() {
     let logins = spy_logins(&w.path("spy-right"));
     assert_eq!(logins.len(), 1, "{logins:?}");
     assert!(logins[0].contains("CKR_OK"), "{logins:?}");
-    agent.signal("TERM");
-    assert_eq!(agent.expect_exit(Duration::from_secs(5)), 0);
+    agent.stop_cleanly();
 }
 
 #[test]
@@ -942,8 +938,7 @@ fn sighup_reloads_access_rules_and_keeps_them_when_the_new_file_is_broken() {
     assert!(ping(&socket));
     assert!(agent.try_status().is_none(), "still running");
 
-    agent.signal("TERM");
-    assert_eq!(agent.expect_exit(Duration::from_secs(5)), 0);
+    agent.stop_cleanly();
     let log = agent.stderr();
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
         serde_json::from_str::<Value>(line)
@@ -1081,8 +1076,7 @@ fn secrets_never_reach_the_trace_log() {
         .to_string();
     secrets.push(("access token (token op)".into(), token));
 
-    agent.signal("TERM");
-    assert_eq!(agent.expect_exit(Duration::from_secs(5)), 0);
+    agent.stop_cleanly();
     let log = agent.stderr();
     // The session really was logged at trace level: HTTP traffic, audit lines for every op.
     assert!(log.contains(" TRACE "), "trace level is on");
@@ -1149,13 +1143,7 @@ fn worker_threads_sizes_the_runtime_and_signers_keep_their_own_threads() {
         names.iter().any(|n| n == "tm-agent-rt"),
         "runtime threads are named: {names:?}"
     );
-    agent.signal("TERM");
-    assert_eq!(
-        agent.expect_exit(Duration::from_secs(5)),
-        0,
-        "{}",
-        agent.stderr()
-    );
+    agent.stop_cleanly();
 }
 
 /// The process must not exit while a signer thread is inside the PKCS#11 library: exit()
@@ -1250,13 +1238,7 @@ fn a_wedged_signer_stops_the_watchdog_even_behind_a_full_queue() {
     agent.wait_while_running(Duration::from_secs(5), "pings again", |_| {
         listener.count("WATCHDOG=1") > before
     });
-    agent.signal("TERM");
-    assert_eq!(
-        agent.expect_exit(Duration::from_secs(5)),
-        0,
-        "{}",
-        agent.stderr()
-    );
+    agent.stop_cleanly();
 }
 
 /// An `[[access]]` name that NSS cannot answer for at start (sssd not up yet, say) exits 1,

@@ -310,6 +310,19 @@ impl Proc {
         send_signal(self.pid(), signal);
     }
 
+    /// SIGTERM, then a clean exit (status 0) within 5 s; its stderr if not.
+    pub fn stop_cleanly(&mut self) {
+        self.signal("TERM");
+        let code = self.expect_exit(Duration::from_secs(5));
+        assert_eq!(
+            code,
+            0,
+            "{} did not stop cleanly:\n{}",
+            self.name,
+            self.stderr()
+        );
+    }
+
     /// The stdout lines so far.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.lock().unwrap().clone()
