@@ -12,7 +12,8 @@
 #     socket) on 1 and 2 threads, and the same through a signer Handle (the actor) in-process;
 #   - the floor of any socket-served signer: a bare socket server that signs each request on
 #     the thread that read it (`tm-agent bench --inline-server`), 1 and 2 sessions, 1 and 16
-#     connections, and pinned to CPU 0;
+#     connections, pinned to CPU 0, and with both ends busy-polling (`--busy-poll`);
+#   - `sign_challenge` at 1 connection from a busy-polling client, next to a busy-polling echo;
 #   - `sign_challenge` at 1, 2 and 16 connections (2 sessions), and at 16 with 1 session;
 #   - the same with `agent.worker_threads = 1` (a third agent), and a fourth agent pinned
 #     with the load generator to one CPU (`taskset -c 0`): ping, sign_challenge and raw
@@ -183,6 +184,8 @@ for rep in $(seq "$reps"); do
   bench "raw-1t-r$rep" --raw-pkcs11 --config "$work/config.toml" -c 1 --duration "$secs"
   bench "sign-c1-r$rep" --op sign-challenge -c 1 --duration "$secs" --no-baseline
   bench "inline-1s-c1-r$rep" --inline-server 1 --config "$work/config.toml" -c 1 --duration "$secs"
+  bench "spin-inline-1s-c1-r$rep" --inline-server 1 --config "$work/config.toml" -c 1 --duration "$secs" --busy-poll
+  bench "spin-sign-c1-r$rep" --op sign-challenge -c 1 --duration "$secs" --busy-poll
   bench "inline-1s-c16-r$rep" --inline-server 1 --config "$work/config.toml" -c 16 --duration "$secs"
   bench "sign-1s-c16-r$rep" --socket "$work/agent-1s.sock" --op sign-challenge -c 16 --duration "$secs" --no-baseline
   bench "raw-2t-r$rep" --raw-pkcs11 --config "$work/config.toml" -c 2 --duration "$secs"
@@ -262,6 +265,10 @@ for name, label, base in [
     ("inline-1s-c1", "  C_Sign timed inside it, 1 connection", "sign_in_server"),
     ("inline-1s-c16", "inline server (floor), 1 session, 16 connections", None),
     ("inline-2s-c16", "inline server (floor), 2 sessions, 16 connections", None),
+    ("spin-sign-c1", "busy-poll client: sign_challenge, 1 connection", None),
+    ("spin-sign-c1", "  busy-poll: echo baseline (both ends spin)", "baseline"),
+    ("spin-inline-1s-c1", "busy-poll: inline server (floor), 1 connection", None),
+    ("spin-inline-1s-c1", "  busy-poll: C_Sign timed inside it", "sign_in_server"),
     ("pin-ping-c1", "pinned to 1 CPU: ping, 1 connection", None),
     ("pin-ping-c1", "  pinned: echo baseline, 1 connection", "baseline"),
     ("pin-raw-1t", "pinned: raw PKCS#11 in-process, 1 thread", None),
@@ -356,6 +363,8 @@ for label, f, agent, base, op, limit in [
     ("  floor: inline server, 2 sessions / raw (reference)", rate_ratio, "inline-2s-c16", "raw-2t", ">=", 0.9),
     ("pinned to 1 CPU: sign_challenge p50 / raw p50 (reference)", p50_ratio, "pin-sign-c1", "pin-raw-1t", "<=", 1.3),
     ("  pinned: inline server p50 / raw p50 (reference)", p50_ratio, "pin-inline-1s-c1", "pin-raw-1t", "<=", 1.3),
+    ("busy-poll client: sign_challenge p50 / raw p50 (reference)", p50_ratio, "spin-sign-c1", "raw-1t", "<=", 1.3),
+    ("  busy-poll: inline server p50 / raw p50 (reference)", p50_ratio, "spin-inline-1s-c1", "raw-1t", "<=", 1.3),
     ("sign_challenge/s / ssh-agent signatures/s, 16 conn.", rate_ratio, "sign-c16", "ssh-agent-c16", ">=", 5),
 ]:
     line(label, per_round(f, agent, base), op, limit, x)

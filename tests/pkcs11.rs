@@ -1038,7 +1038,7 @@ fn bench_inline_server_signs_each_line_with_the_key() {
         let point = uncompressed(&info.public_key);
         let now = Instant::now();
         let server =
-            InlineServer::start(&info, workers, now..now + Duration::from_secs(60)).unwrap();
+            InlineServer::start(&info, workers, now..now + Duration::from_secs(60), false).unwrap();
         let path = server.path().to_path_buf();
         let mut connections: Vec<_> = (0..3)
             .map(|_| {
@@ -1067,4 +1067,58 @@ fn bench_inline_server_signs_each_line_with_the_key() {
         assert!(timed.iter().all(|&ns| ns > 0));
         assert!(!path.exists(), "the socket outlived the server");
     });
+}
+
+/// `--inline-server 1 --busy-poll`: the spinning floor server signs every line it reads
+/// with its one session, connection after connection; it takes no second session.
+#[test]
+fn bench_busy_polling_inline_server_signs_each_line_with_the_key() {
+    isolated(
+        "bench_busy_polling_inline_server_signs_each_line_with_the_key",
+        |hsm| {
+            use std::io::{BufRead as _, BufReader, Write as _};
+            use tm_agent::cli::bench::InlineServer;
+
+            let settings = hsm.settings(Some("k"));
+            pkcs11::generate(&settings, "k", None).unwrap();
+            let now = Instant::now();
+            let window = now..now + Duration::from_secs(60);
+            let (info, workers) = pkcs11::open(&settings, 2).unwrap();
+            let err = InlineServer::start(&info, workers, window.clone(), true)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("one session"), "{err}");
+
+            let (info, workers) = pkcs11::open(&settings, 1).unwrap();
+            let point = uncompressed(&info.public_key);
+            let server = InlineServer::start(&info, workers, window, true).unwrap();
+            let path = server.path().to_path_buf();
+            for connection in 0..2 {
+                let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                // Two lines in one write: each is answered, in order.
+                let lines = [
+                    format!("{{\"v\":1,\"id\":1,\"conn\":{connection}}}\n"),
+                    format!("{{\"v\":1,\"id\":2,\"conn\":{connection}}}\n"),
+                ];
+                writer.write_all(lines.concat().as_bytes()).unwrap();
+                for line in &lines {
+                    let mut reply = String::new();
+                    reader.read_line(&mut reply).unwrap();
+                    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+                    assert_eq!(reply["ok"], true, "{reply}");
+                    let raw = b64url_decode(reply["signature"].as_str().unwrap());
+                    ring_verify_raw(&point, line.as_bytes(), &raw);
+                }
+            }
+            let timed = server.finish();
+            assert_eq!(timed.len(), 4, "one timing per signature");
+            assert!(!path.exists(), "the socket outlived the server");
+        },
+    );
 }

@@ -1443,6 +1443,7 @@ fn bench_runs_against_the_agent_and_the_echo_baseline() {
             no_baseline: op != tm_agent::cli::bench::BenchOp::Token,
             threads: 1,
             json: false,
+            busy_poll: false,
         };
         let report = rt.block_on(tm_agent::cli::bench::bench(&args)).unwrap();
         assert!(report.agent.requests > 10, "{report:?}");
@@ -1459,6 +1460,53 @@ fn bench_runs_against_the_agent_and_the_echo_baseline() {
             );
         }
     }
+}
+
+/// `--busy-poll`: one spinning client against the agent, and against a spinning echo; every
+/// reply checked. More than one connection is refused before anything is sent.
+#[test]
+fn bench_busy_poll_against_the_agent_and_a_spinning_echo() {
+    use tm_agent::cli::bench::{bench, BenchArgs, BenchOp};
+    let agent = TestAgent::start_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let args = BenchArgs {
+        socket: Some(agent.socket.clone()),
+        profile: Some("prod".into()),
+        op: BenchOp::SignChallenge,
+        connections: 1,
+        duration: 1,
+        warmup: 0,
+        threads: 1,
+        busy_poll: true,
+        ..BenchArgs::default()
+    };
+    let report = rt.block_on(bench(&args)).unwrap();
+    assert!(report.busy_poll);
+    assert!(report.agent.requests > 10, "{report:?}");
+    assert_eq!(report.agent.errors, 0, "{report:?}");
+    let baseline = report.baseline.as_ref().unwrap();
+    assert!(baseline.requests > 10, "{report:?}");
+    let logs = agent.logs.text();
+    let signed = logs
+        .lines()
+        .filter(|l| l.contains(" audit:") && l.contains("op=\"sign_challenge\""))
+        .count();
+    assert!(signed as u64 >= report.agent.requests, "{signed} audited");
+
+    let mut out = Vec::new();
+    tm_agent::cli::bench::print_report(&mut out, &report, &args).unwrap();
+    assert!(String::from_utf8(out).unwrap().contains("busy-poll"));
+
+    let two = BenchArgs {
+        connections: 2,
+        ..args.clone()
+    };
+    let err = rt.block_on(bench(&two)).unwrap_err().to_string();
+    assert!(err.contains("-c 1"), "{err}");
 }
 
 /// The whole path with the real token manager: agent → `token::Manager` → `auth_api` →

@@ -38,6 +38,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+mod busy_poll;
 mod inline_server;
 pub use inline_server::InlineServer;
 
@@ -78,6 +79,11 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// One connection (-c 1, --pipeline 1) whose client spins on its socket instead of
+    /// sleeping until the reply comes; the echo baseline and --inline-server 1 spin too
+    /// (the agent does not). Shows what the wake-ups cost on this machine; burns a CPU.
+    #[arg(long)]
+    pub busy_poll: bool,
 }
 
 impl Default for BenchArgs {
@@ -93,6 +99,7 @@ impl Default for BenchArgs {
             no_baseline: false,
             threads: 2,
             json: false,
+            busy_poll: false,
         }
     }
 }
@@ -129,6 +136,8 @@ pub struct BenchReport {
     pub op: BenchOp,
     pub connections: usize,
     pub pipeline: usize,
+    /// The client (and the echo baseline) busy-polled: `--busy-poll`.
+    pub busy_poll: bool,
     pub agent: Measurement,
     pub baseline: Option<Measurement>,
 }
@@ -264,7 +273,11 @@ pub fn run(command: BenchCommand) -> anyhow::Result<i32> {
             .context("cannot start the bench runtime")
     };
     let mut out = std::io::stdout().lock();
-    match command.modes.mode()? {
+    let mode = command.modes.mode()?;
+    if args.busy_poll && !matches!(mode, Mode::Agent | Mode::InlineServer(1)) {
+        bail!("--busy-poll applies to the load against the agent and to --inline-server 1");
+    }
+    match mode {
         Mode::Agent => {
             let report = runtime()?.block_on(bench(&args))?;
             if args.json {
@@ -356,16 +369,26 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let baseline = if args.no_baseline {
         None
     } else {
-        let echo = EchoServer::start(args.threads.max(1))?;
         let window = Window::new(Instant::now(), args);
-        let m = load(&echo.path, &template, args, false, window).await;
-        drop(echo);
+        let m = if args.busy_poll {
+            let echo = busy_poll::SpinServer::start("echo", busy_poll::Echo)?;
+            let m = load(echo.path(), &template, args, false, window).await;
+            // Joins the spinning thread: not on a runtime worker.
+            super::blocking(move || echo.finish()).await?;
+            m
+        } else {
+            let echo = EchoServer::start(args.threads.max(1))?;
+            let m = load(&echo.path, &template, args, false, window).await;
+            drop(echo);
+            m
+        };
         Some(m?)
     };
     Ok(BenchReport {
         op: args.op,
         connections: args.connections,
         pipeline: args.pipeline,
+        busy_poll: args.busy_poll,
         agent,
         baseline,
     })
@@ -377,6 +400,12 @@ fn check_load_args(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.pipeline == 0 || args.pipeline > 1024 {
         bail!("--pipeline must be between 1 and 1024");
+    }
+    if args.busy_poll && (args.connections != 1 || args.pipeline != 1) {
+        bail!(
+            "--busy-poll measures one connection with one request in flight: give -c 1 \
+             (spinning clients would take the CPUs from each other and from the server)"
+        );
     }
     check_duration(args)
 }
@@ -439,6 +468,7 @@ async fn check_once(socket: &std::path::Path, template: &Template) -> anyhow::Re
 }
 
 /// A request line with a variable id.
+#[derive(Clone)]
 struct Template {
     prefix: Vec<u8>,
     suffix: Vec<u8>,
@@ -545,6 +575,13 @@ async fn load(
     check_replies: bool,
     window: Window,
 ) -> anyhow::Result<Measurement> {
+    if args.busy_poll {
+        let (socket, template) = (socket.to_path_buf(), template.clone());
+        let sample =
+            super::blocking(move || busy_poll::drive(&socket, &template, window, check_replies))
+                .await??;
+        return Ok(window.measure(vec![sample]));
+    }
     let mut streams = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
         streams.push(
@@ -553,10 +590,7 @@ async fn load(
                 .with_context(|| format!("cannot connect to {}", socket.display()))?,
         );
     }
-    let template = std::sync::Arc::new(Template {
-        prefix: template.prefix.clone(),
-        suffix: template.suffix.clone(),
-    });
+    let template = std::sync::Arc::new(template.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for stream in streams {
         let template = std::sync::Arc::clone(&template);
@@ -727,6 +761,8 @@ pub struct RawReport {
     pub clients: usize,
     /// Where the key is (no secrets).
     pub location: String,
+    /// `inline_server` with `--busy-poll`: the server and the client spun on their sockets.
+    pub busy_poll: bool,
     pub measurement: Measurement,
     /// `inline_server`: `C_SignInit` + `C_Sign` alone, timed by the server threads (the rate
     /// is theirs together; `errors` stays 0, the load counts them).
@@ -738,6 +774,8 @@ impl RawReport {
     fn label(&self) -> String {
         if self.mode == "handle" {
             format!("handle {}s", self.threads)
+        } else if self.mode == "inline_server" && self.busy_poll {
+            format!("inline {}s spin", self.threads)
         } else if self.mode == "inline_server" {
             format!("inline server {}s", self.threads)
         } else {
@@ -837,6 +875,7 @@ fn raw_pkcs11(args: &BenchArgs, modes: &ModeArgs) -> anyhow::Result<RawReport> {
         threads,
         clients: threads,
         location: info.location,
+        busy_poll: false,
         measurement: window.measure(samples),
         sign_in_server: None,
     })
@@ -888,6 +927,7 @@ async fn through_handle(
         threads: sessions,
         clients: args.connections,
         location,
+        busy_poll: false,
         measurement: window.measure(join_samples(tasks).await?),
         sign_in_server: None,
     })
@@ -906,8 +946,9 @@ async fn inline(sessions: usize, args: &BenchArgs, modes: &ModeArgs) -> anyhow::
     let location = info.location.clone();
     // The server times the signatures of the load's own window.
     let window = Window::new(Instant::now(), args);
+    let busy_poll = args.busy_poll;
     let server = super::blocking(move || {
-        InlineServer::start(&info, workers, window.measure_from..window.end)
+        InlineServer::start(&info, workers, window.measure_from..window.end, busy_poll)
     })
     .await??;
     let template = Template::new(BenchOp::SignChallenge, Some("inline"));
@@ -920,6 +961,7 @@ async fn inline(sessions: usize, args: &BenchArgs, modes: &ModeArgs) -> anyhow::
         threads: sessions,
         clients: args.connections,
         location,
+        busy_poll: args.busy_poll,
         measurement: measured?,
         sign_in_server: Some(summarize(nanos, 0, seconds.as_secs_f64())),
     })
@@ -1557,8 +1599,18 @@ pub fn print_report(
 ) -> std::io::Result<()> {
     writeln!(
         out,
-        "op={:?} connections={} pipeline={} duration={}s warmup={}s threads={}",
-        r.op, r.connections, r.pipeline, args.duration, args.warmup, args.threads
+        "op={:?} connections={} pipeline={} duration={}s warmup={}s threads={}{}",
+        r.op,
+        r.connections,
+        r.pipeline,
+        args.duration,
+        args.warmup,
+        args.threads,
+        if r.busy_poll {
+            " busy-poll (the client and the echo spin; the agent does not)"
+        } else {
+            ""
+        }
     )?;
     print_header(out)?;
     print_row(out, "agent", &r.agent)?;

@@ -15,6 +15,9 @@
 //! measured window ([`InlineServer::finish`]): a signature made right after a wake-up, next
 //! to `--raw-pkcs11`'s back-to-back loop.
 //!
+//! With `--busy-poll` (one session, one connection) the server is a [`SpinServer`] instead:
+//! the same signing per line, on one thread that spins on its socket rather than sleeping.
+//!
 //! Threads: one per session (`bench-inline-N`); the acceptor runs on session 0's runtime.
 //! A thread's connections share its worker through an `Rc<RefCell<…>>`, borrowed only while
 //! signing and never across an `.await`. Dropping the server stops the threads (their
@@ -32,27 +35,30 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use super::busy_poll::{LineHandler, SpinServer};
 use super::TempDir;
 use crate::signer::{KeyInfo, Signer};
 
 type Inbox = mpsc::UnboundedSender<std::os::unix::net::UnixStream>;
 
 /// The running server; see the module docs.
-pub struct InlineServer {
-    path: PathBuf,
-    stops: Vec<oneshot::Sender<()>>,
-    threads: Vec<std::thread::JoinHandle<Vec<u32>>>,
-    /// Removed after the threads have stopped (fields drop after `Drop::drop`).
-    _dir: TempDir,
+pub struct InlineServer(Serving);
+
+enum Serving {
+    Threads(Threaded),
+    /// `--busy-poll`: one session on one thread that spins on its connection.
+    Spinning(SpinServer<LineSigner>),
 }
 
 impl InlineServer {
-    /// Starts one thread per worker. Each worker first signs a probe that must verify with
+    /// Starts one thread per worker (with `busy_poll`, exactly one worker, on a thread that
+    /// busy-polls its connection). Each worker first signs a probe that must verify with
     /// `info`'s public key. Signatures that start within `timed` are timed.
     pub fn start(
         info: &KeyInfo,
         workers: Vec<Box<dyn Signer>>,
         timed: Range<Instant>,
+        busy_poll: bool,
     ) -> anyhow::Result<InlineServer> {
         if workers.is_empty() {
             anyhow::bail!("the inline server needs at least one session");
@@ -65,6 +71,55 @@ impl InlineServer {
                 .verify_prehash(&probe, &signature)
                 .context("a probe signature of the inline server does not verify")?;
         }
+        if !busy_poll {
+            return Ok(InlineServer(Serving::Threads(Threaded::start(
+                workers, timed,
+            )?)));
+        }
+        let Some(worker) = workers.pop().filter(|_| workers.is_empty()) else {
+            anyhow::bail!("a busy-polling inline server has one session (--inline-server 1)");
+        };
+        let signer = LineSigner {
+            worker,
+            timings: Timings::new(timed),
+        };
+        Ok(InlineServer(Serving::Spinning(SpinServer::start(
+            "inline", signer,
+        )?)))
+    }
+
+    /// The server's socket.
+    pub fn path(&self) -> &Path {
+        match &self.0 {
+            Serving::Threads(threaded) => &threaded.path,
+            Serving::Spinning(spinning) => spinning.path(),
+        }
+    }
+
+    /// Stops the server and returns the durations (ns) of the signatures timed, all threads
+    /// together, unsorted.
+    pub fn finish(self) -> Vec<u32> {
+        match self.0 {
+            Serving::Threads(threaded) => threaded.finish(),
+            Serving::Spinning(spinning) => spinning
+                .finish()
+                .map(|signer| signer.timings.nanos)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// One thread per session, each on its own single-threaded runtime.
+struct Threaded {
+    path: PathBuf,
+    stops: Vec<oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<Vec<u32>>>,
+    /// Removed after the threads have stopped (fields drop after `Drop::drop`).
+    _dir: TempDir,
+}
+
+impl Threaded {
+    fn start(workers: Vec<Box<dyn Signer>>, timed: Range<Instant>) -> anyhow::Result<Threaded> {
         let dir = TempDir::new("inline")?;
         let path = dir.path.join("inline.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path)
@@ -74,7 +129,7 @@ impl InlineServer {
         let (inboxes, receivers): (Vec<Inbox>, Vec<_>) =
             workers.iter().map(|_| mpsc::unbounded_channel()).unzip();
         let mut acceptor = Some((listener, inboxes));
-        let mut server = InlineServer {
+        let mut server = Threaded {
             path,
             stops: Vec::new(),
             threads: Vec::new(),
@@ -107,14 +162,7 @@ impl InlineServer {
         Ok(server)
     }
 
-    /// The server's socket.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Stops the server and returns the durations (ns) of the signatures timed, all threads
-    /// together, unsorted.
-    pub fn finish(mut self) -> Vec<u32> {
+    fn finish(mut self) -> Vec<u32> {
         self.stop();
         let mut nanos = Vec::new();
         for thread in self.threads.drain(..) {
@@ -130,7 +178,7 @@ impl InlineServer {
     }
 }
 
-impl Drop for InlineServer {
+impl Drop for Threaded {
     fn drop(&mut self) {
         self.stop();
         for thread in self.threads.drain(..) {
@@ -214,26 +262,49 @@ async fn answer(
     let mut reply = Vec::with_capacity(256);
     loop {
         line.clear();
+        reply.clear();
         match reader.read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let digest = crate::jose::sha256(&line);
-        let t0 = Instant::now();
-        let signed = worker.borrow_mut().sign_digest(&digest);
-        timings.borrow_mut().record(t0, Instant::now());
-        reply.clear();
-        match signed {
-            Ok(signature) => {
-                let signature = crate::jose::normalize_low_s(signature);
-                reply.extend_from_slice(b"{\"ok\":true,\"signature\":\"");
-                reply.extend_from_slice(crate::jose::encode_es256(&signature).as_bytes());
-                reply.extend_from_slice(b"\"}\n");
-            }
-            Err(_) => reply.extend_from_slice(b"{\"ok\":false}\n"),
-        }
+        sign_line(
+            &mut **worker.borrow_mut(),
+            &mut timings.borrow_mut(),
+            &line,
+            &mut reply,
+        );
         if wr.write_all(&reply).await.is_err() {
             return;
         }
+    }
+}
+
+/// Signs `line`'s SHA-256 with `worker`, timing the signature, and puts the reply line in
+/// `reply` (empty on entry).
+fn sign_line(worker: &mut dyn Signer, timings: &mut Timings, line: &[u8], reply: &mut Vec<u8>) {
+    let digest = crate::jose::sha256(line);
+    let t0 = Instant::now();
+    let signed = worker.sign_digest(&digest);
+    timings.record(t0, Instant::now());
+    match signed {
+        Ok(signature) => {
+            let signature = crate::jose::normalize_low_s(signature);
+            reply.extend_from_slice(b"{\"ok\":true,\"signature\":\"");
+            reply.extend_from_slice(crate::jose::encode_es256(&signature).as_bytes());
+            reply.extend_from_slice(b"\"}\n");
+        }
+        Err(_) => reply.extend_from_slice(b"{\"ok\":false}\n"),
+    }
+}
+
+/// The busy-polling server's one session.
+struct LineSigner {
+    worker: Box<dyn Signer>,
+    timings: Timings,
+}
+
+impl LineHandler for LineSigner {
+    fn answer(&mut self, line: &[u8], reply: &mut Vec<u8>) {
+        sign_line(&mut *self.worker, &mut self.timings, line, reply);
     }
 }
