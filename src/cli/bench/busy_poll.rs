@@ -28,6 +28,9 @@ use super::{contains, Sample, TempDir, Template, Window};
 /// The longest request line a server or the client takes (the agent's own limit).
 const MAX_LINE: usize = 64 * 1024;
 
+/// How long after the end of its window the client still waits for a reply.
+const GIVE_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Answers one request line; `reply` is empty on entry and must end with `\n`.
 pub trait LineHandler: Send + 'static {
     fn answer(&mut self, line: &[u8], reply: &mut Vec<u8>);
@@ -107,7 +110,8 @@ fn serve(listener: &UnixListener, stop: &AtomicBool, handler: &mut impl LineHand
         match listener.accept() {
             Ok((stream, _)) => {
                 if stream.set_nonblocking(true).is_ok() {
-                    answer_lines(stream, stop, handler, &mut buf, &mut reply);
+                    let stopped = || stop.load(Ordering::Relaxed);
+                    answer_lines(stream, &stopped, handler, &mut buf, &mut reply);
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::yield_now(),
@@ -117,17 +121,17 @@ fn serve(listener: &UnixListener, stop: &AtomicBool, handler: &mut impl LineHand
 }
 
 /// Answers each complete line of `stream` in order until it closes, fails, sends a line
-/// longer than `buf`, or `stop`.
+/// longer than `buf`, or `stopped()`.
 fn answer_lines(
     mut stream: UnixStream,
-    stop: &AtomicBool,
+    stopped: &dyn Fn() -> bool,
     handler: &mut impl LineHandler,
     buf: &mut [u8],
     reply: &mut Vec<u8>,
 ) {
     let mut filled = 0;
     loop {
-        let n = match read_spinning(&mut stream, &mut buf[filled..], stop) {
+        let n = match read_spinning(&mut stream, &mut buf[filled..], stopped) {
             Ok(n) if n > 0 => n,
             _ => return,
         };
@@ -136,7 +140,7 @@ fn answer_lines(
             if buf[end] == b'\n' {
                 reply.clear();
                 handler.answer(&buf[start..=end], reply);
-                if write_spinning(&mut stream, reply, stop).is_err() {
+                if write_spinning(&mut stream, reply, stopped).is_err() {
                     return;
                 }
                 start = end + 1;
@@ -152,11 +156,11 @@ fn answer_lines(
 }
 
 /// Reads what is there, spinning until something is (0 at end of stream). An empty `buf`
-/// or `stop` ends it with 0 too.
+/// or `stopped()` ends it with 0 too.
 fn read_spinning(
     stream: &mut UnixStream,
     buf: &mut [u8],
-    stop: &AtomicBool,
+    stopped: &dyn Fn() -> bool,
 ) -> std::io::Result<usize> {
     if buf.is_empty() {
         return Ok(0);
@@ -164,7 +168,7 @@ fn read_spinning(
     loop {
         match stream.read(buf) {
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                if stop.load(Ordering::Relaxed) {
+                if stopped() {
                     return Ok(0);
                 }
                 std::hint::spin_loop();
@@ -174,19 +178,19 @@ fn read_spinning(
     }
 }
 
-/// Writes all of `bytes`, spinning while the socket's buffer is full.
+/// Writes all of `bytes`, spinning while the socket's buffer is full (until `stopped()`).
 fn write_spinning(
     stream: &mut UnixStream,
     mut bytes: &[u8],
-    stop: &AtomicBool,
+    stopped: &dyn Fn() -> bool,
 ) -> std::io::Result<()> {
     while !bytes.is_empty() {
         match stream.write(bytes) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                if stop.load(Ordering::Relaxed) {
-                    return Err(ErrorKind::BrokenPipe.into());
+                if stopped() {
+                    return Err(ErrorKind::TimedOut.into());
                 }
                 std::hint::spin_loop();
             }
@@ -197,18 +201,36 @@ fn write_spinning(
 }
 
 /// The busy-polling client: one connection to `socket`, one request in flight, over
-/// `window`. Blocks (spinning) for the whole window: call it off the runtime.
+/// `window`. Blocks (spinning) for the whole window: call it off the runtime. A server that
+/// stops answering is given up [`GIVE_UP`] after the window's end, rather than spun on for
+/// ever.
 pub fn drive(
     socket: &Path,
     template: &Template,
     window: Window,
     check_replies: bool,
 ) -> anyhow::Result<Sample> {
+    drive_until(
+        socket,
+        template,
+        window,
+        check_replies,
+        window.end + GIVE_UP,
+    )
+}
+
+/// [`drive`], giving up on a reply at `give_up`.
+fn drive_until(
+    socket: &Path,
+    template: &Template,
+    window: Window,
+    check_replies: bool,
+    give_up: Instant,
+) -> anyhow::Result<Sample> {
     let mut stream = UnixStream::connect(socket)
         .with_context(|| format!("cannot connect to {}", socket.display()))?;
     stream.set_nonblocking(true)?;
-    // The client never stops early: it ends at the window's end, between round trips.
-    let never = AtomicBool::new(false);
+    let late = || Instant::now() >= give_up;
     let mut out = Vec::with_capacity(256);
     let mut reply = vec![0u8; MAX_LINE];
     let mut sample = Sample::with_capacity(256 * 1024);
@@ -221,10 +243,13 @@ pub fn drive(
         id += 1;
         out.clear();
         template.render(id, &mut out);
-        write_spinning(&mut stream, &out, &never)?;
+        write_spinning(&mut stream, &out, &late)?;
         let mut filled = 0;
         while filled == 0 || reply[filled - 1] != b'\n' {
-            let n = read_spinning(&mut stream, &mut reply[filled..], &never)?;
+            let n = read_spinning(&mut stream, &mut reply[filled..], &late)?;
+            if n == 0 && late() {
+                anyhow::bail!("no reply long after the end of the run: is the server hung?");
+            }
             if n == 0 {
                 anyhow::bail!("the server closed the connection (or sent a line over 64 KiB)");
             }
@@ -315,5 +340,31 @@ mod tests {
         let sample = drive(server.path(), &template, window, true).unwrap();
         assert_eq!(sample.errors, sample.latencies_ns.len() as u64);
         assert!(server.finish().is_some());
+    }
+
+    /// A server that reads but never answers: the client gives up instead of spinning on.
+    #[test]
+    fn busy_polling_client_gives_up_on_a_silent_server() {
+        let dir = TempDir::new("test-silent").unwrap();
+        let path = dir.path.join("silent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let silent = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink);
+        });
+        let template = Template::new(super::super::BenchOp::Ping, None);
+        let now = Instant::now();
+        let window = Window {
+            measure_from: now,
+            end: now + std::time::Duration::from_millis(50),
+        };
+        let give_up = now + std::time::Duration::from_millis(300);
+        let Err(err) = drive_until(&path, &template, window, false, give_up) else {
+            panic!("a silent server gave replies");
+        };
+        assert!(Instant::now() >= give_up);
+        assert!(err.to_string().contains("hung"), "{err}");
+        silent.join().unwrap();
     }
 }
