@@ -367,19 +367,43 @@ impl<'a> Resolver<'a> {
             .collect();
         todo.sort_unstable();
         todo.dedup();
+        let mut ambiguous = Vec::new();
         for batch in todo.chunks(Self::BATCH) {
             let answer = UserDb::parse(&self.ask(Database::Passwd, batch)?, "");
             for name in batch {
                 // A case-insensitive directory (sssd's default for AD) answers `Alice` with
                 // `alice`; an exact match wins when both are listed.
-                let uid = answer.uid(name).or_else(|| {
-                    let mut users = answer.users.iter();
-                    users
+                let uid = match answer.uid(name) {
+                    Some(uid) => Some(uid),
+                    None => match answer
+                        .users
+                        .iter()
                         .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                        .map(|u| u.1)
-                });
+                    {
+                        // Also the exact answer to another name of the batch (`Bob` next to
+                        // `bob`): whether `Bob` is that account (a case-insensitive
+                        // directory) or nobody (a case-sensitive one), only NSS asked about
+                        // `Bob` alone can say.
+                        Some((n, _)) if batch.contains(&n.as_str()) => {
+                            ambiguous.push(*name);
+                            continue;
+                        }
+                        other => other.map(|u| u.1),
+                    },
+                };
                 self.nss_uids.insert((*name).to_owned(), uid);
             }
+        }
+        for name in ambiguous {
+            let answer = UserDb::parse(&self.ask(Database::Passwd, &[name])?, "");
+            // Asked alone: whatever entry comes back is the directory's answer for `name`.
+            let uid = answer.uid(name).or_else(|| {
+                let mut users = answer.users.iter();
+                users
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|u| u.1)
+            });
+            self.nss_uids.insert(name.to_owned(), uid);
         }
         Ok(())
     }
@@ -690,13 +714,14 @@ mod tests {
     }
 
     /// An NSS double: answers from its own passwd and group texts, by name (ignoring ASCII
-    /// case, as sssd does by default for AD) or by numeric id, or fails with `fail`; records
-    /// every lookup.
+    /// case, as sssd does by default for AD, unless `exact_names`) or by numeric id, or fails
+    /// with `fail`; records every lookup.
     #[derive(Default)]
     struct FakeNss {
         passwd: &'static str,
         group: &'static str,
         fail: Option<NssError>,
+        exact_names: bool,
         asked: std::cell::RefCell<Vec<String>>,
     }
 
@@ -716,8 +741,14 @@ mod tests {
                 .lines()
                 .filter(|l| {
                     let fields: Vec<&str> = l.split(':').collect();
-                    keys.iter()
-                        .any(|k| k.eq_ignore_ascii_case(fields[0]) || fields.get(2) == Some(k))
+                    keys.iter().any(|k| {
+                        let same_name = if self.exact_names {
+                            *k == fields[0]
+                        } else {
+                            k.eq_ignore_ascii_case(fields[0])
+                        };
+                        same_name || fields.get(2) == Some(k)
+                    })
                 })
                 .map(|l| format!("{l}\n"))
                 .collect())
@@ -983,6 +1014,50 @@ mod tests {
         assert!(rules
             .grants(&peer(5001, 5001))
             .allows(Op::PublicKey, Some("p")));
+    }
+
+    /// `Finn` listed next to `finn`, whom only the directory knows: `Finn` is asked about alone
+    /// before it is taken for finn, so that a stale `Finn` in another group gives finn nothing in
+    /// a case-sensitive directory, and is finn in a case-insensitive one.
+    #[test]
+    fn a_name_that_differs_only_in_case_from_another_is_asked_about_alone() {
+        const PASSWD_NSS: &str = "finn:x:5100:5100::/home/finn:/bin/sh\n";
+        const GROUP_NSS: &str = "desk:x:6100:finn,Finn\nstale:x:6200:Finn\n";
+        let rules = [
+            rule("group = \"desk\"\nops = [\"token\"]\nprofiles = \"*\""),
+            rule("group = \"stale\"\nops = [\"sign_challenge\"]\nprofiles = \"*\""),
+        ];
+        let files = UserDb::parse(PASSWD, GROUP);
+        let members = |nss: &FakeNss| -> Vec<Vec<u32>> {
+            let compiled = Rules::compile_with(&rules, &files, nss).unwrap();
+            compiled
+                .rules
+                .iter()
+                .map(|r| r.group.as_ref().unwrap().member_uids.clone())
+                .collect()
+        };
+        let case_sensitive = FakeNss {
+            passwd: PASSWD_NSS,
+            group: GROUP_NSS,
+            exact_names: true,
+            ..FakeNss::default()
+        };
+        assert_eq!(members(&case_sensitive), [vec![5100], vec![]]);
+        assert_eq!(
+            case_sensitive.asked(),
+            [
+                "group desk",
+                "passwd Finn finn",
+                "passwd Finn",
+                "group stale"
+            ]
+        );
+        let case_insensitive = FakeNss {
+            passwd: PASSWD_NSS,
+            group: GROUP_NSS,
+            ..FakeNss::default()
+        };
+        assert_eq!(members(&case_insensitive), [vec![5100], vec![5100]]);
     }
 
     #[test]
