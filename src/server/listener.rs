@@ -81,6 +81,12 @@ pub enum ListenerError {
     GroupLookup { reason: String },
     #[error("socket mode {mode:o} is invalid: give permission bits such as 0o660")]
     BadMode { mode: u32 },
+    #[error(
+        "cannot give the socket group {gid} (socket.group): tm-agent's user is not a member \
+         of it; add the user to the group, or use socket activation (tm-agent.socket sets \
+         the group itself)"
+    )]
+    NotInGroup { gid: u32 },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -153,8 +159,13 @@ impl Listener {
             std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(settings.mode))
                 .map_err(io_err("cannot set the mode of", &temp))?;
             if let Some(gid) = gid {
-                std::os::unix::fs::chown(&temp, None, Some(gid))
-                    .map_err(io_err("cannot change the group of", &temp))?;
+                std::os::unix::fs::chown(&temp, None, Some(gid)).map_err(|e| {
+                    if e.kind() == io::ErrorKind::PermissionDenied {
+                        ListenerError::NotInGroup { gid }
+                    } else {
+                        io_err("cannot change the group of", &temp)(e)
+                    }
+                })?;
             }
             std::fs::rename(&temp, path).map_err(io_err("cannot move the socket onto", path))?;
             Ok(listener)
@@ -375,6 +386,52 @@ mod tests {
             .collect();
         assert_eq!(names, ["agent.sock"]);
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o660);
+    }
+
+    /// Set in the child run of the test below.
+    const CHILD_ENV: &str = "TM_AGENT_TEST_NO_CHOWN";
+
+    /// An agent that may not give the socket its group (not root, not a member) is told so.
+    /// As root (CI), the test runs itself again without CAP_CHOWN and with no supplementary
+    /// groups, where the kernel's rule for other users applies to it.
+    #[tokio::test]
+    async fn a_group_the_agent_may_not_give_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let uid = std::fs::metadata(dir.path()).unwrap().uid();
+        if uid == 0 && std::env::var_os(CHILD_ENV).is_none() {
+            let name =
+                "server::listener::tests::a_group_the_agent_may_not_give_is_named_in_the_error";
+            let out = std::process::Command::new("setpriv")
+                .args([
+                    "--clear-groups",
+                    "--inh-caps=-chown",
+                    "--bounding-set=-chown",
+                ])
+                .arg(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--test-threads=1"])
+                .env(CHILD_ENV, "1")
+                .output()
+                .expect("setpriv (util-linux)");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let own = effective_gid().expect("/proc/self/status has our gids");
+        let other = if own == 65534 { 65533 } else { 65534 };
+        let path = dir.path().join("n.sock");
+        let mut s = settings(path.clone());
+        s.group = Some(other.to_string());
+        let err = Listener::bind(&s).unwrap_err();
+        assert!(
+            matches!(err, ListenerError::NotInGroup { gid } if gid == other),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a member"), "{err}");
+        assert!(!path.exists());
     }
 
     #[tokio::test]
