@@ -48,6 +48,7 @@ ensure_system_packages
 if ! command -v ssh-agent >/dev/null || ! command -v ssh-add >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing openssh-client (ssh-agent, the comparison)"
+    apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-client >/dev/null
   else
     echo "ssh-agent is missing: sudo apt-get install -y openssh-client" >&2
@@ -81,7 +82,7 @@ chmod 700 "$work"
 stack_pids=()
 ssh_agent_pid=
 cleanup() {
-  [ -n "$ssh_agent_pid" ] && kill "$ssh_agent_pid" 2>/dev/null
+  if [ -n "$ssh_agent_pid" ]; then kill "$ssh_agent_pid" 2>/dev/null || true; fi
   for pid in "${stack_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -152,8 +153,10 @@ start_agent pin taskset -c 0
 module=$(realpath /usr/lib/softhsm/libsofthsm2.so)
 printf '#!/bin/sh\ncat %s/pin\n' "$work" >"$work/askpass"
 chmod 700 "$work/askpass"
-eval "$(ssh-agent -s -a "$work/ssh-agent.sock" -P "$module")" >/dev/null
-ssh_agent_pid=$SSH_AGENT_PID
+ssh_agent_env=$(ssh-agent -s -a "$work/ssh-agent.sock" -P "$module")
+unset SSH_AGENT_PID
+eval "$ssh_agent_env" >/dev/null
+ssh_agent_pid=${SSH_AGENT_PID:?ssh-agent did not say its pid}
 SSH_AUTH_SOCK=$work/ssh-agent.sock SSH_ASKPASS=$work/askpass SSH_ASKPASS_REQUIRE=force DISPLAY=:0 \
   ssh-add -s "$module" </dev/null >/dev/null 2>&1
 SSH_AUTH_SOCK=$work/ssh-agent.sock ssh-add -l | tee "$results/ssh-add-l.txt"

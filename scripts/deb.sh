@@ -3,15 +3,16 @@
 #
 #   scripts/deb.sh        # -> target/debian/tm-agent_<version>-1_<arch>.deb
 #
-# Installs cargo-deb (from crates.io) when missing, and dpkg-dev when dpkg-shlibdeps is
-# missing (root only). A release build of the tm-agent binary: minutes on a small machine,
-# hence not part of scripts/test.sh; tests/systemd_units.rs checks the asset list instead.
+# Installs cargo-deb (from crates.io, the version scripts/test.sh pins) when missing, and
+# dpkg-dev when dpkg-shlibdeps is missing (root only). A release build of the tm-agent
+# binary: minutes on a small machine. The test suite (tests/systemd_units.rs) builds the
+# .deb too, from the debug binary of the test run, and checks its layout with dpkg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "== installing cargo-deb"
-  cargo install cargo-deb --locked
+  cargo install cargo-deb --locked --version 3.8.0
 fi
 if ! command -v dpkg-shlibdeps >/dev/null; then
   if [ "$(id -u)" = 0 ]; then

@@ -8,7 +8,12 @@ ensure_system_packages() {
   command -v systemd-socket-activate >/dev/null || missing+=(systemd)
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v python3 >/dev/null || missing+=(python3)
+  # Debian's python3 makes venvs (the official SDK's) only with python3-venv.
+  command -v python3 >/dev/null && ! python3 -c 'import ensurepip' 2>/dev/null && missing+=(python3-venv)
   command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+  # pcsc-sys finds libpcsclite through pkg-config; scripts/pcscd.sh looks for pcscd with pgrep.
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  command -v pgrep >/dev/null || missing+=(procps)
   # YubiKey PIV: the pcsc crate links libpcsclite (the build needs the -dev package); the
   # PIV tests run real pcscd with the vpcd virtual reader and call yubico-piv-tool.
   [ -e /usr/include/PCSC/winscard.h ] || missing+=(libpcsclite-dev)
@@ -26,9 +31,15 @@ ensure_system_packages() {
   fi
   if ! python3 -c 'import cryptography' 2>/dev/null; then
     echo "== installing the Python cryptography package (independent signature checks)"
-    python3 -m pip install -q cryptography || {
-      [ "$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-cryptography >/dev/null
-    }
+    if ! python3 -m pip install -q cryptography; then
+      if [ "$(id -u)" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-cryptography >/dev/null
+      fi
+    fi
+    if ! python3 -c 'import cryptography' 2>/dev/null; then
+      echo "python3 cannot import cryptography: install it for $(command -v python3) (pip install cryptography, or apt-get install python3-cryptography)" >&2
+      return 1
+    fi
   fi
 }
 
@@ -67,6 +78,11 @@ start_stack() {
   stack_pids+=($!)
   local _
   for _ in $(seq 100); do [ -s "$work/sim.json" ] && break; sleep 0.1; done
+  if [ ! -s "$work/sim.json" ]; then
+    echo "tm-auth-sim did not start within 10 s; its log:" >&2
+    cat "$work/sim.log" >&2
+    return 1
+  fi
   https_url=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["https"])' "$work/sim.json")
   [ -n "${STACK_VERBOSE:-}" ] && echo "simulator at $https_url"
 

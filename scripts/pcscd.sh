@@ -15,11 +15,25 @@ running() {
   [ -S "$socket" ] && pgrep -x pcscd >/dev/null 2>&1
 }
 
+# Debian's pcscd is socket-activated under systemd and exits when idle (--auto-exit): its
+# socket is there with no process behind it. A connection starts it again.
+wake_socket_activated() {
+  command -v systemctl >/dev/null 2>&1 || return 0
+  systemctl is-active --quiet pcscd.socket 2>/dev/null || return 0
+  pgrep -x pcscd >/dev/null 2>&1 && return 0
+  python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$socket" 2>/dev/null || true
+  for _ in $(seq 50); do
+    pgrep -x pcscd >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+}
+
 # vpcd listens on 127.0.0.1:35963 (0x8C7B) once pcscd has loaded it.
 vpcd_listening() {
   grep -qi ':8C7B 00000000:0000 0A' /proc/net/tcp 2>/dev/null
 }
 
+wake_socket_activated
 if running; then
   if [ -e /usr/lib/pcsc/drivers/serial/libifdvpcd.so ] && ! vpcd_listening; then
     if [ -n "${CI:-}" ] && [ "$(id -u)" = 0 ] && [ -r /run/pcscd/pcscd.pid ]; then
@@ -37,7 +51,7 @@ if running; then
   fi
 fi
 
-if ! command -v pcscd >/dev/null 2>&1; then
+if [ ! -x /usr/sbin/pcscd ]; then
   echo "pcscd is not installed: apt-get install -y pcscd vsmartcard-vpcd" >&2
   exit 1
 fi
@@ -51,9 +65,9 @@ fi
 
 if [ -n "${PCSCD_LOG:-}" ]; then
   # Foreground mode with APDU logging, detached from this shell.
-  setsid pcscd --foreground --apdu --debug >"$PCSCD_LOG" 2>&1 </dev/null &
+  setsid /usr/sbin/pcscd --foreground --apdu --debug >"$PCSCD_LOG" 2>&1 </dev/null &
 else
-  pcscd
+  /usr/sbin/pcscd
 fi
 
 for _ in $(seq 100); do

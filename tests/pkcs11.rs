@@ -1024,12 +1024,23 @@ fn fixture_paths_are_consistent() {
     assert!(hsm.token_dir().starts_with(&hsm.tokendir));
 }
 
+/// Reads the bench inline server's next reply and checks it carries a signature of `line` by
+/// the key whose uncompressed point is `point`.
+fn expect_signed_reply(reader: &mut impl std::io::BufRead, point: &[u8], line: &str) {
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    let raw = b64url_decode(reply["signature"].as_str().unwrap());
+    ring_verify_raw(point, line.as_bytes(), &raw);
+}
+
 /// `tm-agent bench --inline-server`: the floor server signs every line it reads, with the
 /// key's own sessions, on each connection (dealt to its two threads), and cleans up.
 #[test]
 fn bench_inline_server_signs_each_line_with_the_key() {
     isolated("bench_inline_server_signs_each_line_with_the_key", |hsm| {
-        use std::io::{BufRead as _, BufReader, Write as _};
+        use std::io::{BufReader, Write as _};
         use tm_agent::cli::bench::InlineServer;
 
         let settings = hsm.settings(Some("k"));
@@ -1053,12 +1064,7 @@ fn bench_inline_server_signs_each_line_with_the_key() {
             for (index, (writer, reader)) in connections.iter_mut().enumerate() {
                 let line = format!("{{\"v\":1,\"id\":{round},\"conn\":{index}}}\n");
                 writer.write_all(line.as_bytes()).unwrap();
-                let mut reply = String::new();
-                reader.read_line(&mut reply).unwrap();
-                let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
-                assert_eq!(reply["ok"], true, "{reply}");
-                let raw = b64url_decode(reply["signature"].as_str().unwrap());
-                ring_verify_raw(&point, line.as_bytes(), &raw);
+                expect_signed_reply(reader, &point, &line);
             }
         }
         drop(connections);
@@ -1076,7 +1082,7 @@ fn bench_busy_polling_inline_server_signs_each_line_with_the_key() {
     isolated(
         "bench_busy_polling_inline_server_signs_each_line_with_the_key",
         |hsm| {
-            use std::io::{BufRead as _, BufReader, Write as _};
+            use std::io::{BufReader, Write as _};
             use tm_agent::cli::bench::InlineServer;
 
             let settings = hsm.settings(Some("k"));
@@ -1108,12 +1114,7 @@ fn bench_busy_polling_inline_server_signs_each_line_with_the_key() {
                 ];
                 writer.write_all(lines.concat().as_bytes()).unwrap();
                 for line in &lines {
-                    let mut reply = String::new();
-                    reader.read_line(&mut reply).unwrap();
-                    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
-                    assert_eq!(reply["ok"], true, "{reply}");
-                    let raw = b64url_decode(reply["signature"].as_str().unwrap());
-                    ring_verify_raw(&point, line.as_bytes(), &raw);
+                    expect_signed_reply(&mut reader, &point, line);
                 }
             }
             let timed = server.finish();

@@ -8,9 +8,9 @@
 //! Debian package `systemd` (252 or later), and root for the tmpfiles ownership checks; a
 //! missing tool fails the test with the package to install, it never skips.
 //!
-//! The .deb itself is built by `scripts/deb.sh` (a release build: too slow for every CI
-//! run); here the `[package.metadata.deb]` assets are checked against the files and the
-//! documented destinations.
+//! The `[package.metadata.deb]` assets are checked against the files and the documented
+//! destinations, and the .deb is built with cargo-deb from the debug binary of the test run
+//! (`scripts/deb.sh` builds the release one) and listed with dpkg.
 
 use std::collections::BTreeMap;
 use std::fs;
