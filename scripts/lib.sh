@@ -7,9 +7,12 @@ ensure_system_packages() {
   command -v pkcs11-tool >/dev/null || missing+=(opensc)
   command -v systemd-socket-activate >/dev/null || missing+=(systemd)
   command -v setpriv >/dev/null || missing+=(util-linux)
-  command -v python3 >/dev/null || missing+=(python3)
   # Debian's python3 makes venvs (the official SDK's) only with python3-venv.
-  command -v python3 >/dev/null && ! python3 -c 'import ensurepip' 2>/dev/null && missing+=(python3-venv)
+  if ! command -v python3 >/dev/null; then
+    missing+=(python3 python3-venv)
+  elif ! python3 -c 'import ensurepip' 2>/dev/null; then
+    missing+=(python3-venv)
+  fi
   command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
   # pcsc-sys finds libpcsclite through pkg-config; scripts/pcscd.sh looks for pcscd with pgrep.
   command -v pkg-config >/dev/null || missing+=(pkg-config)

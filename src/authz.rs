@@ -8,7 +8,7 @@
 //! Names resolve as `id` and `getent` resolve them: from `/etc/passwd` and `/etc/group` first,
 //! then, for a name those files lack, through NSS (sssd, nss-systemd, LDAP...) by running
 //! `getent` ([`nss`]). A name goes to getent only if it is a plausible account name (no
-//! leading `-`, no whitespace, `:`, `,` or control character, not all digits), so a config
+//! leading `-`, no whitespace, `:`, `,` or control character, not a number), so a config
 //! cannot pass options to it. A user or group found nowhere, or an NSS lookup that fails or
 //! times out, is a problem of the rules: the load fails and says what to do.
 //!

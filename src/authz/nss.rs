@@ -75,12 +75,14 @@ pub enum NssError {
 }
 
 /// Checks that `name` (from the config) may be an account name before it is looked up:
-/// `Err` says why not. Beyond what [`Getent`] itself refuses, all-digit names (getent would
-/// read them as ids) and `,` (the member separator of the group format) are refused.
+/// `Err` says why not. Beyond what [`Getent`] itself refuses, numbers (all digits, with or
+/// without a leading `+`: getent reads them as ids) and `,` (the member separator of the
+/// group format) are refused.
 pub fn plausible_name(name: &str) -> Result<(), &'static str> {
     unsafe_key(name)?;
-    if name.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("it is all digits; give a numeric id as `uid`/`gid`");
+    let digits = name.strip_prefix('+').unwrap_or(name);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("it is a number; give a numeric id as `uid`/`gid`");
     }
     if name.contains(',') {
         return Err("it contains ','");
@@ -280,12 +282,13 @@ mod tests {
     #[test]
     fn implausible_names_are_refused() {
         for name in [
-            "", "-s", "--help", "a b", "a\tb", "a\nb", "a:b", "a\0b", "1000", "a,b",
+            "", "-s", "--help", "a b", "a\tb", "a\nb", "a:b", "a\0b", "1000", "+1000", "a,b",
         ] {
             assert!(plausible_name(name).is_err(), "{name:?}");
         }
         for name in [
             "alice",
+            "+",
             "svc-mm_bot",
             "alice@corp.example",
             "CORP\\alice",

@@ -82,9 +82,10 @@ pub enum ListenerError {
     #[error("socket mode {mode:o} is invalid: give permission bits such as 0o660")]
     BadMode { mode: u32 },
     #[error(
-        "cannot give the socket group {gid} (socket.group): tm-agent's user is not a member \
-         of it; add the user to the group, or use socket activation (tm-agent.socket sets \
-         the group itself)"
+        "cannot give the socket group {gid} (socket.group): permission denied. Only root \
+         (with CAP_CHOWN) or a member of the group may: add tm-agent's user to the group \
+         (a membership takes effect in the next session or service start), or let the \
+         system unit tm-agent.socket create the socket with its group"
     )]
     NotInGroup { gid: u32 },
     #[error("{what} {path}: {source}")]
@@ -430,7 +431,7 @@ mod tests {
             matches!(err, ListenerError::NotInGroup { gid } if gid == other),
             "{err}"
         );
-        assert!(err.to_string().contains("not a member"), "{err}");
+        assert!(err.to_string().contains("a member of the group"), "{err}");
         assert!(!path.exists());
     }
 

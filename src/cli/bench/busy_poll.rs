@@ -283,6 +283,9 @@ mod tests {
     fn spin_server_answers_whole_lines_in_order_and_gives_its_handler_back() {
         let server = SpinServer::start("test", Numbered(0)).unwrap();
         let mut client = UnixStream::connect(server.path()).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
         client.write_all(b"ab").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -321,9 +324,11 @@ mod tests {
     fn busy_polling_client_against_the_echo_server() {
         let server = SpinServer::start("test-echo", Echo).unwrap();
         let template = Template::new(super::super::BenchOp::Ping, None);
+        // Long enough for more than 10 round trips even when other tests take a CPU and
+        // each round trip waits for a time slice.
         let window = Window {
             measure_from: Instant::now(),
-            end: Instant::now() + std::time::Duration::from_millis(200),
+            end: Instant::now() + std::time::Duration::from_secs(1),
         };
         let sample = drive(server.path(), &template, window, false).unwrap();
         assert!(
@@ -335,9 +340,10 @@ mod tests {
         // Echoed lines are not replies: checking them counts each as an error.
         let window = Window {
             measure_from: Instant::now(),
-            end: Instant::now() + std::time::Duration::from_millis(50),
+            end: Instant::now() + std::time::Duration::from_millis(500),
         };
         let sample = drive(server.path(), &template, window, true).unwrap();
+        assert!(!sample.latencies_ns.is_empty());
         assert_eq!(sample.errors, sample.latencies_ns.len() as u64);
         assert!(server.finish().is_some());
     }
@@ -355,11 +361,12 @@ mod tests {
         });
         let template = Template::new(super::super::BenchOp::Ping, None);
         let now = Instant::now();
+        // The window outlasts any pause before the first request, so that one is sent.
         let window = Window {
             measure_from: now,
-            end: now + std::time::Duration::from_millis(50),
+            end: now + std::time::Duration::from_secs(1),
         };
-        let give_up = now + std::time::Duration::from_millis(300);
+        let give_up = now + std::time::Duration::from_millis(1300);
         let Err(err) = drive_until(&path, &template, window, false, give_up) else {
             panic!("a silent server gave replies");
         };
