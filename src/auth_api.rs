@@ -875,6 +875,34 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
+    /// The spellings of one instant a server may send: fractional seconds, lower-case
+    /// separators, other offsets (RFC 3339 also allows a space for the `T`).
+    #[test]
+    fn expires_in_takes_every_rfc_3339_spelling() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_553_445);
+        for text in [
+            "2030-01-02T03:04:05Z",
+            "2030-01-02T03:04:05+00:00",
+            "2030-01-02t03:04:05z",
+            "2030-01-02 03:04:05Z",
+            "2030-01-02T05:04:05+02:00",
+            "2030-01-01T22:34:05-04:30",
+        ] {
+            assert_eq!(parse_rfc3339(text).unwrap(), at, "{text}");
+        }
+        assert_eq!(
+            parse_rfc3339("2030-01-02T03:04:05.250Z").unwrap(),
+            at + Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_rfc3339("2030-01-02T03:04:05.123456789+00:00").unwrap(),
+            at + Duration::from_nanos(123_456_789)
+        );
+        for bad in ["2030-01-02T03:04:05", "1893553445", "2030-01-02"] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn pair_parsing_is_strict_about_expires_in_and_redacts() {
         let body = br#"{"access_token":"eyJa.b.c","refresh_token":"eyJr.s.t","expires_in":"2030-01-02T03:04:05Z","token_type":"Bearer"}"#;

@@ -366,6 +366,53 @@ async fn revoked_refresh_family_and_refresh_401_remint() {
     assert_eq!(c.rejected("refresh_reused"), 0);
 }
 
+/// A refresh that the server carries out but whose answer never arrives (the connection drops
+/// after the rotation): the agent still holds the refresh token it sent, resends it, the
+/// server sees a spent token reused and revokes the family, and the agent mints a new pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_answer_is_lost_after_the_rotation_recovers_by_minting() {
+    let rig = rig(ttl_config(Duration::from_secs(30)), Via::Http, |s| {
+        s.backoff_max = Duration::from_secs(1);
+    })
+    .await;
+    let first = rig
+        .manager
+        .wait_ready(Duration::from_secs(5))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let sim = &rig.sim.handle;
+    sim.inject_fault(FaultSpec::next(
+        FaultKind::LoseAnswer,
+        FaultTarget::Refresh,
+        1,
+    ))
+    .unwrap();
+    // Under 90% of a life: forces a renewal. The first try loses its answer; a caller may
+    // hear an error while the agent backs off, then gets the new token.
+    let want = Duration::from_millis(25_500);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let t = loop {
+        match rig.manager.token(Some(want)).await {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no new token in 10 s: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(t.token != first.token, "a new token");
+    check_with_sim_jwks(sim, &t.token).unwrap();
+    let c = sim.counters();
+    assert_eq!(c.faults("lose_answer"), 1, "{c:?}");
+    // The lost refresh took effect on the server; the resent one was a reuse.
+    assert_eq!(c.refreshes, 1, "{c:?}");
+    assert_eq!(c.rejected("refresh_reused"), 1, "{c:?}");
+    assert_eq!(c.mints, 2, "{c:?}");
+    let st = rig.manager.status();
+    assert_eq!((st.mints, st.refreshes, st.consecutive_failures), (2, 0, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_storm_backs_off_without_a_hot_loop_and_recovers_within_one_step() {
     let rig = rig(ttl_config(Duration::from_secs(20)), Via::Http, |s| {

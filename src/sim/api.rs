@@ -1,6 +1,6 @@
 //! The three public endpoints of the Auth API: mint (`POST /v1/auth/api-key/token`),
 //! refresh (`POST /v1/auth/token/refresh`) and the JWKS (`GET /.well-known/jwks.json`),
-//! with fault injection applied before the real work.
+//! with fault injection applied before the real work (a lost answer: after it).
 //!
 //! Threading: runs in connection tasks. State is touched in short `lock` sections; the
 //! request signature is verified between them, outside the lock; fault delays and hangs are
@@ -46,7 +46,7 @@ pub(crate) async fn handle(
             return Err(SimError::InjectedDrop);
         }
         Some(FaultAction::Reset) => return Err(SimError::InjectedDrop),
-        None => {}
+        Some(FaultAction::LoseAnswer) | None => {}
     }
     let outcome = match endpoint {
         Endpoint::Jwks => {
@@ -57,6 +57,10 @@ pub(crate) async fn handle(
         Endpoint::Mint => mint(ctx, body),
         Endpoint::Refresh => refresh(ctx, body),
     };
+    if decision.action == Some(FaultAction::LoseAnswer) {
+        // The work is done (a refresh token spent, a pair issued); its answer never leaves.
+        return Err(SimError::InjectedDrop);
+    }
     Ok(match outcome {
         Ok(tokens) => {
             let mut resp = json_response(StatusCode::OK, &tokens);

@@ -34,7 +34,7 @@ pub struct Counters {
     /// `key_revoked`, `timestamp_out_of_window`, `replay`, `refresh_invalid`,
     /// `refresh_expired`, `refresh_reused`, `refresh_revoked`.
     pub rejections: BTreeMap<String, u64>,
-    /// Faults served by kind: `status_<code>`, `hang`, `reset`, `latency`.
+    /// Faults served by kind: `status_<code>`, `hang`, `reset`, `lose_answer`, `latency`.
     pub faults_served: BTreeMap<String, u64>,
     /// Access tokens signed with the foreign (unpublished) key.
     pub foreign_tokens: u64,

@@ -59,6 +59,9 @@ pub enum FaultKind {
     Hang(Duration),
     /// Drop the connection without an answer (TCP RST).
     Reset,
+    /// Do the work (a mint or refresh takes effect: a refresh token is spent), then drop the
+    /// connection without the answer: an answer lost on the way back.
+    LoseAnswer,
     /// Delay the (otherwise normal) answer.
     Latency(Duration),
 }
@@ -138,6 +141,7 @@ impl FaultSpec {
             } => json!({"kind": "status", "status": status, "retry_after_secs": retry_after_secs}),
             FaultKind::Hang(d) => json!({"kind": "hang", "ms": d.as_millis() as u64}),
             FaultKind::Reset => json!({"kind": "reset"}),
+            FaultKind::LoseAnswer => json!({"kind": "lose_answer"}),
             FaultKind::Latency(d) => json!({"kind": "latency", "ms": d.as_millis() as u64}),
         };
         v["target"] = json!(self.target);
@@ -148,7 +152,7 @@ impl FaultSpec {
         v
     }
 
-    /// Parses the admin JSON: `{"kind": "status"|"hang"|"reset"|"latency", "target":
+    /// Parses the admin JSON: `{"kind": "status"|"hang"|"reset"|"lose_answer"|"latency", "target":
     /// "mint"|"refresh"|"jwks"|"all" (default all), "count": N | "rate": 0..1 (default count
     /// 1)}` plus `status` and optional `retry_after_secs` for status, `secs` or `ms` for hang
     /// and latency.
@@ -185,9 +189,10 @@ impl FaultSpec {
             "hang" => FaultKind::Hang(duration()?),
             "latency" => FaultKind::Latency(duration()?),
             "reset" => FaultKind::Reset,
+            "lose_answer" => FaultKind::LoseAnswer,
             other => {
                 return Err(SimError::Fault(format!(
-                    "unknown kind {other:?} (status, hang, reset, latency)"
+                    "unknown kind {other:?} (status, hang, reset, lose_answer, latency)"
                 )))
             }
         };
@@ -214,6 +219,7 @@ impl FaultSpec {
             FaultKind::Status { status, .. } => format!("status_{status}"),
             FaultKind::Hang(_) => "hang".into(),
             FaultKind::Reset => "reset".into(),
+            FaultKind::LoseAnswer => "lose_answer".into(),
             FaultKind::Latency(_) => "latency".into(),
         }
     }
@@ -248,6 +254,7 @@ pub(crate) enum FaultAction {
     },
     Hang(Duration),
     Reset,
+    LoseAnswer,
 }
 
 /// What to do with one request.
@@ -344,6 +351,7 @@ impl FaultTable {
                 }
                 FaultKind::Hang(h) => d.action = Some(FaultAction::Hang(*h)),
                 FaultKind::Reset => d.action = Some(FaultAction::Reset),
+                FaultKind::LoseAnswer => d.action = Some(FaultAction::LoseAnswer),
             }
         }
         self.active
@@ -427,6 +435,13 @@ mod tests {
         .unwrap();
         assert_eq!(h.kind, FaultKind::Hang(Duration::from_secs(2)));
         assert_eq!(FaultSpec::from_json(&h.to_json()).unwrap(), h);
+        let lost =
+            FaultSpec::from_json(&json!({"kind": "lose_answer", "target": "refresh"})).unwrap();
+        assert_eq!(
+            lost,
+            FaultSpec::next(FaultKind::LoseAnswer, FaultTarget::Refresh, 1)
+        );
+        assert_eq!(FaultSpec::from_json(&lost.to_json()).unwrap(), lost);
         for bad in [
             json!({"kind": "nope"}),
             json!({"kind": "status"}),
