@@ -436,7 +436,7 @@ impl Config {
                     p.key, p.key
                 ));
             }
-            if !is_uuid(&p.key_id) {
+            if !crate::jose::is_uuid(&p.key_id) {
                 problems.push(format!(
                     "profiles.{name}.key_id {:?} is not a UUID (copy it from the API Keys page)",
                     p.key_id
@@ -504,16 +504,6 @@ pub fn toml_error_position(text: &str, err: &toml::de::Error) -> Option<(usize, 
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     Some((line, column))
-}
-
-/// A UUID in its canonical 8-4-4-4-12 hex form.
-pub fn is_uuid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.len() == 5
-        && parts
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -718,12 +708,5 @@ profiles = ["nope"]
         let bad = text.replace("slot = \"9a\"", "slot = \"f9\"");
         let problems = Config::parse(&bad).unwrap().validate().join("\n");
         assert!(problems.contains("keys.prod"), "{problems}");
-    }
-
-    #[test]
-    fn uuid_check() {
-        assert!(is_uuid("0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"));
-        assert!(!is_uuid("0b9b3f3e8d4c4c1e9f1a2b3c4d5e6f70"));
-        assert!(!is_uuid("0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f7g"));
     }
 }

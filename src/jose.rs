@@ -335,6 +335,17 @@ struct RawBundleKey {
     d: Option<Zeroizing<String>>,
 }
 
+/// A UUID in its canonical `8-4-4-4-12` hex form, either case (API key ids). The version
+/// nibble is not checked: key ids are whatever the API issued.
+pub fn is_uuid(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// Parses the website's API key bundle. Anything but an EC P-256 key for ES256 is refused
 /// with a message that names what was found; error texts never contain key material.
 pub fn parse_key_bundle(json: &str) -> Result<KeyBundle, JoseError> {
@@ -381,6 +392,12 @@ pub fn parse_key_bundle(json: &str) -> Result<KeyBundle, JoseError> {
     }
     let secret = p256::SecretKey::from_slice(&d_bytes)
         .map_err(|_| JoseError::BundleBadPrivate("d is not a valid P-256 scalar".into()))?;
+    if !is_uuid(&raw.key_id) {
+        return Err(JoseError::BundleFormat(
+            "key_id is not a UUID (the API's key ids look like 0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70)"
+                .into(),
+        ));
+    }
     let bundle = KeyBundle {
         key_id: raw.key_id,
         label: raw.label,
@@ -585,6 +602,29 @@ mod tests {
             parse_key_bundle(&v.to_string()),
             Err(JoseError::BundleKeyMismatch)
         ));
+        // The key id is printed back in commands to run: it must be a UUID, nothing else.
+        for key_id in [
+            "",
+            "prod key",
+            "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70; rm -rf /",
+        ] {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&bundle_json("EC", "P-256", true, None)).unwrap();
+            v["key_id"] = key_id.into();
+            let err = parse_key_bundle(&v.to_string()).unwrap_err();
+            assert!(err.to_string().contains("key_id is not a UUID"), "{err}");
+        }
+    }
+
+    #[test]
+    fn uuids_are_canonical_8_4_4_4_12_hex_either_case() {
+        const KID: &str = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70";
+        assert!(is_uuid(KID));
+        assert!(is_uuid(&KID.to_uppercase()));
+        assert!(!is_uuid("0b9b3f3e8d4c4c1e9f1a2b3c4d5e6f70"));
+        assert!(!is_uuid("0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f7g"));
+        assert!(!is_uuid("0b9b3f3e-8d4c-4c1e-9f1a2-b3c4d5e6f70"));
+        assert!(!is_uuid(""));
     }
 
     #[test]

@@ -334,6 +334,14 @@ fn generate_in_9c_then_challenges_verify() {
     let _turn = setup();
     let card = VirtualCard::start();
     let s = settings(&card, "9c", PIN);
+    // A subject that is no RFC 4514 name is refused before the card is touched: the slot
+    // stays empty, so the generate below needs no --force.
+    let bad_subject = WriteOptions {
+        subject: "tm-agent".into(),
+        ..factory()
+    };
+    let err = piv::generate(&s, &bad_subject).expect_err("a bad subject");
+    assert!(err.to_string().contains("RFC 4514"), "{err}");
     let slot = piv::generate(&s, &factory()).expect("generate");
     assert_eq!(slot.slot, "9c");
     assert_eq!(slot.algorithm, "ECCP256");

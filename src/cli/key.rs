@@ -29,8 +29,9 @@ use serde::Deserialize as _;
 use zeroize::Zeroizing;
 
 use super::blocking;
-use crate::config::{is_uuid, KeyConfig};
+use crate::config::KeyConfig;
 use crate::jose;
+use crate::jose::is_uuid;
 use crate::signer::pin::PinSource;
 use crate::signer::piv::{self, ManagementKey, PivSettings, WriteOptions};
 use crate::signer::pkcs11::{self, KeyEntry, Pkcs11Settings};

@@ -1026,20 +1026,43 @@ fn refuse_occupied(yk: &mut YubiKey, slot: SlotId, overwrite: bool) -> Result<()
     Ok(())
 }
 
-/// Writes a self-signed certificate for the slot's key, so that other tools (ykman,
-/// yubico-piv-tool, OpenSC, browsers) see the key. Signs on the card.
+/// The certificate subject, parsed before the card is touched: a bad one changes nothing.
+fn parse_subject(subject: &str) -> Result<Name, SignerError> {
+    Name::from_str(subject).map_err(|e| {
+        SignerError::Open(format!(
+            "certificate subject {subject:?} is not an RFC 4514 name (e.g. CN=tm-agent): {e}"
+        ))
+    })
+}
+
+/// Writes a self-signed certificate for the slot's new key, so that other tools (ykman,
+/// yubico-piv-tool, OpenSC, browsers) see the key. Signs on the card. A failure says that
+/// the key is in the slot without its certificate.
 fn write_self_signed(
     admin: &mut Admin,
     slot: SlotId,
     public: SubjectPublicKeyInfoOwned,
-    subject: &str,
+    name: Name,
     touch: TouchPolicy,
 ) -> Result<(), SignerError> {
-    let name = Name::from_str(subject).map_err(|e| {
+    certify(admin, slot, public, name, touch).map_err(|e| {
         SignerError::Open(format!(
-            "certificate subject {subject:?} is not an RFC 4514 name: {e}"
+            "the new key is in slot {} but its certificate could not be written ({e}): other \
+             tools will not see the key, and YubiKeys before firmware 5.3 read the slot's public \
+             key from the certificate. Fix the cause, then run the command again with --force \
+             (it replaces the key)",
+            slot_name(slot)
         ))
-    })?;
+    })
+}
+
+fn certify(
+    admin: &mut Admin,
+    slot: SlotId,
+    public: SubjectPublicKeyInfoOwned,
+    name: Name,
+    touch: TouchPolicy,
+) -> Result<(), SignerError> {
     let mut serial = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
     serial[0] &= 0x7f;
@@ -1070,6 +1093,7 @@ fn write_self_signed(
 /// `options.overwrite`.
 pub fn generate(settings: &PivSettings, options: &WriteOptions) -> Result<SlotInfo, SignerError> {
     let slot = settings.slot_id()?;
+    let subject = parse_subject(&options.subject)?;
     let mut admin = admin(settings, &options.management_key)?;
     refuse_occupied(&mut admin.yk, slot, options.overwrite)?;
     let public = piv::generate(
@@ -1081,13 +1105,7 @@ pub fn generate(settings: &PivSettings, options: &WriteOptions) -> Result<SlotIn
     )
     .map_err(|e| card_error("key generation", e))?;
     tracing::info!(slot = %slot_name(slot), serial = %admin.yk.serial(), "generated a P-256 key on the YubiKey");
-    write_self_signed(
-        &mut admin,
-        slot,
-        public,
-        &options.subject,
-        options.touch_policy,
-    )?;
+    write_self_signed(&mut admin, slot, public, subject, options.touch_policy)?;
     let info = read_slot(&mut admin.yk, slot)?;
     warn_about_policies(&info, &settings.location());
     Ok(info)
@@ -1102,6 +1120,7 @@ pub fn import(
     options: &WriteOptions,
 ) -> Result<SlotInfo, SignerError> {
     let slot = settings.slot_id()?;
+    let subject = parse_subject(&options.subject)?;
     let expected = bundle.verifying_key();
     let mut admin = admin(settings, &options.management_key)?;
     refuse_occupied(&mut admin.yk, slot, options.overwrite)?;
@@ -1121,13 +1140,7 @@ pub fn import(
         .map_err(|e| SignerError::Open(format!("public key encoding: {e}")))?;
     let public = SubjectPublicKeyInfoOwned::from_der(der.as_bytes())
         .map_err(|e| SignerError::Open(format!("public key encoding: {e}")))?;
-    write_self_signed(
-        &mut admin,
-        slot,
-        public,
-        &options.subject,
-        options.touch_policy,
-    )?;
+    write_self_signed(&mut admin, slot, public, subject, options.touch_policy)?;
     // The probe: the slot must sign for the bundle's public key.
     verify_pin(&mut admin.yk, &admin.pin)?;
     let digest = jose::sha256(b"tm-agent import probe");

@@ -1809,20 +1809,35 @@ fn keep_or_destroy(
     checked: Result<KeyEntry, Trouble>,
     label: &str,
 ) -> Result<KeyEntry, Trouble> {
-    if checked.is_err() {
-        let private_gone = session.destroy_object(private);
-        let public_gone = session.destroy_object(public);
-        match private_gone.and(public_gone) {
-            Ok(()) => tracing::info!(label, "the new key failed its checks and was deleted"),
-            Err(e) => tracing::error!(
-                label,
-                error = %e,
-                "the new key failed its checks and could not be deleted: delete its objects by \
-                 hand (pkcs11-tool --delete-object)"
-            ),
+    let Err(failed) = checked else {
+        return checked;
+    };
+    let private_gone = session.destroy_object(private);
+    let public_gone = session.destroy_object(public);
+    let gone = private_gone.and(public_gone);
+    if gone.is_ok() {
+        tracing::info!(label, "the new key failed its checks and was deleted");
+    }
+    Err(undone_or_left_behind(failed, gone, label))
+}
+
+/// The error of a key creation that failed after objects were made and then destroyed:
+/// `failed` as it is when they are gone, else with what is left in the token and what to
+/// do about it (a retry would otherwise be refused as "already exists" with no reason).
+fn undone_or_left_behind(failed: Trouble, gone: Result<(), CkError>, label: &str) -> Trouble {
+    match gone {
+        Ok(()) => failed,
+        Err(e) => {
+            tracing::error!(label, error = %e, "objects of a failed new key could not be deleted");
+            Trouble::Other(SignerError::Open(format!(
+                "{}; its objects could not be deleted again ({}): objects labelled {label:?} \
+                 are left in the token; delete them by hand (pkcs11-tool --delete-object) \
+                 before trying again",
+                failed.into_error(),
+                ck_error(e)
+            )))
         }
     }
-    checked
 }
 
 /// Warns loudly when the token does not protect the key: a private key that is not
@@ -1932,8 +1947,8 @@ pub fn import(
         let public = match admin.session.create_object(&public_attrs) {
             Ok(public) => public,
             Err(e) => {
-                let _ = admin.session.destroy_object(private);
-                return Err(e.into());
+                let gone = admin.session.destroy_object(private);
+                return Err(undone_or_left_behind(e.into(), gone, label));
             }
         };
         let checked = key_public(&admin.session, private).and_then(|vk| {
@@ -2031,6 +2046,33 @@ mod tests {
 
     fn vk() -> VerifyingKey {
         *SigningKey::from_slice(&[7u8; 32]).unwrap().verifying_key()
+    }
+
+    /// A failed key creation whose objects could not be deleted says what is left and what
+    /// to do; one whose objects are gone keeps its own error.
+    #[test]
+    fn a_failed_creation_reports_objects_left_behind() {
+        let failed = || {
+            Trouble::Other(SignerError::SelfTest(
+                "the probe signature does not verify".into(),
+            ))
+        };
+        let undone = undone_or_left_behind(failed(), Ok(()), "tm-key").into_error();
+        assert!(matches!(undone, SignerError::SelfTest(_)), "{undone}");
+        let stuck = CkError::Pkcs11(RvError::DeviceError, Function::DestroyObject);
+        let left = undone_or_left_behind(failed(), Err(stuck), "tm-key")
+            .into_error()
+            .to_string();
+        assert!(
+            left.contains("the probe signature does not verify"),
+            "{left}"
+        );
+        assert!(left.contains("C_DestroyObject"), "{left}");
+        assert!(
+            left.contains(r#"labelled "tm-key" are left in the token"#),
+            "{left}"
+        );
+        assert!(left.contains("pkcs11-tool --delete-object"), "{left}");
     }
 
     #[test]

@@ -94,7 +94,7 @@ mod tests {
         assert_eq!(parse_key(&sec1).unwrap(), sk);
         let jwk = jose::Jwk::from_verifying_key(sk.verifying_key());
         let bundle = serde_json::json!({
-            "key_id": "k", "private_key": {"kty": "EC", "crv": "P-256", "x": jwk.x, "y": jwk.y,
+            "key_id": "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70", "private_key": {"kty": "EC", "crv": "P-256", "x": jwk.x, "y": jwk.y,
             "d": jose::b64url(&sk.to_bytes())}
         });
         assert_eq!(parse_key(&bundle.to_string()).unwrap(), sk);

@@ -45,10 +45,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::jose::is_uuid;
 pub use counters::{Counters, RequestCounts};
 pub use error::SimError;
 pub use fault::{Endpoint, FaultKind, FaultSpec, FaultTarget, FaultTrigger};
-pub use keys::{is_uuid, KeyRegistration, RegisteredKeyInfo};
+pub use keys::{KeyRegistration, RegisteredKeyInfo};
 pub use state::RotateInfo;
 
 use state::{lock, Shared, SimState};

@@ -12,8 +12,8 @@ use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 use serde_json::Value;
 
-use super::keys::is_uuid;
 use super::reject::Reject;
+use crate::jose::is_uuid;
 
 /// The base64url text of a 64-byte value without padding is exactly 86 characters.
 const SIGNATURE_B64_LEN: usize = 86;
