@@ -177,11 +177,28 @@ async fn mint_once(
         .unwrap_or_default())
 }
 
-/// Keeps the first specific failure code.
+/// The exit status after another failure: the first one, except that a PIN problem (77)
+/// wins over any other, as it does for `run` (systemd does not restart it).
 fn worst(current: u8, new: u8) -> u8 {
-    if current == 0 {
+    if current == 0 || (new == super::EXIT_PIN && current != super::EXIT_PIN) {
         new
     } else {
         current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{EXIT_FAILURE, EXIT_PIN};
+
+    /// As for `run`, a PIN problem decides the status over any other failure, whichever key
+    /// comes first; otherwise the first failure does.
+    #[test]
+    fn a_pin_problem_decides_the_exit_status() {
+        assert_eq!(worst(0, EXIT_FAILURE), EXIT_FAILURE);
+        assert_eq!(worst(EXIT_FAILURE, EXIT_PIN), EXIT_PIN);
+        assert_eq!(worst(EXIT_PIN, EXIT_FAILURE), EXIT_PIN);
+        assert_eq!(worst(0, 0), 0);
     }
 }

@@ -141,13 +141,26 @@ fn fail(err: &anyhow::Error) -> u8 {
 }
 
 /// The exit code for a failure: [`EXIT_PIN`] for PIN problems, [`EXIT_CONFIG`] for an
-/// unusable config file, [`EXIT_FAILURE`] otherwise. The one mapping for every command.
+/// unusable config (the file, or what it points at: a socket directory or group, a
+/// `ca_file`), [`EXIT_FAILURE`] otherwise. The one mapping for every command.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<SignerError>() {
             return signer_exit_code(e);
         }
         if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return EXIT_CONFIG;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::server::ListenerError>() {
+            return if e.is_config_problem() {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILURE
+            };
+        }
+        if let Some(crate::auth_api::ApiError::Config(_)) =
+            cause.downcast_ref::<crate::auth_api::ApiError>()
+        {
             return EXIT_CONFIG;
         }
     }
@@ -201,6 +214,25 @@ mod tests {
         assert_eq!(exit_code(&err), EXIT_PIN);
         let err = anyhow::anyhow!("something else");
         assert_eq!(exit_code(&err), EXIT_FAILURE);
+        // What a restart cannot fix is a config problem (78, not restarted by the unit).
+        let no_dir = crate::server::ListenerError::NoDir {
+            dir: "/run/tm-agent".into(),
+        };
+        assert_eq!(
+            exit_code(&anyhow::Error::new(no_dir).context("socket")),
+            EXIT_CONFIG
+        );
+        let not_in_group = crate::server::ListenerError::NotInGroup { gid: 5 };
+        assert_eq!(exit_code(&anyhow::Error::new(not_in_group)), EXIT_CONFIG);
+        let in_use = crate::server::ListenerError::InUse {
+            path: "/run/tm-agent/agent.sock".into(),
+        };
+        assert_eq!(exit_code(&anyhow::Error::new(in_use)), EXIT_FAILURE);
+        let ca = crate::auth_api::ApiError::Config("ca_file is not PEM".into());
+        assert_eq!(
+            exit_code(&anyhow::Error::new(ca).context("profile p")),
+            EXIT_CONFIG
+        );
         let mut out = Vec::new();
         print_error(
             &anyhow::Error::new(SignerError::PinLocked).context("top"),

@@ -129,6 +129,11 @@ impl Daemon {
         activated: Option<std::os::unix::net::UnixListener>,
     ) -> anyhow::Result<()> {
         let started = Instant::now();
+        // SIGHUP's default action ends the process: caught from the start, a reload asked
+        // for while the keys open waits for the loop below instead of killing the agent.
+        // (SIGTERM keeps its default until then: a stop during a long key opening ends the
+        // process at once, rather than after the opening.)
+        let mut hup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
         let config = loaded.config;
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -202,7 +207,6 @@ impl Daemon {
 
         let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
-        let mut hup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
         // Why the agent stops: a signal or a failed token manager (both drain the server
         // first), or the server itself ending (nothing left to drain).
         let (reason, failure) = loop {
@@ -360,22 +364,33 @@ pub(crate) fn open_key(
     Handle::spawn(info, workers, options)
 }
 
-/// Pings the watchdog while every signer answers a probe within the interval.
+/// Pings the watchdog while every signer answers a probe in time. The keys are checked
+/// at once, so that the check takes as long as the slowest key, not the sum of them.
 async fn watchdog(notifier: Notifier, handles: BTreeMap<String, Handle>) {
     notifier
         .run_watchdog(|| {
-            let handles = handles.clone();
+            let mut checks = tokio::task::JoinSet::new();
+            for (name, handle) in &handles {
+                let (name, handle) = (name.clone(), handle.clone());
+                checks.spawn(async move { (name, handle.watchdog_check().await) });
+            }
+            // Dropping the set (the check ran out of time) aborts the checks still running.
             async move {
-                for (name, handle) in &handles {
-                    if !handle.watchdog_check().await {
-                        tracing::error!(
-                            key = %name,
-                            "signer does not answer (wedged in the HSM or card?)"
-                        );
-                        return false;
+                let mut healthy = true;
+                while let Some(checked) = checks.join_next().await {
+                    match checked {
+                        Ok((_, true)) => {}
+                        Ok((name, false)) => {
+                            tracing::error!(
+                                key = %name,
+                                "signer does not answer (wedged in the HSM or card?)"
+                            );
+                            healthy = false;
+                        }
+                        Err(_) => healthy = false,
                     }
                 }
-                true
+                healthy
             }
         })
         .await;

@@ -97,6 +97,26 @@ pub enum ListenerError {
     },
 }
 
+impl ListenerError {
+    /// True when the operator must change the config or the system before a start can
+    /// work (a restart alone cannot fix it): the daemon exits 78 for these.
+    pub fn is_config_problem(&self) -> bool {
+        match self {
+            ListenerError::WorldWritableDir { .. }
+            | ListenerError::GroupWritableDir { .. }
+            | ListenerError::NoDir { .. }
+            | ListenerError::NotASocket { .. }
+            | ListenerError::NoGroup { .. }
+            | ListenerError::BadMode { .. }
+            | ListenerError::NotInGroup { .. } => true,
+            // Another agent may stop, NSS may come back, an I/O error may pass.
+            ListenerError::InUse { .. }
+            | ListenerError::GroupLookup { .. }
+            | ListenerError::Io { .. } => false,
+        }
+    }
+}
+
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ListenerError + 'a {
     move |source| ListenerError::Io {
         what,

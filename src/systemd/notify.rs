@@ -188,10 +188,12 @@ impl Notifier {
         )
     }
 
-    /// Sends `WATCHDOG=1` every [`Notifier::watchdog_interval`] for as long as `healthy()`
-    /// answers `true` within that interval. When it answers `false` or not in time, the
-    /// ping is skipped, so a wedged signer or a stuck event loop makes systemd restart
-    /// the agent after `WatchdogSec=`. Returns at once when there is no watchdog; otherwise
+    /// Sends `WATCHDOG=1` every [`Notifier::watchdog_interval`] (half of `WatchdogSec=`) for
+    /// as long as `healthy()` answers `true` within half that interval. When it answers
+    /// `false` or not in time, the ping is skipped, so a wedged signer or a stuck event loop
+    /// makes systemd restart the agent after `WatchdogSec=`. The check's own limit keeps
+    /// two pings of a healthy agent at most three quarters of `WatchdogSec=` apart: with
+    /// the whole interval, a slow check could put one just at the deadline. Returns at once when there is no watchdog; otherwise
     /// runs until dropped (spawn it, or select! it against the shutdown token).
     pub async fn run_watchdog<F, Fut>(&self, mut healthy: F)
     where
@@ -205,7 +207,8 @@ impl Notifier {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            match tokio::time::timeout(period, healthy()).await {
+            let limit = period / 2;
+            match tokio::time::timeout(limit, healthy()).await {
                 Ok(true) => {
                     if let Err(e) = self.watchdog() {
                         tracing::warn!(error = %e, "watchdog ping not delivered");
@@ -213,7 +216,7 @@ impl Notifier {
                 }
                 Ok(false) => tracing::warn!("agent unhealthy: watchdog ping withheld"),
                 Err(_) => tracing::warn!(
-                    after_ms = period.as_millis() as u64,
+                    after_ms = limit.as_millis() as u64,
                     "health check did not answer: watchdog ping withheld"
                 ),
             }
@@ -568,8 +571,10 @@ mod tests {
     async fn watchdog_pings_only_while_healthy() {
         let (_dir, rx, n) = pair();
         let n = n.with_watchdog(Some(Duration::from_secs(2)));
-        // Ticks at 0s, 1s, 2s, 3s, 4s. The check at 1s says no; the one at 2s never answers
-        // and times out at 3s, when the next tick is due at once: pings at 0s, 3s and 4s.
+        // Ticks at 0s, 1s, 2s, 3s, 4s, 5s; a check has 0.5 s. The check at 1s says no; the
+        // one at 2s answers yes after 0.7 s, too late (a ping then would be 2.7 s after the
+        // last one, near systemd's deadline); the one at 3s never answers: pings at 0s, 4s
+        // and 5s.
         let mut calls = 0;
         let run = n.run_watchdog(|| {
             calls += 1;
@@ -577,12 +582,16 @@ mod tests {
             async move {
                 match call {
                     2 => false,
-                    3 => std::future::pending().await,
+                    3 => {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                        true
+                    }
+                    4 => std::future::pending().await,
                     _ => true,
                 }
             }
         });
-        let _ = tokio::time::timeout(Duration::from_millis(4_500), run).await;
+        let _ = tokio::time::timeout(Duration::from_millis(5_200), run).await;
         assert_eq!(pending(&rx), ["WATCHDOG=1"; 3]);
     }
 
