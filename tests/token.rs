@@ -550,10 +550,13 @@ async fn server_clock_40_s_ahead_resyncs_and_mints() {
     assert_eq!(c.mints, 1);
     let st = rig.manager.status();
     assert!((39..=41).contains(&st.clock_offset_secs), "{st:?}");
-    // expires_at is on the local clock (about 6 s from now), not 40 s later.
+    // expires_at is on the local clock (about 6 s from now), not 40 s later. Up to 1 s of
+    // the 6 is lost to the whole-second `exp`, up to 1 s more to the 1 s resolution of the
+    // `Date` header (converted conservatively), and some to the time since the mint: a
+    // token left with 3.9 s was seen under load, so the floor is 3 s.
     let left = t.expires_at.duration_since(SystemTime::now()).unwrap();
     assert!(
-        left > Duration::from_secs(4) && left < Duration::from_secs(6),
+        left > Duration::from_secs(3) && left < Duration::from_secs(6),
         "{left:?}"
     );
     let skew = rig
