@@ -341,21 +341,35 @@ async fn scheduled_refresh_over_many_rotations_never_hands_out_an_expired_token(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_refresh_family_and_refresh_401_remint() {
-    // 30 s tokens last ~28.9 s on the local clock (whole-second exp, conservative Date
-    // conversion); after 4.5 s, asking for 25.5 s (under 90% of a life) forces a renewal.
-    let rig = rig(ttl_config(Duration::from_secs(30)), Via::Http, |_| {}).await;
+/// A rig with 30 s tokens (HTTP), its first token, and 4.5 s gone since: asking then for
+/// [`FORCES_RENEWAL`] forces a renewal. 30 s tokens last ~28.9 s on the local clock
+/// (whole-second exp, conservative Date conversion), and 25.5 s is under 90% of a life.
+async fn rig_with_a_token_4_5_s_old(
+    tweak: impl FnOnce(&mut TokenSettings),
+) -> (Rig, Arc<AccessToken>) {
+    let rig = rig(ttl_config(Duration::from_secs(30)), Via::Http, tweak).await;
     let first = rig
         .manager
         .wait_ready(Duration::from_secs(5))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(4500)).await;
+    (rig, first)
+}
+
+/// See [`rig_with_a_token_4_5_s_old`].
+const FORCES_RENEWAL: Duration = Duration::from_millis(25_500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_refresh_family_and_refresh_401_remint() {
+    let (rig, first) = rig_with_a_token_4_5_s_old(|_| {}).await;
     // The family is revoked server-side (as after a detected reuse).
     assert_eq!(rig.sim.handle.revoke_all_refresh_tokens(), 1);
-    let want = Duration::from_millis(25_500);
-    let t = rig.manager.token(Some(want)).await.expect("re-minted");
+    let t = rig
+        .manager
+        .token(Some(FORCES_RENEWAL))
+        .await
+        .expect("re-minted");
     assert!(t.token != first.token, "a new token");
     check_with_sim_jwks(&rig.sim.handle, &t.token).unwrap();
     let c = rig.sim.handle.counters();
@@ -371,16 +385,10 @@ async fn revoked_refresh_family_and_refresh_401_remint() {
 /// server sees a spent token reused and revokes the family, and the agent mints a new pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_whose_answer_is_lost_after_the_rotation_recovers_by_minting() {
-    let rig = rig(ttl_config(Duration::from_secs(30)), Via::Http, |s| {
+    let (rig, first) = rig_with_a_token_4_5_s_old(|s| {
         s.backoff_max = Duration::from_secs(1);
     })
     .await;
-    let first = rig
-        .manager
-        .wait_ready(Duration::from_secs(5))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(4500)).await;
     let sim = &rig.sim.handle;
     sim.inject_fault(FaultSpec::next(
         FaultKind::LoseAnswer,
@@ -388,12 +396,11 @@ async fn a_refresh_whose_answer_is_lost_after_the_rotation_recovers_by_minting()
         1,
     ))
     .unwrap();
-    // Under 90% of a life: forces a renewal. The first try loses its answer; a caller may
-    // hear an error while the agent backs off, then gets the new token.
-    let want = Duration::from_millis(25_500);
+    // The first try loses its answer; a caller may hear an error while the agent backs off,
+    // then gets the new token.
     let deadline = Instant::now() + Duration::from_secs(10);
     let t = loop {
-        match rig.manager.token(Some(want)).await {
+        match rig.manager.token(Some(FORCES_RENEWAL)).await {
             Ok(t) => break t,
             Err(e) => {
                 assert!(Instant::now() < deadline, "no new token in 10 s: {e}");

@@ -1045,7 +1045,32 @@ fn write_self_signed(
     name: Name,
     touch: TouchPolicy,
 ) -> Result<(), SignerError> {
-    certify(admin, slot, public, name, touch).map_err(|e| {
+    let certify = || -> Result<(), SignerError> {
+        let mut serial = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
+        serial[0] &= 0x7f;
+        let serial = SerialNumber::new(&serial)
+            .map_err(|e| SignerError::Open(format!("certificate serial: {e}")))?;
+        let validity = Validity::from_now(Duration::from_secs(20 * 365 * 24 * 3600))
+            .map_err(|e| SignerError::Open(format!("certificate validity: {e}")))?;
+        if matches!(touch, TouchPolicy::Always | TouchPolicy::Cached) {
+            tracing::warn!("touch the YubiKey now: it signs the slot's certificate");
+        }
+        // PIN policy "always" wants the PIN right before the signature.
+        verify_pin(&mut admin.yk, &admin.pin)?;
+        Certificate::generate_self_signed::<_, p256::NistP256>(
+            &mut admin.yk,
+            slot,
+            serial,
+            validity,
+            name,
+            public,
+            |_| Ok(()),
+        )
+        .map_err(|e| card_error("writing the slot certificate", e))?;
+        Ok(())
+    };
+    certify().map_err(|e| {
         SignerError::Open(format!(
             "the new key is in slot {} but its certificate could not be written ({e}): other \
              tools will not see the key, and YubiKeys before firmware 5.3 read the slot's public \
@@ -1054,38 +1079,6 @@ fn write_self_signed(
             slot_name(slot)
         ))
     })
-}
-
-fn certify(
-    admin: &mut Admin,
-    slot: SlotId,
-    public: SubjectPublicKeyInfoOwned,
-    name: Name,
-    touch: TouchPolicy,
-) -> Result<(), SignerError> {
-    let mut serial = [0u8; 16];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut serial);
-    serial[0] &= 0x7f;
-    let serial = SerialNumber::new(&serial)
-        .map_err(|e| SignerError::Open(format!("certificate serial: {e}")))?;
-    let validity = Validity::from_now(Duration::from_secs(20 * 365 * 24 * 3600))
-        .map_err(|e| SignerError::Open(format!("certificate validity: {e}")))?;
-    if matches!(touch, TouchPolicy::Always | TouchPolicy::Cached) {
-        tracing::warn!("touch the YubiKey now: it signs the slot's certificate");
-    }
-    // PIN policy "always" wants the PIN right before the signature.
-    verify_pin(&mut admin.yk, &admin.pin)?;
-    Certificate::generate_self_signed::<_, p256::NistP256>(
-        &mut admin.yk,
-        slot,
-        serial,
-        validity,
-        name,
-        public,
-        |_| Ok(()),
-    )
-    .map_err(|e| card_error("writing the slot certificate", e))?;
-    Ok(())
 }
 
 /// Generates a P-256 key in the settings' slot with the given policies, and writes a
