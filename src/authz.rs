@@ -237,6 +237,14 @@ impl UserDb {
         self.users.iter().find(|(n, _)| n == name).map(|(_, u)| *u)
     }
 
+    /// The first user whose name is `name` but for ASCII case, as a case-insensitive
+    /// directory (sssd's default for AD) spells it: its name and uid.
+    fn user_any_case(&self, name: &str) -> Option<&(String, u32)> {
+        self.users
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
     /// The gid of group `name`.
     pub fn gid(&self, name: &str) -> Option<u32> {
         self.groups
@@ -375,11 +383,7 @@ impl<'a> Resolver<'a> {
                 // `alice`; an exact match wins when both are listed.
                 let uid = match answer.uid(name) {
                     Some(uid) => Some(uid),
-                    None => match answer
-                        .users
-                        .iter()
-                        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                    {
+                    None => match answer.user_any_case(name) {
                         // Also the exact answer to another name of the batch (`Bob` next to
                         // `bob`): whether `Bob` is that account (a case-insensitive
                         // directory) or nobody (a case-sensitive one), only NSS asked about
@@ -397,12 +401,9 @@ impl<'a> Resolver<'a> {
         for name in ambiguous {
             let answer = UserDb::parse(&self.ask(Database::Passwd, &[name])?, "");
             // Asked alone: whatever entry comes back is the directory's answer for `name`.
-            let uid = answer.uid(name).or_else(|| {
-                let mut users = answer.users.iter();
-                users
-                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .map(|u| u.1)
-            });
+            let uid = answer
+                .uid(name)
+                .or_else(|| answer.user_any_case(name).map(|u| u.1));
             self.nss_uids.insert(name.to_owned(), uid);
         }
         Ok(())

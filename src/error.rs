@@ -43,7 +43,7 @@ impl WireError {
     pub fn unsupported_version(v: u64) -> Self {
         WireError::new(
             ErrorCode::UnsupportedVersion,
-            format!("protocol version {v} is not supported; this agent speaks v1"),
+            crate::protocol::unsupported_version_message(v),
         )
     }
 

@@ -961,7 +961,7 @@ async fn inline(sessions: usize, args: &BenchArgs, modes: &ModeArgs) -> anyhow::
         threads: sessions,
         clients: args.connections,
         location,
-        busy_poll: args.busy_poll,
+        busy_poll,
         measurement: measured?,
         sign_in_server: Some(summarize(nanos, 0, seconds.as_secs_f64())),
     })

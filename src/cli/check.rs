@@ -71,11 +71,11 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
             }
             Ok(Err(e)) => {
                 let _ = writeln!(out, "key      FAIL  {name}: {e}");
-                code = worst(code, super::signer_exit_code(&e));
+                code = super::worst(code, super::signer_exit_code(&e));
             }
             Err(e) => {
                 let _ = writeln!(out, "key      FAIL  {name}: {e}");
-                code = worst(code, super::EXIT_FAILURE);
+                code = super::worst(code, super::EXIT_FAILURE);
             }
         }
     }
@@ -84,7 +84,7 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
             Ok(client) => client,
             Err(e) => {
                 let _ = writeln!(out, "api      FAIL  {name}: {e}");
-                code = worst(code, super::EXIT_FAILURE);
+                code = super::worst(code, super::EXIT_FAILURE);
                 continue;
             }
         };
@@ -97,7 +97,7 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
                     "api      FAIL  {name}: {} unreachable: {e}",
                     endpoints.jwks
                 );
-                code = worst(code, super::EXIT_FAILURE);
+                code = super::worst(code, super::EXIT_FAILURE);
                 continue;
             }
         };
@@ -127,7 +127,7 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
             }
             Err(message) => {
                 let _ = writeln!(out, "mint     FAIL  {name}: {message}");
-                code = worst(code, super::EXIT_FAILURE);
+                code = super::worst(code, super::EXIT_FAILURE);
             }
         }
     }
@@ -175,30 +175,4 @@ async fn mint_once(
         .expires_at
         .duration_since(SystemTime::now())
         .unwrap_or_default())
-}
-
-/// The exit status after another failure: the first one, except that a PIN problem (77)
-/// wins over any other, as it does for `run` (systemd does not restart it).
-fn worst(current: u8, new: u8) -> u8 {
-    if current == 0 || (new == super::EXIT_PIN && current != super::EXIT_PIN) {
-        new
-    } else {
-        current
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cli::{EXIT_FAILURE, EXIT_PIN};
-
-    /// As for `run`, a PIN problem decides the status over any other failure, whichever key
-    /// comes first; otherwise the first failure does.
-    #[test]
-    fn a_pin_problem_decides_the_exit_status() {
-        assert_eq!(worst(0, EXIT_FAILURE), EXIT_FAILURE);
-        assert_eq!(worst(EXIT_FAILURE, EXIT_PIN), EXIT_PIN);
-        assert_eq!(worst(EXIT_PIN, EXIT_FAILURE), EXIT_PIN);
-        assert_eq!(worst(0, 0), 0);
-    }
 }

@@ -167,6 +167,17 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     EXIT_FAILURE
 }
 
+/// The exit status after another failure (`current` 0: none yet): the first failure's,
+/// except that a PIN problem ([`EXIT_PIN`]) wins over any other, since systemd does not
+/// restart it and a restart would send the wrong PIN again. `run` and `check` agree.
+pub fn worst(current: u8, new: u8) -> u8 {
+    if current == 0 || (new == EXIT_PIN && current != EXIT_PIN) {
+        new
+    } else {
+        current
+    }
+}
+
 /// [`EXIT_PIN`] for a wrong, locked or unreadable PIN, else [`EXIT_FAILURE`].
 pub fn signer_exit_code(err: &SignerError) -> u8 {
     match err {
@@ -205,6 +216,16 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// As for `run`, a PIN problem decides the status over any other failure, whichever key
+    /// comes first; otherwise the first failure does.
+    #[test]
+    fn a_pin_problem_decides_the_exit_status() {
+        assert_eq!(worst(0, EXIT_FAILURE), EXIT_FAILURE);
+        assert_eq!(worst(EXIT_FAILURE, EXIT_PIN), EXIT_PIN);
+        assert_eq!(worst(EXIT_PIN, EXIT_FAILURE), EXIT_PIN);
+        assert_eq!(worst(0, 0), 0);
     }
 
     #[test]

@@ -309,26 +309,25 @@ async fn open_keys(config: &Config) -> anyhow::Result<BTreeMap<String, Handle>> 
     // decide the exit status (77, which systemd does not restart) over another key's
     // failure (1, restarted), or each restart would send the wrong PIN again.
     let mut opened = Vec::new();
-    let mut failed: Option<anyhow::Error> = None;
+    // The failure that decides the exit status, with its code (see `cli::worst`).
+    let mut failed: Option<(u8, anyhow::Error)> = None;
     while let Some(joined) = tasks.join_next().await {
         let (name, result) = joined.context("a key-opening task failed")?;
         match result {
             Ok(handle) => opened.push((name, handle)),
             Err(e) => {
-                let pin_problem = super::signer_exit_code(&e) == super::EXIT_PIN;
+                let code = super::signer_exit_code(&e);
                 let e = anyhow::Error::new(e).context(format!("cannot open key {name}"));
-                let keep_earlier = failed
-                    .as_ref()
-                    .is_some_and(|f| !pin_problem || super::exit_code(f) == super::EXIT_PIN);
-                if keep_earlier {
+                let current = failed.as_ref().map_or(0, |(c, _)| *c);
+                if super::worst(current, code) == current {
                     tracing::error!(key = %name, error = %format!("{e:#}"), "key not opened");
-                } else if let Some(earlier) = failed.replace(e) {
+                } else if let Some((_, earlier)) = failed.replace((code, e)) {
                     tracing::error!(error = %format!("{earlier:#}"), "key not opened");
                 }
             }
         }
     }
-    if let Some(e) = failed {
+    if let Some((_, e)) = failed {
         return Err(e);
     }
     let mut handles = BTreeMap::new();
@@ -407,7 +406,6 @@ async fn report_status(
     ready_sent: Arc<AtomicBool>,
 ) {
     let mut receivers: Vec<_> = profiles.iter().map(|p| p.manager.subscribe()).collect();
-    let mut ready = false;
     loop {
         let all_ready = profiles.iter().all(|p| match p.ready_when {
             ReadyWhen::Signer => true,
@@ -418,8 +416,7 @@ async fn report_status(
                 .is_some_and(|e| e > SystemTime::now()),
         });
         let text = status_text(&profiles);
-        if all_ready && !ready {
-            ready = true;
+        if all_ready && !ready_sent.load(Ordering::Acquire) {
             let _ = notifier.ready_with_status(&text);
             ready_sent.store(true, Ordering::Release);
             tracing::info!(

@@ -273,6 +273,11 @@ impl Body<'_> {
     }
 }
 
+/// The message of an `unsupported_version` error for a request with `v` = `v`.
+pub fn unsupported_version_message(v: u64) -> String {
+    format!("protocol version {v} is not supported; this agent speaks v1")
+}
+
 /// Why a parsed request is not a valid one. The message is safe to send to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestError {
@@ -298,7 +303,7 @@ impl<'a> RawRequest<'a> {
             Some(other) => {
                 return Err(fail(
                     ErrorCode::UnsupportedVersion,
-                    format!("protocol version {other} is not supported; this agent speaks v1"),
+                    unsupported_version_message(other),
                 ))
             }
             None => {

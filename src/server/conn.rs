@@ -463,7 +463,7 @@ impl Conn {
 
     fn handle_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
         // serde would also read a struct from a JSON array, by position.
-        if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        if !starts_as_object(line) {
             let err = WireError::bad_request("a request is one JSON object on one line");
             return self.refuse(out, None, None, err);
         }
@@ -934,8 +934,12 @@ fn profile_status(p: &Profile) -> protocol::ProfileStatus {
 /// nothing else: in particular not `{key_id}.{timestamp}`, whose signature would mint
 /// tokens for any time the client chose, outliving a revocation of its access.
 fn is_json_object(text: &str) -> bool {
-    text.trim_start().starts_with('{')
-        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+    starts_as_object(text.as_bytes()) && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+/// True if the first byte after JSON whitespace opens an object.
+fn starts_as_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 /// True if `token` stays valid for at least `min_ttl` (default: is valid at all).

@@ -194,6 +194,17 @@ struct Shared {
     options: ActorOptions,
 }
 
+impl Shared {
+    /// Publishes `next` to health subscribers if it differs from the current state.
+    fn set_health(&self, next: HealthState) {
+        self.health.send_if_modified(|state| {
+            let changed = *state != next;
+            *state = next;
+            changed
+        });
+    }
+}
+
 /// The async front of a signer actor. Cheap to clone; the threads stop when the last
 /// `Handle` is dropped (the queue closes) after finishing the job at hand.
 #[derive(Clone)]
@@ -288,13 +299,8 @@ impl Handle {
             Err(_) => {
                 let err = SignerError::Timeout(timeout);
                 // Shown by `status` until a signature succeeds again.
-                let reason = err.to_string();
-                self.shared.health.send_if_modified(|state| {
-                    let next = HealthState::Failing(reason);
-                    let changed = *state != next;
-                    *state = next;
-                    changed
-                });
+                self.shared
+                    .set_health(HealthState::Failing(err.to_string()));
                 Err(err)
             }
         }
@@ -315,13 +321,13 @@ impl Handle {
         if !self.queue.is_empty() {
             return false;
         }
-        let alive = match self.sign(b"tm-agent watchdog probe").await {
-            Err(SignerError::Timeout(_) | SignerError::Closed) => false,
-            // Filled up since the look above: the next call judges by progress.
-            Err(SignerError::Busy { .. }) => true,
-            // Any other answer, even an error from a missing token, came from a worker.
-            _ => true,
-        };
+        // Any other answer, even an error from a missing token, came from a worker; `busy`
+        // means the queue filled up since the look above, and the next call judges by
+        // progress.
+        let alive = !matches!(
+            self.sign(b"tm-agent watchdog probe").await,
+            Err(SignerError::Timeout(_) | SignerError::Closed)
+        );
         if alive {
             // The probe's own job is no progress for the next call to see.
             let finished = self.shared.finished.load(Ordering::Acquire);
@@ -431,44 +437,42 @@ fn run_worker(mut worker: Box<dyn Signer>, rx: Receiver<Job>, shared: Arc<Shared
             Ok(job) => job,
             Err(_) => return, // every Handle dropped
         };
-        if job.reply.is_closed() {
-            shared.finished.fetch_add(1, Ordering::Release);
-            continue; // the caller has gone: don't spend the HSM on it
-        }
-        if Instant::now() >= job.deadline {
+        let result = if job.reply.is_closed() {
+            None // the caller has gone: don't spend the HSM on it
+        } else if Instant::now() >= job.deadline {
             // Its caller is giving up this instant: it hears `timeout`, not a closed signer.
-            shared.finished.fetch_add(1, Ordering::Release);
-            let _ = job
-                .reply
-                .send(Err(SignerError::Timeout(shared.options.timeout)));
-            continue;
-        }
-        let result = worker.sign_digest(&job.digest);
-        match &result {
-            Ok(_) => {
-                shared.signatures.fetch_add(1, Ordering::Relaxed);
-                *lock(&shared.last_ok) = Some(SystemTime::now());
-                shared.health.send_if_modified(|state| {
-                    let changed = *state != HealthState::Healthy;
-                    *state = HealthState::Healthy;
-                    changed
-                });
-            }
-            Err(err) => {
-                shared.errors.fetch_add(1, Ordering::Relaxed);
-                let reason = err.to_string();
-                tracing::warn!(signer = %shared.options.name, error = %reason, "signing failed");
-                shared.health.send_if_modified(|state| {
-                    let next = HealthState::Failing(reason);
-                    let changed = *state != next;
-                    *state = next;
-                    changed
-                });
-            }
-        }
+            Some(Err(SignerError::Timeout(shared.options.timeout)))
+        } else {
+            Some(sign(worker.as_mut(), &job.digest, &shared))
+        };
         shared.finished.fetch_add(1, Ordering::Release);
-        let _ = job.reply.send(result);
+        if let Some(result) = result {
+            let _ = job.reply.send(result);
+        }
     }
+}
+
+/// Signs one job's digest and records the outcome in the counters and the health state.
+fn sign(
+    worker: &mut dyn Signer,
+    digest: &[u8; 32],
+    shared: &Shared,
+) -> Result<Signature, SignerError> {
+    let result = worker.sign_digest(digest);
+    match &result {
+        Ok(_) => {
+            shared.signatures.fetch_add(1, Ordering::Relaxed);
+            *lock(&shared.last_ok) = Some(SystemTime::now());
+            shared.set_health(HealthState::Healthy);
+        }
+        Err(err) => {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            let reason = err.to_string();
+            tracing::warn!(signer = %shared.options.name, error = %reason, "signing failed");
+            shared.set_health(HealthState::Failing(reason));
+        }
+    }
+    result
 }
 
 #[cfg(test)]

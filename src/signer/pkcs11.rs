@@ -1827,16 +1827,13 @@ fn keep_or_destroy(
 fn undone_or_left_behind(failed: Trouble, gone: Result<(), CkError>, label: &str) -> Trouble {
     match gone {
         Ok(()) => failed,
-        Err(e) => {
-            tracing::error!(label, error = %e, "objects of a failed new key could not be deleted");
-            Trouble::Other(SignerError::Open(format!(
-                "{}; its objects could not be deleted again ({}): objects labelled {label:?} \
+        Err(e) => Trouble::Other(SignerError::Open(format!(
+            "{}; its objects could not be deleted again ({}): objects labelled {label:?} \
                  are left in the token; delete them by hand (pkcs11-tool --delete-object) \
                  before trying again",
-                failed.into_error(),
-                ck_error(e)
-            )))
-        }
+            failed.into_error(),
+            ck_error(e)
+        ))),
     }
 }
 
