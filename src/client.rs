@@ -97,7 +97,8 @@ fn connect_hint(err: &io::Error) -> String {
 fn agent_message(code: ErrorCode, message: &str) -> String {
     match code {
         ErrorCode::Forbidden if message.starts_with("permission denied") => message.to_owned(),
-        ErrorCode::Forbidden => format!("permission denied by the agent: {message}"),
+        // Not an access rule: a request the agent refuses to sign whoever asks.
+        ErrorCode::Forbidden => format!("refused by the agent: {message} ({code})"),
         _ => format!("{message} ({code})"),
     }
 }
@@ -633,5 +634,12 @@ mod tests {
         let e = decode::<PingResult>(3, err).unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::Forbidden));
         assert_eq!(e.to_string(), "permission denied by the agent: no");
+        let err = br#"{"id":3,"ok":false,"error":{"code":"forbidden","message":"this agent signs only profile `p`'s own key_id"}}"#;
+        let e = decode::<PingResult>(3, err).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Forbidden));
+        assert_eq!(
+            e.to_string(),
+            "refused by the agent: this agent signs only profile `p`'s own key_id (forbidden)"
+        );
     }
 }

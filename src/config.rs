@@ -336,7 +336,14 @@ impl Config {
     /// Parses TOML text (types only; see [`Config::validate`]). The error names the line
     /// and column but never quotes the file: a PIN pasted into it must not reach a log.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| describe_toml_error(text, &e))
+        toml::from_str(text).map_err(|e| {
+            let inside_key =
+                toml_error_position(text, &e).and_then(|(line, _)| reread_key_table(text, line));
+            match inside_key {
+                Some((doc, e)) => describe_toml_error(&doc, &e),
+                None => describe_toml_error(text, &e),
+            }
+        })
     }
 
     /// Every problem apart from user and group names, one sentence each saying what to
@@ -496,6 +503,48 @@ pub fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
         Some((line, column)) => format!("line {line}, column {column}: {}", err.message()),
         None => err.message().to_string(),
     }
+}
+
+/// serde reads `[keys.NAME]` through its `backend` tag, which loses the positions inside
+/// the table: its errors point at the table's header, and a value of the wrong type does
+/// not even name its field. For a table whose header is on line `header` (1-based) of
+/// `text`, this reads the table's body again, straight into its backend's settings, and
+/// returns that error with the text it was read from: the file with everything but the
+/// body's lines blanked (the `backend` line too), so that its positions are the file's.
+/// None when the header is no `[keys.NAME]`, its backend is missing or unknown, or the body
+/// reads without error.
+pub fn reread_key_table(text: &str, header: usize) -> Option<(String, toml::de::Error)> {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let head = lines.get(header.checked_sub(1)?)?;
+    let head = head.split_once('#').map_or(*head, |(h, _)| h).trim();
+    if !(head.starts_with("[keys.") && head.ends_with(']')) {
+        return None;
+    }
+    let end = lines[header..]
+        .iter()
+        .position(|l| l.trim_start().starts_with('['))
+        .map_or(lines.len(), |i| header + i);
+    let mut backend = None;
+    let mut doc = String::with_capacity(text.len());
+    for (i, line) in lines.iter().enumerate() {
+        if (header..end).contains(&i) {
+            let tag = toml::from_str::<toml::Table>(line)
+                .ok()
+                .and_then(|t| t.get("backend").and_then(|v| v.as_str()).map(str::to_owned));
+            match tag {
+                Some(tag) => backend = Some(tag),
+                None => doc.push_str(line),
+            }
+        }
+        doc.push('\n');
+    }
+    let err = match backend?.as_str() {
+        "pkcs11" => toml::from_str::<Pkcs11Settings>(&doc).err(),
+        "piv" => toml::from_str::<PivSettings>(&doc).err(),
+        "soft" => toml::from_str::<SoftKeyConfig>(&doc).err(),
+        _ => None,
+    }?;
+    Some((doc, err))
 }
 
 /// The 1-based line and column where a TOML error starts in `text`, when toml knows it.
@@ -687,6 +736,44 @@ profiles = ["nope"]
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn errors_inside_a_key_table_point_at_the_field_not_the_header() {
+        // MINIMAL: [keys.prod] on line 2, key_label on line 6, pin on line 7.
+        for (from, to, line, says) in [
+            (
+                "key_label = \"k\"",
+                "key_lable = \"k\"",
+                6,
+                "unknown field `key_lable`",
+            ),
+            ("key_label = \"k\"", "sessions = \"x\"", 6, "expected usize"),
+            (
+                "pin = { file = \"/etc/tm-agent/pin\" }",
+                "pin = \"123456\"",
+                7,
+                "never the PIN itself",
+            ),
+            ("key_label = \"k\"", "key_id = \"zz\"", 6, "is not hex"),
+        ] {
+            let err = Config::parse(&MINIMAL.replace(from, to)).unwrap_err();
+            assert!(err.starts_with(&format!("line {line}, ")), "{to}: {err}");
+            assert!(err.contains(says), "{to}: {err}");
+            assert!(!err.contains("123456"), "{err}");
+        }
+        // `backend` after the field, and a comment on the header.
+        let text = "[keys.y] # the card\nserial = \"x\"\nbackend = \"piv\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(err.starts_with("line 2, "), "{err}");
+        // Without a backend the header is the place to look; an unknown one is pointed at.
+        let err = Config::parse("[keys.y]\nslot = \"9a\"\n").unwrap_err();
+        assert!(
+            err.starts_with("line 1, ") && err.contains("backend"),
+            "{err}"
+        );
+        let err = Config::parse("[keys.y]\nbackend = \"tpm\"\n").unwrap_err();
+        assert!(err.starts_with("line 2, ") && err.contains("tpm"), "{err}");
     }
 
     #[test]

@@ -98,11 +98,24 @@ impl WireError {
     /// The code and message for a token that cannot be handed out.
     pub fn from_token(err: &TokenError, profile: &str) -> Self {
         let code = err.wire_code();
-        let message = match code {
-            ErrorCode::Timeout => format!(
+        let message = match err {
+            TokenError::Timeout(_) => format!(
                 "renewing the access token of profile `{profile}` did not finish in time: retry shortly"
             ),
-            _ => format!(
+            TokenError::ShortOfMinTtl {
+                expires_in,
+                retry_in,
+                ..
+            } => format!(
+                "the access token of profile `{profile}` expires in {} s, short of the min_ttl \
+                 asked for, and the agent cannot renew it right now{}: ask with a smaller \
+                 min_ttl, or see `tm-agent status` and the agent's log",
+                expires_in.as_secs(),
+                retry_in
+                    .map(|d| format!(" (next attempt in {} s)", d.as_secs_f64().ceil()))
+                    .unwrap_or_default()
+            ),
+            TokenError::Unavailable(_) => format!(
                 "no valid access token for profile `{profile}` right now: see `tm-agent status` \
                  and the agent's log"
             ),
@@ -111,42 +124,28 @@ impl WireError {
     }
 }
 
-/// `text` with every run of characters between backticks or double quotes cut to `max`
-/// characters (`…` marks a cut); the quote marks stay.
+/// `text`, a serde error message, with the client's input that it quotes cut to `max`
+/// characters (`…` marks a cut). serde quotes that input first, between backticks or double
+/// quotes (``unknown field `X`, expected one of …``, `invalid type: string "X", expected …`),
+/// and the input may itself hold quote marks: so the quoted run is taken to reach the last
+/// `<quote>, expected` (else the last quote mark), not the next quote mark.
 fn cut_quotes(text: &str, max: usize) -> Cow<'_, str> {
-    let mut out = String::with_capacity(text.len().min(1024));
-    let mut open: Option<char> = None;
-    let mut inside = 0;
-    let mut cut = false;
-    for c in text.chars() {
-        match open {
-            Some(q) if c == q => {
-                open = None;
-                out.push(c);
-            }
-            Some(_) => {
-                inside += 1;
-                if inside <= max {
-                    out.push(c);
-                } else if inside == max + 1 {
-                    out.push('…');
-                    cut = true;
-                }
-            }
-            None => {
-                if c == '`' || c == '"' {
-                    open = Some(c);
-                    inside = 0;
-                }
-                out.push(c);
-            }
-        }
+    let Some(start) = text.find(['`', '"']) else {
+        return Cow::Borrowed(text);
+    };
+    let quote = &text[start..=start];
+    let inner = start + 1;
+    let rest = &text[inner..];
+    let end = rest
+        .rfind(&format!("{quote}, expected"))
+        .or_else(|| rest.rfind(quote))
+        .map_or(text.len(), |i| inner + i);
+    let echoed = &text[inner..end];
+    if echoed.chars().count() <= max {
+        return Cow::Borrowed(text);
     }
-    if cut {
-        Cow::Owned(out)
-    } else {
-        Cow::Borrowed(text)
-    }
+    let kept: String = echoed.chars().take(max).collect();
+    Cow::Owned(format!("{}{kept}…{}", &text[..inner], &text[end..]))
 }
 
 #[cfg(test)]
@@ -196,6 +195,24 @@ mod tests {
         assert!(e
             .message
             .ends_with(&format!(" at line 1 column {}", err.column())));
+        // Quote marks inside the client's text do not end the quoted run early.
+        for line in [
+            format!(r#"{{"v":1,"id":1,"op":"ping","a`{}":1}}"#, "B".repeat(300)),
+            format!(r#"{{"v":"a\"{}","id":7,"op":"ping"}}"#, "G".repeat(300)),
+            format!(
+                r#"{{"v":1,"id":1,"op":"ping","a`, expected `{}":1}}"#,
+                "C".repeat(300)
+            ),
+        ] {
+            let err = serde_json::from_str::<crate::protocol::RawRequest>(&line).unwrap_err();
+            let e = WireError::invalid_json(&err);
+            for run in ["BBBB", "GGGG", "CCCC"] {
+                let echoed = e.message.matches(run).count() * run.len();
+                assert!(echoed <= ECHO_MAX, "{echoed} echoed: {}", e.message);
+            }
+            assert!(e.message.contains('…'), "{}", e.message);
+            assert!(e.message.len() < 300, "{}", e.message);
+        }
         for e in [
             WireError::forbidden("token", Some(&forged)),
             WireError::unknown_profile(&forged),
@@ -221,5 +238,19 @@ mod tests {
         assert!(!e.message.contains("500"));
         let e = WireError::from_token(&TokenError::Timeout(Duration::from_secs(1)), "prod");
         assert_eq!(e.code, ErrorCode::Timeout);
+        let short = TokenError::ShortOfMinTtl {
+            expires_in: Duration::from_secs(430),
+            retry_in: Some(Duration::from_millis(11_200)),
+            reason: "token renewal failed (http_503: upstream)".into(),
+        };
+        let e = WireError::from_token(&short, "prod");
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(
+            e.message.contains("expires in 430 s, short of the min_ttl")
+                && e.message.contains("next attempt in 12 s"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("503"), "{}", e.message);
     }
 }

@@ -500,9 +500,31 @@ fn config_file_selects_the_key_and_flags_override_it() {
 #[test]
 fn bad_key_id_and_missing_module_are_explained() {
     let hsm = SoftHsm::new("cli-errors");
+    // Command lines that parse but make no sense exit 2, like clap's own refusals.
     let out = key(&hsm, &["sign-challenge", "--key-id", "not-a-uuid"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("is not a UUID"), "{}", stderr(&out));
+    let pin_file = hsm.pin_file.display().to_string();
+    for (args, says) in [
+        (
+            vec!["--pin-file", &pin_file, "--pin-env", "X", "public"],
+            "give at most one of --pin-file",
+        ),
+        (
+            vec!["--config", "/etc/x.toml", "public"],
+            "--config and --key go together",
+        ),
+        (vec!["generate"], "--label LABEL is required"),
+        (vec!["--cka-id", "zz", "public"], "is not hex"),
+        (
+            vec!["--backend", "piv", "generate", "--label", "x"],
+            "--label and --id are for PKCS#11 tokens",
+        ),
+    ] {
+        let out = key(&hsm, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
     let out = hsm
         .command(BIN)
         .args(["key", "--module", "/nonexistent/libpkcs11.so"])

@@ -873,6 +873,49 @@ base_url = "https://127.0.0.1:1/v1/auth"
         "{stdout}"
     );
 
+    // A ca_file that holds no certificate: the config points at something unusable, for
+    // `run` and `check` alike (a soft key, so that the key's probe passes).
+    use p256::pkcs8::EncodePrivateKey as _;
+    let key_file = dir.path().join("key.pem");
+    let pem = p256::SecretKey::from_slice(&[7; 32])
+        .unwrap()
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .unwrap();
+    std::fs::write(&key_file, pem.as_bytes()).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, "not a certificate\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            r#"[socket]
+path = "{}/agent.sock"
+
+[keys.k]
+backend = "soft"
+key_file = "{}"
+
+[profiles.p]
+key = "k"
+key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"
+base_url = "https://127.0.0.1:1/v1/auth"
+ca_file = "{}"
+"#,
+            dir.path().display(),
+            key_file.display(),
+            ca_file.display()
+        ),
+    )
+    .unwrap();
+    let out = run(&["run", "--config", p]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("ca.pem"), "{stderr}");
+    let out = run(&["check", "--config", p]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(78), "{stdout}");
+    assert!(stdout.contains("key      ok"), "{stdout}");
+    assert!(stdout.contains("api      FAIL"), "{stdout}");
+
     // An unknown field and a missing file are config problems too.
     std::fs::write(&path, "[agent]\ncolour = \"red\"\n").unwrap();
     let out = run(&["run", "--config", p]);

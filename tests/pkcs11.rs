@@ -789,6 +789,7 @@ fn tokens_are_found_by_label_or_serial_never_by_slot() {
         neither.token_label = None;
         let err = open_err(&neither);
         assert!(err.to_string().contains("2 tokens match"), "{err}");
+        assert!(err.to_string().contains("--token-serial"), "{err}");
 
         let mut missing = first.clone();
         missing.token_label = Some("no-such-token".into());
@@ -798,7 +799,36 @@ fn tokens_are_found_by_label_or_serial_never_by_slot() {
             err.to_string().contains("\"second\""),
             "lists the tokens: {err}"
         );
+        assert!(
+            err.to_string().contains("whose files this user can read"),
+            "says why a token may be invisible: {err}"
+        );
     });
+}
+
+#[test]
+fn two_keys_in_a_token_need_a_selector_and_the_error_names_them() {
+    isolated(
+        "two_keys_in_a_token_need_a_selector_and_the_error_names_them",
+        |hsm| {
+            let settings = hsm.settings(Some("a"));
+            pkcs11::generate(&settings, "a", Some(&[1])).unwrap();
+            pkcs11::generate(&settings, "b", Some(&[2])).unwrap();
+            let mut neither = settings.clone();
+            neither.key_label = None;
+            let err = open_err(&neither).to_string();
+            assert!(err.contains("holds 2 private keys"), "{err}");
+            assert!(
+                err.contains("key_label or key_id") && err.contains("--cka-id"),
+                "names the settings and the flags: {err}"
+            );
+            assert!(!err.contains("the only private key"), "{err}");
+            // A selector picks one.
+            let mut by_id = neither.clone();
+            by_id.key_id = Some(vec![2]);
+            assert!(pkcs11::open(&by_id, 1).is_ok());
+        },
+    );
 }
 
 #[test]

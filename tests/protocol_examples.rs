@@ -350,6 +350,40 @@ fn the_validator_rejects_what_it_should() {
     }
 }
 
+#[test]
+fn a_null_optional_field_is_absent_for_the_schema_and_the_agent_alike() {
+    let schema = schema();
+    let request = |v: &Value| {
+        let text = v.to_string();
+        let raw: RawRequest = serde_json::from_str(&text).unwrap();
+        raw.validate()
+            .map(|r| serde_json::to_value(r.to_raw()).unwrap())
+            .map_err(|e| e.message)
+    };
+    for (with_null, without) in [
+        (
+            json!({"v":1,"id":1,"op":"token","profile":"p","min_ttl":null}),
+            json!({"v":1,"id":1,"op":"token","profile":"p"}),
+        ),
+        (
+            json!({"v":1,"id":1,"op":"sign_challenge","profile":"p","timestamp":null,"key_id":null}),
+            json!({"v":1,"id":1,"op":"sign_challenge","profile":"p"}),
+        ),
+        (
+            json!({"v":1,"id":1,"op":"status","profile":null}),
+            json!({"v":1,"id":1,"op":"status"}),
+        ),
+    ] {
+        validate(&schema, "request", &with_null).unwrap_or_else(|e| panic!("{with_null}: {e:?}"));
+        assert_eq!(request(&with_null), request(&without), "{with_null}");
+        assert!(request(&without).is_ok(), "{without}");
+    }
+    // A required field given as null is a missing one, for both.
+    let bad = json!({"v":1,"id":1,"op":"token","profile":null});
+    assert!(validate(&schema, "request", &bad).is_err());
+    assert!(request(&bad).is_err());
+}
+
 /// The shape of a reply, for comparing an example with a live agent's answer.
 fn shape(v: &Value) -> Value {
     let keys = |x: &Value| {

@@ -1154,6 +1154,72 @@ fn audit_log_has_the_records_and_no_secrets() {
     }
 }
 
+/// A connection's first token of each profile is on record even when its first `token`
+/// request failed; failed `token` requests share the refusals' budget, so an outage that
+/// fails every waiting request at once cannot flood the log.
+#[test]
+fn first_token_per_profile_is_audited_after_a_failure_and_failures_have_a_budget() {
+    let agent = TestAgent::builder()
+        .profiles(&["prod", "uat"])
+        .rules(vec![root_rule("*", "*")])
+        .start();
+    agent.tokens("prod").clear();
+    agent.tokens("prod").set_failing(true);
+    let mut c = agent.client();
+    let err = c.token("prod", None).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    agent.tokens("prod").set_failing(false);
+    c.token("prod", None).unwrap();
+    c.token("prod", None).unwrap();
+    c.token("uat", None).unwrap();
+    c.token("uat", None).unwrap();
+    drop(c);
+
+    // 300 failing requests on 10 connections.
+    agent.tokens("uat").clear();
+    agent.tokens("uat").set_failing(true);
+    let started = Instant::now();
+    for _ in 0..10 {
+        let mut raw = Raw::connect(&agent);
+        let batch: String = (0..30)
+            .map(|id| format!("{{\"v\":1,\"id\":{id},\"op\":\"token\",\"profile\":\"uat\"}}\n"))
+            .collect();
+        raw.send(&batch);
+        for _ in 0..30 {
+            assert_eq!(code(&raw.recv()), "unavailable");
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let logs = agent.logs.text();
+    let count = |profile: &str, result: &str| {
+        logs.lines()
+            .filter(|l| {
+                l.contains(" audit:")
+                    && l.contains("op=\"token\"")
+                    && l.contains(&format!("profile=\"{profile}\""))
+                    && l.contains(&format!("result=\"{result}\""))
+            })
+            .count()
+    };
+    assert_eq!(count("prod", "unavailable"), 1, "{logs}");
+    assert_eq!(count("prod", "ok"), 1, "{logs}");
+    assert_eq!(count("uat", "ok"), 1, "{logs}");
+    let failed = count("uat", "unavailable");
+    let budget = 100 + (elapsed * 10.0).ceil() as usize + 1;
+    assert!(
+        (90..=budget).contains(&failed),
+        "{failed} of 300 failed requests audited in {elapsed:.2} s"
+    );
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("token request failed") && !l.contains("DEBUG")),
+        "no per-request warning beside the record: {logs}"
+    );
+}
+
 /// Refusal records have one agent-wide budget (100 at once, 10 a second): reconnecting
 /// does not buy a client a fresh allowance, and what was left out is counted.
 #[test]

@@ -20,9 +20,10 @@ use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, VerifyingKey};
 use sim_fixture::{SimFixture, TestKey};
 use tm_agent::auth_api::{self, ApiSettings};
+use tm_agent::protocol::WireError;
 use tm_agent::signer;
 use tm_agent::sim::{FaultKind, FaultSpec, FaultTarget, SimConfig, SimHandle, DEFAULT_ISSUER};
-use tm_agent::token::{AccessToken, Manager, TokenSettings};
+use tm_agent::token::{AccessToken, Manager, TokenError, TokenSettings};
 use tokio_util::sync::CancellationToken;
 
 struct Rig {
@@ -452,6 +453,19 @@ async fn a_503_storm_backs_off_without_a_hot_loop_and_recovers_within_one_step()
         .unwrap_err();
     assert_eq!(err.wire_code().as_str(), "unavailable", "{err}");
     assert!(err.to_string().contains("server_error"), "{err}");
+    // A token is valid, just not for 16 s more: the error says so, not "no valid token".
+    match &err {
+        TokenError::ShortOfMinTtl { expires_in, .. } => {
+            assert!(*expires_in > Duration::ZERO && *expires_in < Duration::from_secs(16));
+        }
+        other => panic!("expected ShortOfMinTtl, got {other:?}"),
+    }
+    let wire = WireError::from_token(&err, "prod");
+    assert!(
+        wire.message.contains("short of the min_ttl") && !wire.message.contains("no valid"),
+        "{}",
+        wire.message
+    );
     // The valid token is still served during the storm.
     assert!(rig.manager.token(None).await.is_ok());
     tokio::time::sleep(Duration::from_secs(8)).await;

@@ -84,7 +84,13 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
             Ok(client) => client,
             Err(e) => {
                 let _ = writeln!(out, "api      FAIL  {name}: {e}");
-                code = super::worst(code, super::EXIT_FAILURE);
+                // `run` exits 78 on the same error: the config points at something unusable.
+                let exit = if matches!(e, ApiError::Config(_)) {
+                    super::EXIT_CONFIG
+                } else {
+                    super::EXIT_FAILURE
+                };
+                code = super::worst(code, exit);
                 continue;
             }
         };

@@ -28,7 +28,7 @@ use p256::ecdsa::VerifyingKey;
 use serde::Deserialize as _;
 use zeroize::Zeroizing;
 
-use super::blocking;
+use super::{blocking, usage_bail, UsageError};
 use crate::config::KeyConfig;
 use crate::jose;
 use crate::jose::is_uuid;
@@ -167,7 +167,7 @@ impl MgmArgs {
                 .into_iter()
                 .next()
                 .ok_or_else(|| anyhow!("no management key source")),
-            _ => bail!(
+            _ => usage_bail!(
                 "give at most one of --mgm-key-file, --mgm-key-credential, --mgm-key-env, \
                  --mgm-key-protected and --default-mgm-key"
             ),
@@ -334,13 +334,22 @@ fn load_config_key(path: &Path, name: &str) -> anyhow::Result<KeyConfig> {
             )
         })?;
     KeyConfig::deserialize(entry).map_err(|e| {
+        // The table read from a Value has no positions: read it again from the text.
+        let header = text.split('\n').position(|line| {
+            let line = line.split_once('#').map_or(line, |(l, _)| l).trim();
+            line == format!("[keys.{name}]") || line == format!("[keys.\"{name}\"]")
+        });
+        let position = header
+            .and_then(|i| crate::config::reread_key_table(&text, i + 1))
+            .map(|(doc, e)| toml_position(&doc, &e))
+            .unwrap_or_else(|| toml_position(&text, &e));
         anyhow!(
             "[keys.{name}] in {} is not a valid key table{}: check backend = \"pkcs11\", \
              \"piv\" or \"soft\", the field names and the types of their values against the example \
              config (/usr/share/doc/tm-agent/config.example.toml); toml's message is not \
              shown, as it could quote a secret",
             path.display(),
-            toml_position(&text, &e),
+            position,
         )
     })
 }
@@ -395,7 +404,7 @@ impl BackendArgs {
         match given.len() {
             0 => Ok(None),
             1 => Ok(given.into_iter().next()),
-            _ => bail!("give at most one of --pin-file, --pin-credential and --pin-env"),
+            _ => usage_bail!("give at most one of --pin-file, --pin-credential and --pin-env"),
         }
     }
 
@@ -403,7 +412,7 @@ impl BackendArgs {
         let from_config = match (&self.config, &self.key) {
             (Some(path), Some(name)) => Some(load_config_key(path, name)?),
             (None, None) => None,
-            _ => bail!("--config and --key go together: --config FILE --key NAME"),
+            _ => usage_bail!("--config and --key go together: --config FILE --key NAME"),
         };
         let backend = self.backend.unwrap_or(match from_config {
             Some(KeyConfig::Soft(_)) => Backend::Soft,
@@ -415,7 +424,7 @@ impl BackendArgs {
                 let mut settings = match config {
                     Some(KeyConfig::Piv(s)) => s,
                     None => PivSettings::new(PinSource::Prompt),
-                    Some(_) => bail!("the config's key is not a YubiKey (piv) key"),
+                    Some(_) => usage_bail!("the config's key is not a YubiKey (piv) key"),
                 };
                 if self.serial.is_some() {
                     settings.serial = self.serial;
@@ -433,15 +442,15 @@ impl BackendArgs {
                 let file = match (&self.key_file, config) {
                     (Some(file), _) => file.clone(),
                     (None, Some(KeyConfig::Soft(soft))) => soft.key_file,
-                    _ => bail!("--backend soft needs --key-file FILE"),
+                    _ => usage_bail!("--backend soft needs --key-file FILE"),
                 };
                 Ok(Selected::Soft(file))
             }
             (Backend::Pkcs11, Some(KeyConfig::Soft(_))) => {
-                bail!("the config's key is a soft key, not pkcs11")
+                usage_bail!("the config's key is a soft key, not pkcs11")
             }
             (Backend::Pkcs11, Some(KeyConfig::Piv(_))) => {
-                bail!("the config's key is a YubiKey (piv) key, not pkcs11")
+                usage_bail!("the config's key is a YubiKey (piv) key, not pkcs11")
             }
             (Backend::Pkcs11, config) => {
                 let mut settings = match (config, &self.module) {
@@ -462,7 +471,7 @@ impl BackendArgs {
                     settings.key_label = self.key_label.clone();
                 }
                 if let Some(id) = &self.cka_id {
-                    settings.key_id = Some(pkcs11::parse_hex_id(id).map_err(|e| anyhow!(e))?);
+                    settings.key_id = Some(pkcs11::parse_hex_id(id).map_err(UsageError)?);
                 }
                 if let Some(pin) = self.pin_source()? {
                     settings.pin = pin;
@@ -480,7 +489,7 @@ impl BackendArgs {
         match self.select()? {
             Selected::Pkcs11(settings) => Ok(settings),
             Selected::Piv(_) | Selected::Soft(_) => {
-                bail!("`tm-agent key {command}` with these options works on PKCS#11 tokens only (--backend pkcs11)")
+                usage_bail!("`tm-agent key {command}` with these options works on PKCS#11 tokens only (--backend pkcs11)")
             }
         }
     }
@@ -488,7 +497,7 @@ impl BackendArgs {
     fn piv(&self, command: &str) -> anyhow::Result<PivSettings> {
         match self.select()? {
             Selected::Piv(settings) => Ok(settings),
-            _ => bail!("`tm-agent key {command}` works on YubiKeys only (--backend piv)"),
+            _ => usage_bail!("`tm-agent key {command}` works on YubiKeys only (--backend piv)"),
         }
     }
 }
@@ -518,7 +527,7 @@ pub async fn run(args: KeyArgs) -> anyhow::Result<()> {
 /// A YubiKey key is chosen by its slot: `--label` and `--id` name PKCS#11 objects.
 fn refuse_pkcs11_names(label: &Option<String>, id: &Option<String>) -> anyhow::Result<()> {
     if label.is_some() || id.is_some() {
-        bail!("--label and --id are for PKCS#11 tokens; a YubiKey key is chosen by --slot");
+        usage_bail!("--label and --id are for PKCS#11 tokens; a YubiKey key is chosen by --slot");
     }
     Ok(())
 }
@@ -534,7 +543,7 @@ fn read_bundle(path: &Path) -> anyhow::Result<jose::KeyBundle> {
 }
 
 fn parse_id(id: Option<String>) -> anyhow::Result<Option<Vec<u8>>> {
-    id.map(|text| pkcs11::parse_hex_id(&text).map_err(|e| anyhow!(e)))
+    id.map(|text| pkcs11::parse_hex_id(&text).map_err(|e| UsageError(e).into()))
         .transpose()
 }
 
@@ -549,7 +558,7 @@ async fn generate(
         return generate_piv(settings, piv_args).await;
     }
     let Some(label) = label else {
-        bail!("--label LABEL is required: the new key's CKA_LABEL in the token");
+        usage_bail!("--label LABEL is required: the new key's CKA_LABEL in the token");
     };
     let settings = backend.pkcs11("generate")?;
     let id = parse_id(id)?;
@@ -759,7 +768,7 @@ async fn sign_challenge(
     timestamp: Option<i64>,
 ) -> anyhow::Result<()> {
     if !is_uuid(&key_id) {
-        bail!(
+        usage_bail!(
             "--key-id {key_id:?} is not a UUID: pass the API key's key_id as the API Keys page \
              (or the key bundle) shows it"
         );

@@ -32,6 +32,20 @@ pub const EXIT_PIN: u8 = 77;
 /// Exit code when the configuration is unusable (not restarted by systemd either).
 pub const EXIT_CONFIG: u8 = 78;
 
+/// A command line that clap accepts but that does not make sense (two PIN sources, a flag
+/// of another backend, a malformed id): exits [`EXIT_USAGE`], like clap's own refusals.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Returns a [`UsageError`] from the enclosing function, formatted like `format!`.
+macro_rules! usage_bail {
+    ($($arg:tt)*) => {
+        return Err($crate::cli::UsageError(format!($($arg)*)).into())
+    };
+}
+pub(crate) use usage_bail;
+
 /// tm-agent: keeps the True Markets API key in an HSM, signs with it, and hands out fresh
 /// access tokens to the processes on this machine.
 #[derive(Debug, Parser)]
@@ -140,11 +154,14 @@ fn fail(err: &anyhow::Error) -> u8 {
     exit_code(err)
 }
 
-/// The exit code for a failure: [`EXIT_PIN`] for PIN problems, [`EXIT_CONFIG`] for an
-/// unusable config (the file, or what it points at: a socket directory or group, a
+/// The exit code for a failure: [`EXIT_USAGE`] for a command line that makes no sense,
+/// [`EXIT_PIN`] for PIN problems, [`EXIT_CONFIG`] for an unusable config (the file, or what it points at: a socket directory or group, a
 /// `ca_file`), [`EXIT_FAILURE`] otherwise. The one mapping for every command.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return EXIT_USAGE;
+        }
         if let Some(e) = cause.downcast_ref::<SignerError>() {
             return signer_exit_code(e);
         }

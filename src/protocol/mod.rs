@@ -194,13 +194,47 @@ pub struct RawRequest<'a> {
 
 /// Only the `id` and `v` of a request, read when the full parse failed so that the error
 /// reply can still carry the id, and a line of another version is told so (it may carry
-/// fields that v1 does not know).
-#[derive(Debug, Deserialize)]
+/// fields that v1 does not know). Lenient where the full parse is strict: the first `id`
+/// and `v` count, later ones (which made the full parse fail) and other fields are skipped.
+#[derive(Debug, Default)]
 pub struct IdOnly {
-    #[serde(default)]
     pub id: Option<u64>,
-    #[serde(default)]
     pub v: Option<serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for IdOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = IdOnly;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<IdOnly, A::Error> {
+                use serde::de::IgnoredAny;
+                let mut out = IdOnly::default();
+                let mut seen_id = false;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "id" if !seen_id => {
+                            seen_id = true;
+                            let id: serde_json::Value = map.next_value()?;
+                            out.id = id.as_u64();
+                        }
+                        "v" if out.v.is_none() => out.v = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 impl IdOnly {
@@ -698,6 +732,26 @@ mod tests {
 
     fn parse(line: &str) -> Result<Request<'_>, RequestError> {
         serde_json::from_str::<RawRequest>(line).unwrap().validate()
+    }
+
+    #[test]
+    fn the_id_of_a_line_the_full_parse_refuses_is_still_found() {
+        let probe = |line: &str| {
+            assert!(serde_json::from_str::<RawRequest>(line).is_err(), "{line}");
+            serde_json::from_str::<IdOnly>(line).unwrap()
+        };
+        for line in [
+            r#"{"v":1,"v":2,"id":3,"op":"ping"}"#,
+            r#"{"v":1,"id":3,"op":"ping","v":1}"#,
+            r#"{"id":3,"id":4,"v":1,"op":"ping"}"#,
+            r#"{"id":3,"v":1,"op":"ping","extra":{"a":[1,2,{"b":null}]}}"#,
+        ] {
+            let p = probe(line);
+            assert_eq!(p.id, Some(3), "{line}");
+            assert_eq!(p.other_version(), None, "{line}");
+        }
+        let p = probe(r#"{"v":2,"v":1,"id":"x","op":"ping"}"#);
+        assert_eq!((p.id, p.other_version()), (None, Some(2)));
     }
 
     #[test]

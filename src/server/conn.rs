@@ -26,6 +26,7 @@
 //! loop wait. Nothing here blocks the runtime; no lock is held across an `.await`.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,9 +85,20 @@ pub(super) fn reject(
 struct Peer {
     cred: PeerCred,
     exe: OnceLock<String>,
+    /// By profile index: a token has been handed out on this connection (by `token` or a
+    /// `watch` stream), so its audit record is written.
+    token_handed_out: Box<[AtomicBool]>,
 }
 
 impl Peer {
+    /// Marks profile `index`'s first token on this connection as handed out: true the
+    /// first time, when that token's audit record is due.
+    fn first_token(&self, index: usize) -> bool {
+        self.token_handed_out
+            .get(index)
+            .is_some_and(|flag| !flag.swap(true, Ordering::Relaxed))
+    }
+
     /// The peer's executable, for audit records. The peer chose its name: escaped and cut
     /// like any client-supplied text.
     fn exe(&self) -> &str {
@@ -178,7 +190,6 @@ struct Conn {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     tokens: Vec<Option<TokenSlot>>,
-    token_audited: bool,
     /// The most output buffered at once (reported when the connection closes).
     peak_out: usize,
 }
@@ -216,6 +227,9 @@ pub(super) async fn run(
         peer: Arc::new(Peer {
             cred,
             exe: OnceLock::new(),
+            token_handed_out: (0..state.profiles.len())
+                .map(|_| AtomicBool::new(false))
+                .collect(),
         }),
         grants,
         rules,
@@ -225,7 +239,6 @@ pub(super) async fn run(
         requests: CancellationToken::new(),
         shutdown,
         tracker,
-        token_audited: false,
         peak_out: 0,
     };
     tracing::debug!(uid = cred.uid, pid = cred.pid, "connection opened");
@@ -543,31 +556,21 @@ impl Conn {
         err: WireError,
     ) {
         self.state.counters.error(err.code);
-        if let Some(suppressed) = self.state.refusal_audit.admit(Instant::now()) {
-            if suppressed > 0 {
-                tracing::warn!(
-                    target: "audit",
-                    suppressed,
-                    "refused requests left out of the audit log (over its budget of {} a second)",
-                    super::RefusalAudit::PER_SEC
-                );
-            }
-            match what {
-                Some((op, profile)) => self.peer.audit(op, profile, err.code.as_str()),
-                None => tracing::warn!(
-                    target: "audit",
-                    uid = self.peer.cred.uid,
-                    gid = self.peer.cred.gid,
-                    pid = self.peer.cred.pid.unwrap_or(0),
-                    exe = self.peer.exe(),
-                    result = err.code.as_str(),
-                    // Never Display: the message may echo (escaped) client input, and a
-                    // `&str` field is escaped by every formatter in use (text, JSON).
-                    reason = err.message.as_ref(),
-                    "malformed request"
-                ),
-            }
-        }
+        self.state.audit_within_budget(|| match what {
+            Some((op, profile)) => self.peer.audit(op, profile, err.code.as_str()),
+            None => tracing::warn!(
+                target: "audit",
+                uid = self.peer.cred.uid,
+                gid = self.peer.cred.gid,
+                pid = self.peer.cred.pid.unwrap_or(0),
+                exe = self.peer.exe(),
+                result = err.code.as_str(),
+                // Never Display: the message may echo (escaped) client input, and a
+                // `&str` field is escaped by every formatter in use (text, JSON).
+                reason = err.message.as_ref(),
+                "malformed request"
+            ),
+        });
         write_err(out, id, &err);
     }
 
@@ -617,8 +620,7 @@ impl Conn {
         if let Some((token, json)) = &slot.current {
             if fresh_enough(token, min_ttl, SystemTime::now()) {
                 write_ok(out, id, None, json);
-                if !self.token_audited {
-                    self.token_audited = true;
+                if self.peer.first_token(index) {
                     let name = &self.state.profiles[index].profile.name;
                     self.peer.audit(Op::Token, Some(name), "ok");
                 }
@@ -633,22 +635,26 @@ impl Conn {
         let tokens = Arc::clone(&self.profile(index).tokens);
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
-        let audit_first = !std::mem::replace(&mut self.token_audited, true);
-        let audit = audit_first.then(|| (Op::Token, name.clone(), Detail::None));
-        self.spawn_request(permit, replies, audit, async move {
+        // A request dropped because its client left handed nothing out: no record.
+        self.spawn_request(permit, replies, None, async move {
             let mut line = Vec::new();
             match tokens.token(min_ttl).await {
                 Ok(token) => {
                     write_ok(&mut line, id, None, &render_token(&token));
-                    if audit_first {
+                    if peer.first_token(index) {
                         peer.audit(Op::Token, Some(&name), "ok");
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(profile = %name, error = %err, "token request failed");
+                    // Every waiter of a failed renewal fails at once, and the token manager
+                    // logs the renewal's failure itself: these records share the budget of
+                    // refusals.
+                    tracing::debug!(profile = %name, error = %err, "token request failed");
                     let wire = WireError::from_token(&err, &name);
                     state.counters.error(wire.code);
-                    peer.audit(Op::Token, Some(&name), wire.code.as_str());
+                    state.audit_within_budget(|| {
+                        peer.audit(Op::Token, Some(&name), wire.code.as_str());
+                    });
                     write_err(&mut line, Some(id), &wire);
                 }
             }
@@ -776,8 +782,6 @@ impl Conn {
         let mut rules = self.rules.clone();
         let state = Arc::clone(&self.state);
         let peer = Arc::clone(&self.peer);
-        // A stream hands out tokens like `token` does: its first one is audited.
-        self.token_audited = true;
         self.tracker.spawn(async move {
             let mut sent: Option<Arc<AccessToken>> = None;
             let mut rules_changed = false;
@@ -816,6 +820,9 @@ impl Conn {
                             break;
                         }
                         if sent.is_none() {
+                            // Each stream's first token is audited (as `watch`), and stands
+                            // for the connection's first token of the profile.
+                            peer.first_token(index);
                             peer.audit(Op::Watch, Some(&name), "ok");
                         }
                         sent = Some(token);

@@ -220,7 +220,7 @@ impl Counters {
     }
 }
 
-/// The agent-wide budget for audit records of refused requests: a token bucket of
+/// The agent-wide budget for audit records of refused and failed requests: a token bucket of
 /// [`RefusalAudit::BURST`] records refilled at [`RefusalAudit::PER_SEC`] a second. It is
 /// global, so a client cannot earn a fresh allowance by reconnecting. Refusals over the
 /// budget are counted, and the count is logged with the next record that is written.
@@ -334,6 +334,25 @@ impl State {
             started_at: SystemTime::now(),
             started: Instant::now(),
         }))
+    }
+
+    /// Writes an audit record of a refused or failed request (`record`) if the agent-wide
+    /// budget for them allows (`RefusalAudit`), so that no client can flood the log; the
+    /// first record written after some were left out says how many.
+    fn audit_within_budget(&self, record: impl FnOnce()) {
+        let Some(suppressed) = self.refusal_audit.admit(Instant::now()) else {
+            return;
+        };
+        if suppressed > 0 {
+            tracing::warn!(
+                target: "audit",
+                suppressed,
+                "refused or failed requests left out of the audit log (over its budget of {} a \
+                 second)",
+                RefusalAudit::PER_SEC
+            );
+        }
+        record();
     }
 
     /// Replaces the access rules (SIGHUP). Connections pick them up at their next request;

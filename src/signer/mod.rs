@@ -63,7 +63,9 @@ pub struct KeyInfo {
 /// never contain PINs, keys or signatures.
 #[derive(Debug, thiserror::Error)]
 pub enum SignerError {
-    #[error("signer queue is full ({depth} waiting): retry shortly or raise `queue_depth`")]
+    #[error(
+        "signer queue is full ({depth} waiting): retry shortly or raise `agent.sign_queue_depth`"
+    )]
     Busy { depth: usize },
     #[error("signer did not answer within {0:?}: the HSM or card may be wedged")]
     Timeout(Duration),

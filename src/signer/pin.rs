@@ -128,6 +128,12 @@ pub enum PinError {
     FileOwner { path: PathBuf, owner: u32 },
     #[error("PIN credential {name}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential=, or use a pin file)")]
     NoCredentialsDirectory { name: String },
+    #[error("PIN credential {name} is not among the service's credentials ({path}: {source}): load it in the unit with LoadCredential={name}:/path/to/pin-file (the shipped units load only `pin`)")]
+    CredentialMissing {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("PIN credential name {name:?} is not a plain file name")]
     BadCredentialName { name: String },
     #[error("PIN environment variable {name} is not set or not UTF-8")]
@@ -145,15 +151,7 @@ pub fn read_pin(source: &PinSource, prompt_label: &str) -> Result<SecretString, 
     let text = match source {
         PinSource::File(path) => read_private_file(path)?,
         PinSource::Credential(name) => {
-            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-                return Err(PinError::BadCredentialName { name: name.clone() });
-            }
-            let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
-                .ok_or_else(|| PinError::NoCredentialsDirectory { name: name.clone() })?;
-            // systemd makes credentials readable by the service only; don't second-guess
-            // its modes (they are 0400 under a read-only mount).
-            let path = Path::new(&dir).join(name);
-            read_file(&path)?
+            read_credential(std::env::var_os("CREDENTIALS_DIRECTORY"), name)?
         }
         PinSource::Env(name) => {
             std::env::var(name).map_err(|_| PinError::EnvMissing { name: name.clone() })?
@@ -173,6 +171,28 @@ pub fn read_pin(source: &PinSource, prompt_label: &str) -> Result<SecretString, 
         });
     }
     Ok(SecretString::from(trimmed.to_string()))
+}
+
+/// Reads systemd credential `name` from `dir` (the service's `$CREDENTIALS_DIRECTORY`).
+fn read_credential(dir: Option<std::ffi::OsString>, name: &str) -> Result<String, PinError> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(PinError::BadCredentialName { name: name.into() });
+    }
+    let dir = dir.ok_or_else(|| PinError::NoCredentialsDirectory { name: name.into() })?;
+    // systemd makes credentials readable by the service only; don't second-guess its modes
+    // (they are 0400 under a read-only mount).
+    let path = Path::new(&dir).join(name);
+    std::fs::read_to_string(&path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            PinError::CredentialMissing {
+                name: name.into(),
+                path,
+                source,
+            }
+        } else {
+            PinError::FileUnreadable { path, source }
+        }
+    })
 }
 
 fn read_private_file(path: &Path) -> Result<String, PinError> {
@@ -202,13 +222,6 @@ fn read_private_file(path: &Path) -> Result<String, PinError> {
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(unreadable)?;
     Ok(text)
-}
-
-fn read_file(path: &Path) -> Result<String, PinError> {
-    std::fs::read_to_string(path).map_err(|source| PinError::FileUnreadable {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 #[cfg(test)]
@@ -265,6 +278,26 @@ mod tests {
         let ok: K = toml::from_str(r#"pin = "prompt""#).unwrap();
         assert_eq!(ok.pin, PinSource::Prompt);
         assert!(toml::from_str::<K>(r#"pin = { file = "/a", env = "B" }"#).is_err());
+    }
+
+    #[test]
+    fn a_credential_the_unit_does_not_load_says_how_to_load_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pin"), "123456\n").unwrap();
+        let pin = read_credential(Some(dir.path().into()), "pin").unwrap();
+        assert_eq!(pin.as_str(), "123456\n");
+        let err = read_credential(Some(dir.path().into()), "piv-pin").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, PinError::CredentialMissing { .. }), "{text}");
+        assert!(
+            text.contains("PIN credential piv-pin is not among the service's credentials")
+                && text.contains("LoadCredential=piv-pin:/path/to/pin-file"),
+            "{text}"
+        );
+        assert!(matches!(
+            read_credential(None, "pin"),
+            Err(PinError::NoCredentialsDirectory { .. })
+        ));
     }
 
     #[test]

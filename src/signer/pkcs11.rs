@@ -671,7 +671,10 @@ fn find_token(ctx: &Pkcs11, settings: &Pkcs11Settings) -> Result<Slot, Trouble> 
     match matching.as_slice() {
         [slot] => Ok(*slot),
         [] => Err(Trouble::Absent(SignerError::Unavailable(format!(
-            "{} is not present in PKCS#11 module {} (tokens present: {})",
+            "{} is not present in PKCS#11 module {} (tokens present: {}): check that the HSM \
+             is connected and that this user may use it (SoftHSM lists only the tokens whose \
+             files this user can read: a token set up as root is invisible to tm-agent until \
+             its directory belongs to tm-agent's user)",
             settings.token_description(),
             settings.module.display(),
             if present.is_empty() {
@@ -681,7 +684,8 @@ fn find_token(ctx: &Pkcs11, settings: &Pkcs11Settings) -> Result<Slot, Trouble> 
             }
         )))),
         many => Err(Trouble::Other(SignerError::Open(format!(
-            "{} tokens match {} ({}): set token_serial to pick one",
+            "{} tokens match {} ({}): pick one by token_serial in the config, --token-serial on \
+             the command line",
             many.len(),
             settings.token_description(),
             present.join(", ")
@@ -811,12 +815,26 @@ fn find_private_key(session: &Session, settings: &Pkcs11Settings) -> Result<Obje
             settings.key_description(),
             settings.token_description()
         )))),
-        many => Err(Trouble::Other(SignerError::KeyNotFound(format!(
-            "{} private keys match {} in {}: set key_id (CKA_ID) to pick one",
-            many.len(),
-            settings.key_description(),
-            settings.token_description()
-        )))),
+        many => {
+            let which = if settings.key_label.is_none() && settings.key_id.is_none() {
+                format!(
+                    "{} holds {} private keys",
+                    settings.token_description(),
+                    many.len()
+                )
+            } else {
+                format!(
+                    "{} private keys match {} in {}",
+                    many.len(),
+                    settings.key_description(),
+                    settings.token_description()
+                )
+            };
+            Err(Trouble::Other(SignerError::KeyNotFound(format!(
+                "{which}: pick one by key_label or key_id (its CKA_ID, in hex) in the config, \
+                 --key-label or --cka-id on the command line (`tm-agent key list` shows them)"
+            ))))
+        }
     }
 }
 

@@ -88,6 +88,15 @@ impl std::fmt::Debug for AccessToken {
 pub enum TokenError {
     #[error("no valid access token: {0}")]
     Unavailable(String),
+    /// A token is valid, but for less than the `min_ttl` asked for, and renewals fail.
+    #[error("the access token expires in {} s, short of the min_ttl asked for, and renewing it failed: {reason}", .expires_in.as_secs())]
+    ShortOfMinTtl {
+        expires_in: Duration,
+        /// When the next renewal is due, if one is scheduled.
+        retry_in: Option<Duration>,
+        /// The renewal failure, for the log.
+        reason: String,
+    },
     #[error("token renewal did not finish within {0:?}")]
     Timeout(Duration),
 }
@@ -96,7 +105,9 @@ impl TokenError {
     /// The stable wire error code.
     pub fn wire_code(&self) -> crate::protocol::ErrorCode {
         match self {
-            TokenError::Unavailable(_) => crate::protocol::ErrorCode::Unavailable,
+            TokenError::Unavailable(_) | TokenError::ShortOfMinTtl { .. } => {
+                crate::protocol::ErrorCode::Unavailable
+            }
             TokenError::Timeout(_) => crate::protocol::ErrorCode::Timeout,
         }
     }
@@ -225,16 +236,19 @@ impl TokenSettings {
             ));
         }
         if !(0.0..=0.5).contains(&self.jitter) {
-            problems.push(format!("jitter {} must be between 0 and 0.5", self.jitter));
+            problems.push(format!(
+                "refresh_jitter {} must be between 0 and 0.5",
+                self.jitter
+            ));
         }
         if self.backoff_min.is_zero() {
-            problems.push("backoff_min must be above 0".into());
+            problems.push("backoff_min_secs must be above 0".into());
         }
         if self.backoff_max < self.backoff_min {
-            problems.push("backoff_max must be at least backoff_min".into());
+            problems.push("backoff_max_secs must be at least backoff_min_secs".into());
         }
         if self.renew_timeout.is_zero() {
-            problems.push("renew_timeout must be above 0".into());
+            problems.push("renew_timeout_secs must be above 0".into());
         }
         if problems.is_empty() {
             Ok(())
@@ -592,16 +606,16 @@ impl Manager {
             }
             if let Some((code, message)) = outcome.error {
                 // Don't hold the caller through a series of retries: say what is wrong.
-                let next = outcome
+                let retry_in = outcome
                     .retry_at
-                    .map(|at| {
-                        let wait = at.saturating_duration_since(Instant::now());
-                        format!("; next attempt in {:.1} s", wait.as_secs_f64())
-                    })
+                    .map(|at| at.saturating_duration_since(Instant::now()));
+                let next = retry_in
+                    .map(|wait| format!("; next attempt in {:.1} s", wait.as_secs_f64()))
                     .unwrap_or_default();
-                return Err(TokenError::Unavailable(format!(
-                    "token renewal failed ({code}: {message}){next}"
-                )));
+                return Err(self.short_of(
+                    format!("token renewal failed ({code}: {message}){next}"),
+                    retry_in,
+                ));
             }
         }
     }
@@ -623,10 +637,26 @@ impl Manager {
             return None;
         }
         let wait = retry_at.saturating_duration_since(Instant::now());
-        Some(TokenError::Unavailable(format!(
-            "token renewal failing ({code}: {message}); next attempt in {:.1} s",
-            wait.as_secs_f64()
-        )))
+        Some(self.short_of(
+            format!(
+                "token renewal failing ({code}: {message}); next attempt in {:.1} s",
+                wait.as_secs_f64()
+            ),
+            Some(wait),
+        ))
+    }
+
+    /// The error for a renewal that failed: `ShortOfMinTtl` while a token is still valid
+    /// (for less than the caller asked), `Unavailable` when none is.
+    fn short_of(&self, reason: String, retry_in: Option<Duration>) -> TokenError {
+        match self.usable(Duration::ZERO) {
+            Some(tok) => TokenError::ShortOfMinTtl {
+                expires_in: tok.remaining(SystemTime::now()),
+                retry_in,
+                reason,
+            },
+            None => TokenError::Unavailable(reason),
+        }
     }
 
     /// Waits until the first token is there (or `timeout` passes, or the manager stops).
