@@ -250,21 +250,25 @@ fn import_bundle_then_signatures_verify_with_the_bundle_key() {
     );
     assert!(text.contains("website generated this key"), "{text}");
 
-    let out = key(
-        &hsm,
-        &args(
-            &[
-                "sign-challenge",
-                "--key-label",
-                "tm-imported",
-                "--key-id",
-                KEY_ID,
-                "--timestamp",
-                "1700000042",
-            ],
-            &pin,
-        ),
+    // The command the import prints works as printed (module, token and PIN included).
+    let hint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Sign with: "))
+        .unwrap_or_else(|| panic!("no hint: {text}"));
+    assert!(
+        hint.contains("--module") && hint.contains("--pin-file"),
+        "{hint}"
     );
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let out = hsm
+        .command("sh")
+        .args(["-c", &format!("{hint} --timestamp 1700000042")])
+        .env("PATH", path)
+        .env_remove("RUST_LOG")
+        .env_remove("TM_AGENT_PKCS11_MODULE")
+        .output()
+        .unwrap();
     check_challenge_json(&ok(&out), sk.verifying_key(), Some(1_700_000_042));
 
     // Sensitive and not extractable, but (truthfully) not "never extractable": it was

@@ -275,7 +275,8 @@ pub enum KeyCommand {
         timestamp: Option<i64>,
     },
     /// Print the Turnkey API stamp of the payload read from standard input (exact bytes).
-    /// Standard input carries the payload, so give the PIN with --pin-file or --pin-env.
+    /// Standard input carries the payload, so give the PIN with --pin-file, --pin-credential
+    /// or --pin-env.
     Stamp,
     /// YubiKey: print the slot's attestation (PEM: the slot's certificate signed by the
     /// card's attestation key, then that key's certificate), proof the key was generated on
@@ -561,6 +562,7 @@ async fn generate(
         usage_bail!("--label LABEL is required: the new key's CKA_LABEL in the token");
     };
     let settings = backend.pkcs11("generate")?;
+    let settings_for_hint = settings.clone();
     let id = parse_id(id)?;
     let token = token_name(&settings);
     let entry = blocking({
@@ -576,9 +578,9 @@ async fn generate(
     eprintln!(
         "Generated P-256 key {label:?} (CKA_ID {}) in {token}: sensitive, never extractable.\n\
          Register the public key above on the True Markets API Keys page, then sign with\n  \
-         tm-agent key sign-challenge --key-label {} --key-id <the key_id it gives you>",
+         {} --key-id <the key_id it gives you>",
         entry.id_hex(),
-        shell_quote(&label),
+        sign_command(&settings_for_hint, &label),
     );
     Ok(())
 }
@@ -595,6 +597,7 @@ async fn import(
         return import_piv(settings, bundle_path, piv_args).await;
     }
     let settings = backend.pkcs11("import")?;
+    let settings_for_hint = settings.clone();
     let id = parse_id(id)?;
     let bundle = read_bundle(&bundle_path)?;
     let label = label
@@ -621,8 +624,8 @@ async fn import(
     );
     println!();
     println!(
-        "Sign with: tm-agent key sign-challenge --key-label {} --key-id {key_id}",
-        shell_quote(&label)
+        "Sign with: {} --key-id {key_id}",
+        sign_command(&settings_for_hint, &label)
     );
     Ok(())
 }
@@ -962,6 +965,28 @@ fn token_name(settings: &Pkcs11Settings) -> String {
 }
 
 /// Quotes `text` for a POSIX shell when it needs it.
+/// `tm-agent key … sign-challenge --key-label LABEL` with the module, token and PIN flags
+/// that found the key this time, so that the hint works as printed.
+fn sign_command(settings: &Pkcs11Settings, label: &str) -> String {
+    let mut words = vec!["tm-agent key".to_string()];
+    let mut flag = |name: &str, value: &str| words.push(format!("{name} {}", shell_quote(value)));
+    flag("--module", &settings.module.display().to_string());
+    if let Some(token) = &settings.token_label {
+        flag("--token-label", token);
+    }
+    if let Some(serial) = &settings.token_serial {
+        flag("--token-serial", serial);
+    }
+    match &settings.pin {
+        PinSource::File(path) => flag("--pin-file", &path.display().to_string()),
+        PinSource::Credential(name) => flag("--pin-credential", name),
+        PinSource::Env(name) => flag("--pin-env", name),
+        PinSource::Prompt => {}
+    }
+    flag("sign-challenge --key-label", label);
+    words.join(" ")
+}
+
 fn shell_quote(text: &str) -> String {
     let plain = !text.is_empty()
         && text
@@ -983,6 +1008,25 @@ mod tests {
         assert_eq!(shell_quote("/tmp/key.json"), "/tmp/key.json");
         assert_eq!(shell_quote("/tmp/my key.json"), "'/tmp/my key.json'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn the_sign_hint_names_what_found_the_key() {
+        let mut settings =
+            Pkcs11Settings::new("/opt/hsm/lib.so", PinSource::Credential("pin".into()));
+        settings.token_label = Some("prod hsm".into());
+        assert_eq!(
+            sign_command(&settings, "tm key"),
+            "tm-agent key --module /opt/hsm/lib.so --token-label 'prod hsm' --pin-credential pin \
+             sign-challenge --key-label 'tm key'"
+        );
+        settings.pin = PinSource::Prompt;
+        settings.token_label = None;
+        settings.token_serial = Some("1234".into());
+        assert_eq!(
+            sign_command(&settings, "k"),
+            "tm-agent key --module /opt/hsm/lib.so --token-serial 1234 sign-challenge --key-label k"
+        );
     }
 
     #[test]
