@@ -1154,6 +1154,31 @@ fn audit_log_has_the_records_and_no_secrets() {
     }
 }
 
+/// Sends `per` pipelined `token` requests for `profile` on each of `connections` new
+/// connections, checks that each is answered with error `expect`; returns the seconds taken.
+fn token_batches(
+    agent: &TestAgent,
+    profile: &str,
+    connections: usize,
+    per: usize,
+    expect: &str,
+) -> f64 {
+    let started = Instant::now();
+    for _ in 0..connections {
+        let mut raw = Raw::connect(agent);
+        let batch: String = (0..per)
+            .map(|id| {
+                format!("{{\"v\":1,\"id\":{id},\"op\":\"token\",\"profile\":\"{profile}\"}}\n")
+            })
+            .collect();
+        raw.send(&batch);
+        for _ in 0..per {
+            assert_eq!(code(&raw.recv()), expect);
+        }
+    }
+    started.elapsed().as_secs_f64()
+}
+
 /// A connection's first token of each profile is on record even when its first `token`
 /// request failed; failed `token` requests share the refusals' budget, so an outage that
 /// fails every waiting request at once cannot flood the log.
@@ -1178,18 +1203,7 @@ fn first_token_per_profile_is_audited_after_a_failure_and_failures_have_a_budget
     // 300 failing requests on 10 connections.
     agent.tokens("uat").clear();
     agent.tokens("uat").set_failing(true);
-    let started = Instant::now();
-    for _ in 0..10 {
-        let mut raw = Raw::connect(&agent);
-        let batch: String = (0..30)
-            .map(|id| format!("{{\"v\":1,\"id\":{id},\"op\":\"token\",\"profile\":\"uat\"}}\n"))
-            .collect();
-        raw.send(&batch);
-        for _ in 0..30 {
-            assert_eq!(code(&raw.recv()), "unavailable");
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = token_batches(&agent, "uat", 10, 30, "unavailable");
     std::thread::sleep(Duration::from_millis(100));
 
     let logs = agent.logs.text();
@@ -1227,18 +1241,7 @@ fn refusal_audit_records_have_a_global_budget() {
     let agent = TestAgent::builder()
         .rules(vec![root_rule("status", "*")])
         .start();
-    let started = Instant::now();
-    for _ in 0..30 {
-        let mut raw = Raw::connect(&agent);
-        let batch: String = (0..10)
-            .map(|id| format!("{{\"v\":1,\"id\":{id},\"op\":\"token\",\"profile\":\"prod\"}}\n"))
-            .collect();
-        raw.send(&batch);
-        for _ in 0..10 {
-            assert_eq!(code(&raw.recv()), "forbidden");
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = token_batches(&agent, "prod", 30, 10, "forbidden");
     let refusals = |logs: &str| {
         logs.lines()
             .filter(|l| l.contains(" audit:") && l.contains("result=\"forbidden\""))
