@@ -511,13 +511,27 @@ pub fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
 /// `text`, this reads the table's body again, straight into its backend's settings, and
 /// returns that error with the text it was read from: the file with everything but the
 /// body's lines blanked (the `backend` line too), so that its positions are the file's.
-/// None when the header is no `[keys.NAME]`, its backend is missing or unknown, or the body
-/// reads without error.
-pub fn reread_key_table(text: &str, header: usize) -> Option<(String, toml::de::Error)> {
+///
+/// None, so that the header's position stands, unless the file is valid TOML (a syntax
+/// error has its own position), the header is a `[keys.NAME]` with no sub-tables after it,
+/// its `backend` is known, and the re-read fails at a place inside the body (a missing field
+/// has no place of its own: the header is where to add it). The text is wiped after use.
+pub fn reread_key_table(
+    text: &str,
+    header: usize,
+) -> Option<(zeroize::Zeroizing<String>, toml::de::Error)> {
     let lines: Vec<&str> = text.split('\n').collect();
     let head = lines.get(header.checked_sub(1)?)?;
     let head = head.split_once('#').map_or(*head, |(h, _)| h).trim();
-    if !(head.starts_with("[keys.") && head.ends_with(']')) {
+    let name = head.strip_prefix("[keys.")?.strip_suffix(']')?;
+    if name.is_empty() || head.starts_with("[[") {
+        return None;
+    }
+    let sub_table = format!("[keys.{name}.");
+    if lines.iter().any(|l| l.trim_start().starts_with(&sub_table)) {
+        return None;
+    }
+    if text.parse::<toml::Table>().is_err() {
         return None;
     }
     let end = lines[header..]
@@ -525,11 +539,19 @@ pub fn reread_key_table(text: &str, header: usize) -> Option<(String, toml::de::
         .position(|l| l.trim_start().starts_with('['))
         .map_or(lines.len(), |i| header + i);
     let mut backend = None;
-    let mut doc = String::with_capacity(text.len());
+    let mut doc = zeroize::Zeroizing::new(String::with_capacity(text.len()));
+    let mut body_start = None;
     for (i, line) in lines.iter().enumerate() {
         if (header..end).contains(&i) {
-            let tag = toml::from_str::<toml::Table>(line)
-                .ok()
+            body_start.get_or_insert(doc.len());
+            let line = line.trim_end_matches('\r');
+            // Only the `backend` line is parsed on its own (a PIN pasted into another line
+            // is not copied into a table that is never wiped).
+            let tag = line
+                .trim_start()
+                .starts_with("backend")
+                .then(|| toml::from_str::<toml::Table>(line).ok())
+                .flatten()
                 .and_then(|t| t.get("backend").and_then(|v| v.as_str()).map(str::to_owned));
             match tag {
                 Some(tag) => backend = Some(tag),
@@ -544,7 +566,9 @@ pub fn reread_key_table(text: &str, header: usize) -> Option<(String, toml::de::
         "soft" => toml::from_str::<SoftKeyConfig>(&doc).err(),
         _ => None,
     }?;
-    Some((doc, err))
+    let body_start = body_start?;
+    let inside = err.span().is_some_and(|span| span.start >= body_start);
+    inside.then_some((doc, err))
 }
 
 /// The 1-based line and column where a TOML error starts in `text`, when toml knows it.
@@ -766,6 +790,27 @@ profiles = ["nope"]
         let text = "[keys.y] # the card\nserial = \"x\"\nbackend = \"piv\"\n";
         let err = Config::parse(text).unwrap_err();
         assert!(err.starts_with("line 2, "), "{err}");
+        // CRLF line ends.
+        let text = MINIMAL
+            .replace("key_label = \"k\"", "sessions = \"x\"")
+            .replace('\n', "\r\n");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.starts_with("line 6, "), "{err}");
+        // A missing field has no line of its own: the header is where to add it.
+        let text = MINIMAL.replace("pin = { file = \"/etc/tm-agent/pin\" }", "");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.starts_with("line 2, ") && err.contains("pin"), "{err}");
+        // A sub-table keeps serde's own answer (its `pin` is there, not missing).
+        let text = MINIMAL.replace(
+            "pin = { file = \"/etc/tm-agent/pin\" }",
+            "[keys.prod.pin]\nfiel = \"/p\"",
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert!(!err.contains("missing field"), "{err}");
+        // A syntax error keeps its own message: a second [keys.prod].
+        let text = format!("{MINIMAL}\n[keys.prod]\nbackend = \"soft\"\n");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(!err.contains("key_file"), "{err}");
         // Without a backend the header is the place to look; an unknown one is pointed at.
         let err = Config::parse("[keys.y]\nslot = \"9a\"\n").unwrap_err();
         assert!(

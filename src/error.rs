@@ -21,8 +21,8 @@ impl WireError {
 
     /// A request line the JSON parser refused. Its message may quote the client's input
     /// (the name of an unknown field, a string of the wrong type) between backticks or
-    /// double quotes: each quote is cut to [`ECHO_MAX`] characters and the whole escaped,
-    /// then the position follows.
+    /// double quotes, once: that quote is cut to [`ECHO_MAX`] characters and the whole
+    /// escaped, then the position follows.
     pub fn invalid_json(err: &serde_json::Error) -> Self {
         let full = err.to_string();
         let position = if err.line() == 0 {

@@ -964,7 +964,6 @@ fn token_name(settings: &Pkcs11Settings) -> String {
     }
 }
 
-/// Quotes `text` for a POSIX shell when it needs it.
 /// `tm-agent key … sign-challenge --key-label LABEL` with the module, token and PIN flags
 /// that found the key this time, so that the hint works as printed.
 fn sign_command(settings: &Pkcs11Settings, label: &str) -> String {
@@ -987,6 +986,7 @@ fn sign_command(settings: &Pkcs11Settings, label: &str) -> String {
     words.join(" ")
 }
 
+/// Quotes `text` for a POSIX shell when it needs it.
 fn shell_quote(text: &str) -> String {
     let plain = !text.is_empty()
         && text
