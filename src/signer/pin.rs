@@ -52,6 +52,63 @@ impl<'de> Deserialize<'de> for PinSource {
 
 struct PinSourceVisitor;
 
+/// The string value of `pin.<field>`. Anything else is refused with fixed text: serde's own
+/// message would quote the value, which may be the PIN typed in the wrong place.
+struct Name(&'static str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Name {
+    type Value = String;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Name {
+    fn refuse<E: serde::de::Error>(&self) -> E {
+        E::custom(format!(
+            "pin.{} must be a string naming where the PIN is, never the PIN itself",
+            self.0
+        ))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Name {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a string for pin.{}", self.0)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_owned())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<String, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<String, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
+        Err(self.refuse())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<String, A::Error> {
+        Err(self.refuse())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<String, A::Error> {
+        Err(self.refuse())
+    }
+}
+
 impl<'de> serde::de::Visitor<'de> for PinSourceVisitor {
     type Value = PinSource;
 
@@ -74,9 +131,9 @@ impl<'de> serde::de::Visitor<'de> for PinSourceVisitor {
         let mut found: Option<PinSource> = None;
         while let Some(key) = map.next_key::<String>()? {
             let source = match key.as_str() {
-                "file" => PinSource::File(map.next_value::<PathBuf>()?),
-                "credential" => PinSource::Credential(map.next_value::<String>()?),
-                "env" => PinSource::Env(map.next_value::<String>()?),
+                "file" => PinSource::File(map.next_value_seed(Name("file"))?.into()),
+                "credential" => PinSource::Credential(map.next_value_seed(Name("credential"))?),
+                "env" => PinSource::Env(map.next_value_seed(Name("env"))?),
                 _ => {
                     // Skip the value unread so that it cannot end up in the message.
                     map.next_value::<serde::de::IgnoredAny>()?;
@@ -267,6 +324,10 @@ mod tests {
             "pin = 987654",
             r#"pin = { value = "987654" }"#,
             r#"pin = ["987654"]"#,
+            "pin = { file = 987654 }",
+            "pin = { env = 987654.5 }",
+            r#"pin = { credential = ["987654"] }"#,
+            "pin = { file = { x = 987654 } }",
         ] {
             let err = toml::from_str::<K>(bad).unwrap_err();
             let text = format!("{} {:?}", err.message(), err.message());
@@ -275,6 +336,10 @@ mod tests {
         }
         let ok: K = toml::from_str(r#"pin = { credential = "pin" }"#).unwrap();
         assert_eq!(ok.pin, PinSource::Credential("pin".into()));
+        let ok: K = toml::from_str(r#"pin = { file = "/etc/tm-agent/pin" }"#).unwrap();
+        assert_eq!(ok.pin, PinSource::File("/etc/tm-agent/pin".into()));
+        let ok: K = toml::from_str(r#"pin = { env = "TM_PIN" }"#).unwrap();
+        assert_eq!(ok.pin, PinSource::Env("TM_PIN".into()));
         let ok: K = toml::from_str(r#"pin = "prompt""#).unwrap();
         assert_eq!(ok.pin, PinSource::Prompt);
         assert!(toml::from_str::<K>(r#"pin = { file = "/a", env = "B" }"#).is_err());
