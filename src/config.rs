@@ -369,6 +369,15 @@ impl Config {
         if self.server.max_in_flight == 0 {
             problems.push("server.max_in_flight must be at least 1".into());
         }
+        if let Some(n) = self.server.max_connections_per_uid {
+            if n == 0 || n > self.server.max_connections {
+                problems.push(format!(
+                    "server.max_connections_per_uid {n} must be between 1 and \
+                     server.max_connections ({})",
+                    self.server.max_connections
+                ));
+            }
+        }
         if !(1..=600_000).contains(&a.sign_timeout_ms) {
             problems.push("agent.sign_timeout_ms must be between 1 and 600000 (10 min)".into());
         }

@@ -642,6 +642,66 @@ fn connections_over_the_cap_get_busy_and_are_closed() {
     assert!(agent.state.counters().connections.rejected >= 1);
 }
 
+/// One uid cannot take every slot: over its own limit it gets `busy`, while another uid
+/// is still served, and a closed connection gives its slot back.
+#[test]
+fn one_uid_cannot_take_every_connection_slot() {
+    let settings = ServerSettings {
+        max_connections: 6,
+        max_connections_per_uid: Some(2),
+        ..ServerSettings::default()
+    };
+    let mut builder = TestAgent::builder().settings(settings);
+    builder.dir_mode = 0o755;
+    builder.socket_mode = 0o666;
+    let agent = builder.start();
+    let mut a = agent.client();
+    let mut b = agent.client();
+    a.ping().unwrap();
+    b.ping().unwrap();
+    let mut third = Raw::connect(&agent);
+    let r = third.recv();
+    assert_eq!((r["id"].clone(), code(&r)), (Value::Null, "busy"));
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_connections_per_uid"),
+        "{r}"
+    );
+    assert!(third.closed());
+    // Another uid still gets in (and is answered: ping is open to every peer).
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile('rwb')
+f.write(b'{"v":1,"id":1,"op":"ping"}\n'); f.flush()
+sys.stdout.write(f.readline().decode())
+"#;
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(r#""pong":true"#), "{stdout}");
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match agent.client().ping() {
+            Ok(()) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("the slot never came back: {e}"),
+        }
+    }
+    b.ping().unwrap();
+    assert!(agent.state.counters().connections.rejected >= 1);
+}
+
 #[test]
 fn in_flight_requests_per_connection_are_capped() {
     let settings = ServerSettings {

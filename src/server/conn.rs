@@ -213,6 +213,35 @@ pub(super) async fn run(
             return;
         }
     };
+    let Some(_uid_slot) = state.admit_uid(cred.uid) else {
+        state
+            .counters
+            .connections_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        state.counters.error(ErrorCode::Busy);
+        let limit = state.settings.per_uid_limit();
+        tracing::warn!(
+            uid = cred.uid,
+            pid = cred.pid.unwrap_or(0),
+            limit,
+            "connection refused: its user holds the most connections one user may"
+        );
+        let err = WireError::new(
+            ErrorCode::Busy,
+            format!(
+                "your user already holds {limit} connections to the agent, the most one user \
+                 may: close some, or ask for server.max_connections_per_uid to be raised"
+            ),
+        );
+        let mut line = Vec::new();
+        write_err(&mut line, None, &err);
+        let (rd, mut wr) = stream.into_split();
+        let written = tokio::time::timeout(state.settings.write_timeout, wr.write_all(&line)).await;
+        if matches!(written, Ok(Ok(()))) {
+            linger::close(rd, wr).await;
+        }
+        return;
+    };
     state
         .counters
         .connections_open

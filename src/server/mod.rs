@@ -20,7 +20,7 @@ mod conn;
 mod linger;
 pub mod listener;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +118,10 @@ impl std::fmt::Debug for Profile {
 pub struct ServerSettings {
     /// Connections served at once; one more is answered `busy` and closed.
     pub max_connections: usize,
+    /// Connections one uid may hold at once (default: three quarters of `max_connections`,
+    /// rounded up), so that no single user, authorized or not, can take every slot from the
+    /// others.
+    pub max_connections_per_uid: Option<usize>,
     /// Requests waiting on a signer or a renewal, plus `watch` streams, per connection;
     /// one more is answered `busy`.
     pub max_in_flight: usize,
@@ -138,11 +142,21 @@ impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             max_connections: 1024,
+            max_connections_per_uid: None,
             max_in_flight: 64,
             idle_timeout: Duration::from_secs(300),
             line_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl ServerSettings {
+    /// The connections one uid may hold at once.
+    pub fn per_uid_limit(&self) -> usize {
+        self.max_connections_per_uid
+            .unwrap_or(self.max_connections - self.max_connections / 4)
+            .max(1)
     }
 }
 
@@ -220,6 +234,24 @@ impl Counters {
     }
 }
 
+/// One connection counted against its peer's uid (see [`State::admit_uid`]).
+struct UidSlot {
+    state: Arc<State>,
+    uid: u32,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut by_uid = self.state.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = by_uid.get_mut(&self.uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// The agent-wide budget for audit records of refused and failed requests: a token bucket of
 /// [`RefusalAudit::BURST`] records refilled at [`RefusalAudit::PER_SEC`] a second. It is
 /// global, so a client cannot earn a fresh allowance by reconnecting. Refusals over the
@@ -282,6 +314,8 @@ pub struct State {
     settings: ServerSettings,
     counters: Counters,
     refusal_audit: RefusalAudit,
+    /// Open connections by peer uid (entries removed at zero).
+    by_uid: Mutex<HashMap<u32, usize>>,
     started_at: SystemTime,
     started: Instant,
 }
@@ -314,6 +348,14 @@ impl State {
                 "max_connections and max_in_flight must be at least 1".into(),
             ));
         }
+        if settings
+            .max_connections_per_uid
+            .is_some_and(|n| n == 0 || n > settings.max_connections)
+        {
+            return Err(StateError::Settings(
+                "max_connections_per_uid must be between 1 and max_connections".into(),
+            ));
+        }
         let mut entries: Vec<ProfileEntry> = Vec::with_capacity(profiles.len());
         for profile in profiles {
             if entries.iter().any(|e| e.profile.name == profile.name) {
@@ -331,9 +373,25 @@ impl State {
             settings,
             counters: Counters::default(),
             refusal_audit: RefusalAudit::new(Instant::now()),
+            by_uid: Mutex::new(HashMap::new()),
             started_at: SystemTime::now(),
             started: Instant::now(),
         }))
+    }
+
+    /// Counts a connection of `uid` while the guard lives, or None when that uid already
+    /// holds [`ServerSettings::per_uid_limit`] connections.
+    fn admit_uid(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let count = by_uid.entry(uid).or_insert(0);
+        if *count >= self.settings.per_uid_limit() {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            state: Arc::clone(self),
+            uid,
+        })
     }
 
     /// Writes an audit record of a refused or failed request (`record`) if the agent-wide
@@ -475,6 +533,23 @@ fn is_transient_accept_error(err: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quarter_of_the_connections_stays_for_other_users_by_default() {
+        let limit = |max, per_uid| {
+            ServerSettings {
+                max_connections: max,
+                max_connections_per_uid: per_uid,
+                ..ServerSettings::default()
+            }
+            .per_uid_limit()
+        };
+        assert_eq!(
+            [1, 2, 4, 1024, 4096].map(|max| limit(max, None)),
+            [1, 2, 3, 768, 3072]
+        );
+        assert_eq!(limit(1024, Some(5)), 5);
+    }
 
     #[test]
     fn refusal_audit_is_a_token_bucket_that_reports_what_it_left_out() {
