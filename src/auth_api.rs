@@ -680,15 +680,17 @@ fn status_text(status: StatusCode) -> String {
         .to_string()
 }
 
-/// Cuts a server-provided message and masks anything that looks like a JWT.
+/// Cuts a server-provided message and masks anything that looks like a credential: a JWT,
+/// or a long run of token characters (a signature or an opaque refresh token that the
+/// server repeats back). Such messages reach the log and `status`.
 pub fn scrub(text: &str) -> String {
-    let masked: Vec<String> = text
+    let masked: Vec<&str> = text
         .split(' ')
         .map(|word| {
-            if word.contains("eyJ") || word.matches('.').count() >= 2 && word.len() > 40 {
-                "<redacted>".to_string()
+            if looks_secret(word) {
+                "<redacted>"
             } else {
-                word.to_string()
+                word
             }
         })
         .collect();
@@ -702,6 +704,28 @@ pub fn scrub(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// A word of a server message that may be a credential: it holds a JWT (`eyJ…`, or three
+/// dot-separated parts), or a run of base64/base64url characters of 24 or more with upper-
+/// and lower-case letters and digits (a signature, an opaque token; not a UUID, a URL or a
+/// word), or a run of 32 or more hex digits.
+fn looks_secret(word: &str) -> bool {
+    let jwt_like = word
+        .split(|c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        .any(|run| run.matches('.').count() >= 2 && run.len() > 40);
+    if word.contains("eyJ") || jwt_like {
+        return true;
+    }
+    word.split(|c: char| !(c.is_ascii_alphanumeric() || "-_+/=~".contains(c)))
+        .any(|run| {
+            let has = |f: fn(&char) -> bool| run.chars().any(|c| f(&c));
+            let mixed = has(char::is_ascii_uppercase)
+                && has(char::is_ascii_lowercase)
+                && has(char::is_ascii_digit);
+            (run.len() >= 24 && mixed)
+                || (run.len() >= 32 && run.chars().all(|c| c.is_ascii_hexdigit()))
+        })
 }
 
 /// Describes a serde error by position only: its text may quote the (secret) input.
@@ -901,6 +925,26 @@ mod tests {
         for bad in ["2030-01-02T03:04:05", "1893553445", "2030-01-02"] {
             assert!(parse_rfc3339(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn server_messages_lose_what_looks_like_a_credential() {
+        let sig = "vZxhz9TAZ49SoMP06Xb0NVwqAD3p9D96Ced8YRJJ7DxTtepQHh8BAHD4oYZE_0V8z0ydH2cqWdDqSNOW73XYDw";
+        let rt = "rt_Q2hhbmdlTWVQbGVhc2U3ZmE5YjE0NzI";
+        let hex = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let jwt = "eyJhbGciOiJFUzI1NiJ9.eyJleHAiOjF9.c2ln";
+        let text =
+            format!("signature does not verify: {sig}; refresh token {rt} revoked ({hex}) {jwt}");
+        let out = scrub(&text);
+        for secret in [sig, rt, hex, jwt] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert_eq!(out.matches("<redacted>").count(), 4, "{out}");
+        // What helps a reader stays: ids, URLs, ordinary words, a challenge message.
+        let plain = "key_id 8e524529-cbd8-49c8-a28d-a35de5580f69 unknown at \
+                     https://api.truemarkets.com/v1/auth/api-key/token: timestamp 1796027037 \
+                     is outside the allowed window (request_id req_7f3a)";
+        assert_eq!(scrub(plain), plain);
     }
 
     #[test]

@@ -498,6 +498,7 @@ fn describe_error(code: Option<&str>, message: Option<&str>) -> String {
         Some("rate_limited") => "auth API rate-limits us".into(),
         Some("unauthorized") => format!("auth API refused the key: {}", message.unwrap_or("")),
         Some("invalid_token") => "auth API sent a token that fails JWKS checks".into(),
+        Some("jwks_pending") => "auth API's new signing key not in its JWKS yet".into(),
         Some("signer_error") => "key cannot sign".into(),
         Some(other) => other.replace('_', " "),
         None => "failing".into(),

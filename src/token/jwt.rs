@@ -53,6 +53,9 @@ struct Header {
 struct RawClaims {
     #[serde(default)]
     exp: Option<f64>,
+    /// Not required; any value that is not a usable number is ignored.
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
     #[serde(default)]
     iss: Option<String>,
 }
@@ -63,6 +66,8 @@ pub struct Parsed {
     pub kid: String,
     /// `exp` on the server's clock.
     pub exp: SystemTime,
+    /// `iat` on the server's clock, when the token has a usable one.
+    pub iat: Option<SystemTime>,
     pub iss: Option<String>,
     signing_input_digest: [u8; 32],
     signature: Signature,
@@ -96,10 +101,12 @@ pub fn parse(token: &str) -> Result<Parsed, JwtError> {
     // `exp` is read before the signature is checked, so it is attacker-controlled here:
     // any value must give an error, never a panic.
     let exp = claims.exp.ok_or(JwtError::MissingExp)?;
-    let exp = Duration::try_from_secs_f64(exp)
-        .ok()
-        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
-        .ok_or(JwtError::InvalidExp)?;
+    let exp = unix_time(exp).ok_or(JwtError::InvalidExp)?;
+    let iat = claims
+        .iat
+        .as_ref()
+        .and_then(serde_json::Value::as_f64)
+        .and_then(unix_time);
     let raw_sig =
         jose::b64url_decode(s).map_err(|_| JwtError::Malformed("signature is not base64url"))?;
     let signature = jose::signature_from_raw(&raw_sig)
@@ -108,10 +115,18 @@ pub fn parse(token: &str) -> Result<Parsed, JwtError> {
     Ok(Parsed {
         kid,
         exp,
+        iat,
         iss: claims.iss,
         signing_input_digest: jose::sha256(signing_input.as_bytes()),
         signature,
     })
+}
+
+/// Unix seconds as a time; None for what no time is (negative, NaN, beyond the clock).
+fn unix_time(secs: f64) -> Option<SystemTime> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
 }
 
 /// Verifying keys by `kid`: the usable (EC P-256, ES256 or unspecified alg, `sig` or

@@ -272,9 +272,14 @@ pub(crate) fn refresh_delay(lifetime: Duration, s: &TokenSettings, unit: f64) ->
         .max(Duration::from_millis(100).min(latest))
 }
 
+/// The longest `Retry-After` honoured (unless `backoff_max` is longer).
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
+
 /// Delay before retry number `failures` (1 = after the first failure): full jitter below
 /// `min(backoff_max, backoff_min * 2^(failures-1))`, `unit` in [0, 1]; never shorter than a
-/// server's `Retry-After` (itself capped at 10 min).
+/// server's `Retry-After`, itself capped at [`RETRY_AFTER_MAX`] (or `backoff_max` if
+/// longer): one answer that says "come back in an hour" must not leave every client
+/// without a token for that long after the API is back.
 pub(crate) fn backoff_delay(
     failures: u32,
     s: &TokenSettings,
@@ -292,7 +297,7 @@ pub(crate) fn backoff_delay(
         .max(Duration::from_millis(10));
     let server = retry_after
         .unwrap_or_default()
-        .min(Duration::from_secs(600));
+        .min(s.backoff_max.max(RETRY_AFTER_MAX));
     jittered.max(server)
 }
 
@@ -990,9 +995,12 @@ impl<A: Api> Worker<A> {
                     message,
                     request_id,
                 }) if !resynced => {
+                    // Only a 401 about the clock, or whose `Date` moved the server clock
+                    // we signed by, is worth a second signature: with the offset known and
+                    // unchanged, the timestamp was right however far the local clock is off.
                     let offset_ms = self.shared.clock.offset_ms().unwrap_or(0);
                     let moved = (self.server_timestamp() - timestamp).abs() > 25;
-                    if auth_api::mentions_clock(&message) || offset_ms.abs() > 25_000 || moved {
+                    if auth_api::mentions_clock(&message) || moved {
                         resynced = true;
                         tracing::warn!(
                             clock_offset_ms = offset_ms,
@@ -1028,14 +1036,18 @@ impl<A: Api> Worker<A> {
             && self
                 .last_kid_refetch
                 .is_none_or(|t| t.elapsed() >= self.shared.settings.jwks_min_refetch);
+        let mut fetched = false;
         if stale || unknown {
-            if unknown && !stale {
-                self.last_kid_refetch = Some(Instant::now());
-            }
             match self.api.jwks().await {
                 Ok(jwks) => {
                     self.keys = jwt::KeySet::from_jwks(&jwks.keys);
                     self.keys_fetched = Some(Instant::now());
+                    if unknown && !stale {
+                        // Only a fetch that happened counts against the rate limit: after a
+                        // failed one, the next attempt (after its back-off) fetches again.
+                        self.last_kid_refetch = Some(Instant::now());
+                    }
+                    fetched = true;
                     tracing::info!(keys = self.keys.len(), "JWKS fetched");
                 }
                 Err(e) if self.keys.contains(&parsed.kid) => {
@@ -1056,6 +1068,21 @@ impl<A: Api> Worker<A> {
                 }
             }
         }
+        if !fetched && !self.keys.contains(&parsed.kid) {
+            // The JWKS held predates this kid and was fetched too recently to fetch again:
+            // the token cannot be checked yet, which says nothing against the pair. Keep its
+            // refresh token, and check again at the next attempt.
+            self.refresh_token = Some(pair.refresh_token);
+            return Err(Failure {
+                code: "jwks_pending",
+                message: format!(
+                    "the access token's kid is not in the JWKS held, which is fetched again at \
+                     most every {} s: checking at the next attempt",
+                    self.shared.settings.jwks_min_refetch.as_secs()
+                ),
+                retry_after: None,
+            });
+        }
         let clock = &self.shared.clock;
         self.keys.verify(
             &parsed,
@@ -1063,7 +1090,16 @@ impl<A: Api> Worker<A> {
             self.shared.settings.issuer.as_deref(),
         )?;
         let received_at = SystemTime::now();
-        let expires_at = clock.to_local(pair.expires_at.min(parsed.exp));
+        let mut expires_at = clock.to_local(pair.expires_at.min(parsed.exp));
+        // The server's clock is learned from `Date` headers, and one wrong header would move
+        // `exp` on the local clock. The token's own lifetime (`exp - iat`, both from one
+        // clock) counted from now, when it arrived, bounds it.
+        let life = parsed
+            .iat
+            .and_then(|iat| parsed.exp.duration_since(iat).ok());
+        if let Some(end) = life.and_then(|life| received_at.checked_add(life)) {
+            expires_at = expires_at.min(end);
+        }
         if expires_at <= received_at {
             return Err(Failure {
                 code: "invalid_token",

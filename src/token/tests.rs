@@ -58,9 +58,10 @@ fn backoff_is_exponential_full_jitter_capped_and_honours_retry_after() {
         backoff_delay(1, &s, 0.1, Some(Duration::from_secs(7))),
         Duration::from_secs(7)
     );
+    // A Retry-After beyond backoff_max waits backoff_max.
     assert_eq!(
         backoff_delay(1, &s, 0.1, Some(Duration::from_secs(86_400))),
-        Duration::from_secs(600)
+        Duration::from_secs(60)
     );
 }
 
@@ -140,6 +141,8 @@ struct FakeState {
     ttl: Duration,
     /// Server clock minus local clock, reported as if by `Date`.
     server_offset_ms: i64,
+    /// Added to what `Date` reports (a wrong header; the tokens keep the true clock).
+    date_lie_ms: i64,
     /// Errors returned (in order) by the next mint/refresh calls.
     script: Vec<ApiError>,
     /// While set, every mint/refresh fails with a 503.
@@ -174,6 +177,7 @@ impl Fake {
                 kid: "k1".into(),
                 ttl,
                 server_offset_ms: 0,
+                date_lie_ms: 0,
                 script: Vec::new(),
                 outage: false,
                 foreign: false,
@@ -195,6 +199,10 @@ impl Fake {
     fn issue(&self, st: &mut FakeState) -> TokenPair {
         st.serial += 1;
         let server_now = auth_api::shift(SystemTime::now(), st.server_offset_ms);
+        let iat_secs = server_now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
         let exp = server_now + st.ttl;
         let exp_secs = exp
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -210,6 +218,7 @@ impl Fake {
             &st.kid,
             &serde_json::json!({
                 "exp": st.exp_claim.clone().unwrap_or(exp_secs.into()),
+                "iat": iat_secs,
                 "iss": "fake",
                 "n": st.serial
             }),
@@ -228,7 +237,7 @@ impl Fake {
     async fn front(&self) -> Result<(), ApiError> {
         let latency = self.with(|s| s.latency);
         tokio::time::sleep(latency).await;
-        let offset = self.with(|s| s.server_offset_ms);
+        let offset = self.with(|s| s.server_offset_ms + s.date_lie_ms);
         self.clock.set_offset_ms(offset);
         if self.with(|s| std::mem::take(&mut s.panic)) {
             panic!("fake Auth API client bug (expected by this test)");
@@ -333,6 +342,25 @@ fn start(fake: &Fake, settings: TokenSettings) -> (Manager, CancellationToken) {
     let cancel = CancellationToken::new();
     let m = Manager::start_with(settings, signer(), fake.clone(), cancel.clone());
     (m, cancel)
+}
+
+/// A `Date` header 5 minutes behind moves the server clock the agent learns, but the token's
+/// own `exp - iat`, counted from its arrival, still bounds how long it is handed out.
+#[tokio::test]
+async fn a_wrong_date_header_cannot_stretch_a_token_past_its_life() {
+    let fake = Fake::new(Duration::from_secs(2));
+    fake.with(|s| s.date_lie_ms = -300_000);
+    let (m, cancel) = start(&fake, settings());
+    let t = m.wait_ready(Duration::from_secs(5)).await.unwrap();
+    let left = t
+        .expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left <= Duration::from_secs(2),
+        "{left:?} left of a 2 s token"
+    );
+    cancel.cancel();
 }
 
 #[tokio::test]
@@ -445,6 +473,68 @@ async fn a_jwks_outage_does_not_stop_renewals_signed_by_a_known_key() {
     assert_eq!(m.status().consecutive_failures, 0);
 }
 
+/// The API rotates its signing key twice, faster than the JWKS may be refetched for an
+/// unknown kid, and once while the JWKS cannot be fetched: the tokens that cannot be
+/// checked yet are not handed out, but their refresh tokens are kept, so no attempt falls
+/// back to a fresh mint, and the last one is accepted once the JWKS lists its key.
+#[tokio::test]
+async fn key_rotations_faster_than_the_jwks_refetch_keep_the_refresh_token() {
+    let fake = Fake::new(Duration::from_millis(1500));
+    let settings = TokenSettings {
+        jwks_min_refetch: Duration::from_secs(3),
+        ..settings()
+    };
+    let (m, _cancel) = start(&fake, settings);
+    let first = m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    let rotate = |n: u8| {
+        fake.with(|s| {
+            s.issuer = SigningKey::from_slice(&[20 + n; 32]).unwrap();
+            s.kid = format!("k{n}");
+        })
+    };
+    let wait_for_new = |old: Arc<AccessToken>, limit: Duration| {
+        let m = m.clone();
+        async move {
+            let deadline = Instant::now() + limit;
+            let mut codes = HashSet::new();
+            loop {
+                if let Some(code) = m.status().last_error_code {
+                    codes.insert(code);
+                }
+                if let Some(t) = m.subscribe().borrow().clone() {
+                    if t.token != old.token {
+                        return (t, codes);
+                    }
+                }
+                assert!(Instant::now() < deadline, "no new token; errors {codes:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // A first rotation: the unknown kid refetches the JWKS at once.
+    rotate(2);
+    let (second, _) = wait_for_new(first, Duration::from_secs(3)).await;
+    // A second one right after: within jwks_min_refetch, so checking waits.
+    rotate(3);
+    let (third, codes) = wait_for_new(second, Duration::from_secs(8)).await;
+    assert!(codes.contains("jwks_pending"), "{codes:?}");
+    // A third one while the JWKS is down: the failed fetch does not count against the
+    // rate limit, and the pair waits too.
+    fake.with(|s| s.jwks_down = true);
+    rotate(4);
+    // Past the 3 s of jwks_min_refetch, so that fetches are tried (and fail) meanwhile.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    fake.with(|s| s.jwks_down = false);
+    let (_, codes) = wait_for_new(third, Duration::from_secs(8)).await;
+    assert!(codes.contains("server_error"), "{codes:?}");
+    assert_eq!(
+        fake.n.mint_calls.load(Ordering::SeqCst),
+        1,
+        "no attempt fell back to a mint"
+    );
+    assert_eq!(fake.n.refused_refreshes.load(Ordering::SeqCst), 0);
+}
+
 /// A refresh answer that does not parse (a 200 with a broken body) came after the server
 /// rotated the refresh token: the old one is never sent again; the next renewal mints.
 #[tokio::test]
@@ -546,6 +636,38 @@ async fn clock_skew_resyncs_once_from_date() {
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     assert!(skew > Duration::from_secs(39));
+}
+
+/// With the server clock 2 min ahead, known and unchanged, a 401 that is not about the
+/// clock (a revoked key) is not retried as if it were.
+#[tokio::test]
+async fn a_401_with_a_known_far_clock_offset_is_not_taken_for_skew() {
+    let fake = Fake::new(Duration::from_millis(1500));
+    fake.with(|s| s.server_offset_ms = 120_000);
+    let (m, _cancel) = start(&fake, settings());
+    m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    let mints = fake.n.mint_calls.load(Ordering::SeqCst);
+    fake.with(|s| {
+        for message in ["refresh token revoked", "api key revoked"] {
+            s.script.push(ApiError::Unauthorized {
+                message: message.into(),
+                request_id: None,
+            });
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.status().last_error_code.as_deref() != Some("unauthorized") {
+        assert!(
+            Instant::now() < deadline,
+            "the revoked key was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        fake.n.mint_calls.load(Ordering::SeqCst),
+        mints + 1,
+        "one mint for the refused refresh, not retried"
+    );
 }
 
 #[tokio::test]
