@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::auth_api::{self, secs, ApiError, ServerClock, TokenPair};
+use crate::auth_api::{self, secs, ApiError, ServerClock, TokenPair, TransportKind};
 use crate::jose;
 use crate::signer;
 
@@ -961,13 +961,22 @@ impl<A: Api> Worker<A> {
                         "refresh token refused; minting with a fresh signature"
                     );
                 }
-                Err(e @ ApiError::Protocol(_)) => {
-                    // An answer came but did not parse: the server may have rotated the
-                    // refresh token already, so it is not sent again; the next attempt mints.
+                Err(
+                    e @ (ApiError::Protocol(_)
+                    | ApiError::Transport {
+                        kind: TransportKind::Timeout | TransportKind::Other,
+                        ..
+                    }),
+                ) => {
+                    // An answer that did not parse, or none after the request went out: the
+                    // server may have rotated the refresh token already. Sent again, it would
+                    // be a reuse, which revokes the family and alarms the API's operators; so
+                    // it is dropped, and the next attempt mints.
                     return Err(e.into());
                 }
                 Err(e) => {
-                    // Maybe never reached the server: the same refresh token may still work.
+                    // Never reached the server (no connection), or refused without using it
+                    // (5xx, 429): the same refresh token still works.
                     self.refresh_token = Some(refresh_token);
                     return Err(e.into());
                 }
