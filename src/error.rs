@@ -115,6 +115,13 @@ impl WireError {
                     .map(|d| format!(" (next attempt in {} s)", d.as_secs_f64().ceil()))
                     .unwrap_or_default()
             ),
+            TokenError::RenewalFailing { retry_in, .. } => format!(
+                "no valid access token for profile `{profile}` right now: renewing it is failing{}; \
+                 see `tm-agent status` and the agent's log",
+                retry_in
+                    .map(|d| format!(" (next attempt in {} s)", d.as_secs_f64().ceil()))
+                    .unwrap_or_default()
+            ),
             TokenError::Unavailable(_) => format!(
                 "no valid access token for profile `{profile}` right now: see `tm-agent status` \
                  and the agent's log"
@@ -248,6 +255,19 @@ mod tests {
         assert!(
             e.message.contains("expires in 430 s, short of the min_ttl")
                 && e.message.contains("next attempt in 12 s"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("503"), "{}", e.message);
+        let failing = TokenError::RenewalFailing {
+            retry_in: Some(Duration::from_millis(4_100)),
+            reason: "token renewal failed (server_error: 503 upstream)".into(),
+        };
+        let e = WireError::from_token(&failing, "prod");
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(
+            e.message
+                .contains("renewing it is failing (next attempt in 5 s)"),
             "{}",
             e.message
         );

@@ -97,6 +97,14 @@ pub enum TokenError {
         /// The renewal failure, for the log.
         reason: String,
     },
+    /// No token is valid, and renewals fail.
+    #[error("no valid access token, and renewing it failed: {reason}")]
+    RenewalFailing {
+        /// When the next renewal is due, if one is scheduled.
+        retry_in: Option<Duration>,
+        /// The renewal failure, for the log.
+        reason: String,
+    },
     #[error("token renewal did not finish within {0:?}")]
     Timeout(Duration),
 }
@@ -105,9 +113,9 @@ impl TokenError {
     /// The stable wire error code.
     pub fn wire_code(&self) -> crate::protocol::ErrorCode {
         match self {
-            TokenError::Unavailable(_) | TokenError::ShortOfMinTtl { .. } => {
-                crate::protocol::ErrorCode::Unavailable
-            }
+            TokenError::Unavailable(_)
+            | TokenError::ShortOfMinTtl { .. }
+            | TokenError::RenewalFailing { .. } => crate::protocol::ErrorCode::Unavailable,
             TokenError::Timeout(_) => crate::protocol::ErrorCode::Timeout,
         }
     }
@@ -652,7 +660,7 @@ impl Manager {
     }
 
     /// The error for a renewal that failed: `ShortOfMinTtl` while a token is still valid
-    /// (for less than the caller asked), `Unavailable` when none is.
+    /// (for less than the caller asked), `RenewalFailing` when none is.
     fn short_of(&self, reason: String, retry_in: Option<Duration>) -> TokenError {
         match self.usable(Duration::ZERO) {
             Some(tok) => TokenError::ShortOfMinTtl {
@@ -660,7 +668,7 @@ impl Manager {
                 retry_in,
                 reason,
             },
-            None => TokenError::Unavailable(reason),
+            None => TokenError::RenewalFailing { retry_in, reason },
         }
     }
 

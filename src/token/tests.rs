@@ -610,7 +610,7 @@ async fn outage_past_expiry_withdraws_the_token_then_recovers() {
     let err = m.token(None).await.unwrap_err();
     assert!(matches!(
         err,
-        TokenError::Unavailable(_) | TokenError::Timeout(_)
+        TokenError::Unavailable(_) | TokenError::RenewalFailing { .. } | TokenError::Timeout(_)
     ));
     fake.with(|s| s.outage = false);
     let t = m.token(None).await.unwrap();
@@ -698,7 +698,7 @@ async fn foreign_signed_tokens_are_never_handed_out() {
     let err = m.token(None).await.unwrap_err();
     assert!(matches!(
         err,
-        TokenError::Unavailable(_) | TokenError::Timeout(_)
+        TokenError::Unavailable(_) | TokenError::RenewalFailing { .. } | TokenError::Timeout(_)
     ));
     assert!(m.subscribe().borrow().is_none());
     let st = m.status();
