@@ -219,13 +219,9 @@ fn blocking_watch_ends_with_an_end_event_on_shutdown() {
     );
 }
 
-#[test]
-fn a_peer_under_another_uid_gets_forbidden_and_nothing_else() {
-    let mut builder = TestAgent::builder();
-    builder.dir_mode = 0o755;
-    builder.socket_mode = 0o666;
-    let agent = builder.start();
-    let token = agent.tokens("prod").current().unwrap();
+/// Sends each of `requests` on one connection as uid and gid 65534, from a child process
+/// that dropped root; its stdout has one reply line per request.
+fn requests_as_nobody(agent: &TestAgent, requests: &[&str]) -> std::process::Output {
     let script = r#"
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -235,6 +231,24 @@ for req in sys.argv[2:]:
     f.write(req.encode() + b"\n"); f.flush()
     sys.stdout.write(f.readline().decode())
 "#;
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&agent.socket)
+        .args(requests)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_peer_under_another_uid_gets_forbidden_and_nothing_else() {
+    let mut builder = TestAgent::builder();
+    builder.dir_mode = 0o755;
+    builder.socket_mode = 0o666;
+    let agent = builder.start();
+    let token = agent.tokens("prod").current().unwrap();
     let requests = [
         r#"{"v":1,"id":1,"op":"token","profile":"prod"}"#,
         r#"{"v":1,"id":2,"op":"sign_challenge","profile":"prod"}"#,
@@ -244,15 +258,7 @@ for req in sys.argv[2:]:
         r#"{"v":1,"id":6,"op":"watch","profile":"prod"}"#,
         r#"{"v":1,"id":7,"op":"token","profile":"no-such-profile"}"#,
     ];
-    let output = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&agent.socket)
-        .args(requests)
-        .output()
-        .unwrap();
+    let output = requests_as_nobody(&agent, &requests);
     assert!(
         output.status.success(),
         "{}",
@@ -615,31 +621,43 @@ fn connections_over_the_cap_get_busy_and_are_closed() {
         ..ServerSettings::default()
     };
     let agent = TestAgent::builder().settings(settings).start();
-    let mut a = agent.client();
-    let mut b = agent.client();
-    a.ping().unwrap();
-    b.ping().unwrap();
-    let mut third = Raw::connect(&agent);
-    let r = third.recv();
-    assert_eq!((r["id"].clone(), code(&r)), (Value::Null, "busy"));
-    assert!(third.closed());
+    let (a, _b, _) = two_served_then_busy(&agent);
     // The client library reads that connection-level reply as the agent's `busy` (exit 5,
     // "temporary"), not as a reply to some other request.
     let refused = agent.client().ping().unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::Busy), "{refused:?}");
     assert_eq!(refused.exit_code(), 5);
     drop(a);
-    // The slot frees up once the server sees the close.
+    wait_for_a_free_slot(&agent);
+    assert!(agent.state.counters().connections.rejected >= 1);
+}
+
+/// Opens two connections that are served, then a third that must read `busy` (null id)
+/// and EOF; returns the two clients and that reply.
+fn two_served_then_busy(
+    agent: &TestAgent,
+) -> (tm_agent::client::Client, tm_agent::client::Client, Value) {
+    let mut a = agent.client();
+    let mut b = agent.client();
+    a.ping().unwrap();
+    b.ping().unwrap();
+    let mut third = Raw::connect(agent);
+    let r = third.recv();
+    assert_eq!((r["id"].clone(), code(&r)), (Value::Null, "busy"));
+    assert!(third.closed());
+    (a, b, r)
+}
+
+/// A slot frees up once the server sees a close: a new client gets `pong` within 5 s.
+fn wait_for_a_free_slot(agent: &TestAgent) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut c = agent.client();
-        match c.ping() {
+        match agent.client().ping() {
             Ok(()) => break,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("{e}"),
+            Err(e) => panic!("the slot never came back: {e}"),
         }
     }
-    assert!(agent.state.counters().connections.rejected >= 1);
 }
 
 /// One uid cannot take every slot: over its own limit it gets `busy`, while another uid
@@ -655,13 +673,7 @@ fn one_uid_cannot_take_every_connection_slot() {
     builder.dir_mode = 0o755;
     builder.socket_mode = 0o666;
     let agent = builder.start();
-    let mut a = agent.client();
-    let mut b = agent.client();
-    a.ping().unwrap();
-    b.ping().unwrap();
-    let mut third = Raw::connect(&agent);
-    let r = third.recv();
-    assert_eq!((r["id"].clone(), code(&r)), (Value::Null, "busy"));
+    let (a, mut b, r) = two_served_then_busy(&agent);
     assert!(
         r["error"]["message"]
             .as_str()
@@ -669,35 +681,12 @@ fn one_uid_cannot_take_every_connection_slot() {
             .contains("max_connections_per_uid"),
         "{r}"
     );
-    assert!(third.closed());
     // Another uid still gets in (and is answered: ping is open to every peer).
-    let script = r#"
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-f = s.makefile('rwb')
-f.write(b'{"v":1,"id":1,"op":"ping"}\n'); f.flush()
-sys.stdout.write(f.readline().decode())
-"#;
-    let output = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&agent.socket)
-        .output()
-        .unwrap();
+    let output = requests_as_nobody(&agent, &[r#"{"v":1,"id":1,"op":"ping"}"#]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains(r#""pong":true"#), "{stdout}");
     drop(a);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match agent.client().ping() {
-            Ok(()) => break,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("the slot never came back: {e}"),
-        }
-    }
+    wait_for_a_free_slot(&agent);
     b.ping().unwrap();
     assert!(agent.state.counters().connections.rejected >= 1);
 }
