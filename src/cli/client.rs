@@ -453,7 +453,13 @@ fn print_profile(out: &mut dyn Write, p: &ProfileStatus, now: i64) -> std::io::R
         if t.valid { "valid" } else { "NONE VALID" },
         when(t.expires_at)
     )?;
-    writeln!(out, "  next refresh  {}", when(t.next_refresh))?;
+    // A renewal that is due (or the first mint) is being attempted right now.
+    let next = match t.next_refresh {
+        Some(due) if due <= now => format!("under way (due {})", relative(due, now)),
+        None if !t.valid && t.last_error.is_none() => "under way (the first token)".into(),
+        other => when(other),
+    };
+    writeln!(out, "  next refresh  {next}")?;
     if let Some(err) = &t.last_error {
         writeln!(
             out,
@@ -475,6 +481,53 @@ mod tests {
         assert_eq!(relative(40, 100), "1m00s ago");
         assert_eq!(human(7322), "2h02m");
         assert_eq!(human(90_000), "1d01h");
+    }
+
+    #[test]
+    fn a_renewal_under_way_says_so() {
+        let profile = |token: &str| -> ProfileStatus {
+            serde_json::from_str(&format!(
+                r#"{{"name":"prod","key_id":"k","backend":"soft","location":"l",
+                "hardware_backed":false,"key":{{"state":"ok","error":null,"last_ok":null,
+                "signatures":1,"errors":0}},"token":{token}}}"#
+            ))
+            .unwrap()
+        };
+        let text = |p: &ProfileStatus| {
+            let mut out = Vec::new();
+            print_profile(&mut out, p, 1_000).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let starting = profile(
+            r#"{"valid":false,"expires_at":null,"next_refresh":null,"last_mint":null,
+            "last_refresh":null,"consecutive_failures":0,"last_error_code":null,
+            "last_error":null,"clock_offset_secs":0}"#,
+        );
+        assert!(
+            text(&starting).contains("next refresh  under way (the first token)"),
+            "{}",
+            text(&starting)
+        );
+        let due = profile(
+            r#"{"valid":true,"expires_at":1100,"next_refresh":990,"last_mint":900,
+            "last_refresh":null,"consecutive_failures":0,"last_error_code":null,
+            "last_error":null,"clock_offset_secs":0}"#,
+        );
+        assert!(
+            text(&due).contains("next refresh  under way (due 10s ago)"),
+            "{}",
+            text(&due)
+        );
+        let later = profile(
+            r#"{"valid":true,"expires_at":1100,"next_refresh":1060,"last_mint":900,
+            "last_refresh":null,"consecutive_failures":0,"last_error_code":null,
+            "last_error":null,"clock_offset_secs":0}"#,
+        );
+        assert!(
+            text(&later).contains("next refresh  in 1m00s"),
+            "{}",
+            text(&later)
+        );
     }
 
     #[derive(clap::Parser, Debug)]
