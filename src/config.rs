@@ -530,12 +530,7 @@ pub fn reread_key_table(
     header: usize,
 ) -> Option<(zeroize::Zeroizing<String>, toml::de::Error)> {
     let lines: Vec<&str> = text.split('\n').collect();
-    let head = lines.get(header.checked_sub(1)?)?;
-    let head = head.split_once('#').map_or(*head, |(h, _)| h).trim();
-    let name = head.strip_prefix("[keys.")?.strip_suffix(']')?;
-    if name.is_empty() || head.starts_with("[[") {
-        return None;
-    }
+    let name = key_table_name(lines.get(header.checked_sub(1)?)?)?;
     let sub_table = format!("[keys.{name}.");
     if lines.iter().any(|l| l.trim_start().starts_with(&sub_table)) {
         return None;
@@ -578,6 +573,13 @@ pub fn reread_key_table(
     let body_start = body_start?;
     let inside = err.span().is_some_and(|span| span.start >= body_start);
     inside.then_some((doc, err))
+}
+
+/// The `NAME` of a `[keys.NAME]` header line (a comment after it allowed), else None.
+pub fn key_table_name(line: &str) -> Option<&str> {
+    let head = line.split_once('#').map_or(line, |(h, _)| h).trim();
+    let name = head.strip_prefix("[keys.")?.strip_suffix(']')?;
+    (!name.is_empty()).then_some(name)
 }
 
 /// The 1-based line and column where a TOML error starts in `text`, when toml knows it.

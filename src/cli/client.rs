@@ -485,48 +485,38 @@ mod tests {
 
     #[test]
     fn a_renewal_under_way_says_so() {
-        let profile = |token: &str| -> ProfileStatus {
-            serde_json::from_str(&format!(
-                r#"{{"name":"prod","key_id":"k","backend":"soft","location":"l",
-                "hardware_backed":false,"key":{{"state":"ok","error":null,"last_ok":null,
-                "signatures":1,"errors":0}},"token":{token}}}"#
-            ))
-            .unwrap()
-        };
-        let text = |p: &ProfileStatus| {
+        // The status line of a profile whose token is `valid` until `expires` (unix secs),
+        // next renewed at `next`, read at 1000.
+        let next_refresh_line = |valid: bool, expires: Option<i64>, next: Option<i64>| {
+            let token = serde_json::json!({
+                "valid": valid, "expires_at": expires, "next_refresh": next,
+                "last_mint": null, "last_refresh": null, "consecutive_failures": 0,
+                "last_error_code": null, "last_error": null, "clock_offset_secs": 0,
+            });
+            let p: ProfileStatus = serde_json::from_value(serde_json::json!({
+                "name": "prod", "key_id": "k", "backend": "soft", "location": "l",
+                "hardware_backed": false,
+                "key": {"state": "ok", "error": null, "last_ok": null, "signatures": 1, "errors": 0},
+                "token": token,
+            }))
+            .unwrap();
             let mut out = Vec::new();
-            print_profile(&mut out, p, 1_000).unwrap();
-            String::from_utf8(out).unwrap()
+            print_profile(&mut out, &p, 1_000).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            let line = text.lines().find(|l| l.contains("next refresh"));
+            line.unwrap_or_else(|| panic!("{text}")).to_owned()
         };
-        let starting = profile(
-            r#"{"valid":false,"expires_at":null,"next_refresh":null,"last_mint":null,
-            "last_refresh":null,"consecutive_failures":0,"last_error_code":null,
-            "last_error":null,"clock_offset_secs":0}"#,
+        assert_eq!(
+            next_refresh_line(false, None, None),
+            "  next refresh  under way (the first token)"
         );
-        assert!(
-            text(&starting).contains("next refresh  under way (the first token)"),
-            "{}",
-            text(&starting)
+        assert_eq!(
+            next_refresh_line(true, Some(1100), Some(990)),
+            "  next refresh  under way (due 10s ago)"
         );
-        let due = profile(
-            r#"{"valid":true,"expires_at":1100,"next_refresh":990,"last_mint":900,
-            "last_refresh":null,"consecutive_failures":0,"last_error_code":null,
-            "last_error":null,"clock_offset_secs":0}"#,
-        );
-        assert!(
-            text(&due).contains("next refresh  under way (due 10s ago)"),
-            "{}",
-            text(&due)
-        );
-        let later = profile(
-            r#"{"valid":true,"expires_at":1100,"next_refresh":1060,"last_mint":900,
-            "last_refresh":null,"consecutive_failures":0,"last_error_code":null,
-            "last_error":null,"clock_offset_secs":0}"#,
-        );
-        assert!(
-            text(&later).contains("next refresh  in 1m00s"),
-            "{}",
-            text(&later)
+        assert_eq!(
+            next_refresh_line(true, Some(1100), Some(1060)),
+            "  next refresh  in 1m00s"
         );
     }
 

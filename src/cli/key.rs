@@ -337,8 +337,8 @@ fn load_config_key(path: &Path, name: &str) -> anyhow::Result<KeyConfig> {
     KeyConfig::deserialize(entry).map_err(|e| {
         // The table read from a Value has no positions: read it again from the text.
         let header = text.split('\n').position(|line| {
-            let line = line.split_once('#').map_or(line, |(l, _)| l).trim();
-            line == format!("[keys.{name}]") || line == format!("[keys.\"{name}\"]")
+            crate::config::key_table_name(line)
+                .is_some_and(|n| n == name || n == format!("\"{name}\""))
         });
         let position = header
             .and_then(|i| crate::config::reread_key_table(&text, i + 1))
@@ -562,7 +562,7 @@ async fn generate(
         usage_bail!("--label LABEL is required: the new key's CKA_LABEL in the token");
     };
     let settings = backend.pkcs11("generate")?;
-    let settings_for_hint = settings.clone();
+    let sign_hint = sign_command(&settings, &label);
     let id = parse_id(id)?;
     let token = token_name(&settings);
     let entry = blocking({
@@ -578,9 +578,8 @@ async fn generate(
     eprintln!(
         "Generated P-256 key {label:?} (CKA_ID {}) in {token}: sensitive, never extractable.\n\
          Register the public key above on the True Markets API Keys page, then sign with\n  \
-         {} --key-id <the key_id it gives you>",
+         {sign_hint} --key-id <the key_id it gives you>",
         entry.id_hex(),
-        sign_command(&settings_for_hint, &label),
     );
     Ok(())
 }
@@ -597,7 +596,6 @@ async fn import(
         return import_piv(settings, bundle_path, piv_args).await;
     }
     let settings = backend.pkcs11("import")?;
-    let settings_for_hint = settings.clone();
     let id = parse_id(id)?;
     let bundle = read_bundle(&bundle_path)?;
     let label = label
@@ -605,6 +603,7 @@ async fn import(
         .unwrap_or_else(|| format!("tm-{}", bundle.key_id.chars().take(8).collect::<String>()));
     let key_id = bundle.key_id.clone();
     let token = token_name(&settings);
+    let sign_hint = sign_command(&settings, &label);
     let entry = blocking({
         let label = label.clone();
         move || pkcs11::import(&settings, &bundle, &label, id.as_deref())
@@ -623,10 +622,7 @@ async fn import(
          on the API Keys page and revoke this one.",
     );
     println!();
-    println!(
-        "Sign with: {} --key-id {key_id}",
-        sign_command(&settings_for_hint, &label)
-    );
+    println!("Sign with: {sign_hint} --key-id {key_id}");
     Ok(())
 }
 

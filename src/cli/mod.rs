@@ -155,8 +155,9 @@ fn fail(err: &anyhow::Error) -> u8 {
 }
 
 /// The exit code for a failure: [`EXIT_USAGE`] for a command line that makes no sense,
-/// [`EXIT_PIN`] for PIN problems, [`EXIT_CONFIG`] for an unusable config (the file, or what it points at: a socket directory or group, a
-/// `ca_file`), [`EXIT_FAILURE`] otherwise. The one mapping for every command.
+/// [`EXIT_PIN`] for PIN problems, [`EXIT_CONFIG`] for an unusable config (the file, or what
+/// it points at: a socket directory or group, a `ca_file`), [`EXIT_FAILURE`] otherwise. The
+/// one mapping for every command.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.downcast_ref::<UsageError>().is_some() {

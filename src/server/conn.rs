@@ -220,12 +220,15 @@ pub(super) async fn run(
             .fetch_add(1, Ordering::Relaxed);
         state.counters.error(ErrorCode::Busy);
         let limit = state.settings.per_uid_limit();
-        tracing::warn!(
-            uid = cred.uid,
-            pid = cred.pid.unwrap_or(0),
-            limit,
-            "connection refused: its user holds the most connections one user may"
-        );
+        // A refusal like any other: a client retrying in a loop must not flood the log.
+        state.audit_within_budget(|| {
+            tracing::warn!(
+                uid = cred.uid,
+                pid = cred.pid.unwrap_or(0),
+                limit,
+                "connection refused: its user holds the most connections one user may"
+            );
+        });
         let err = WireError::new(
             ErrorCode::Busy,
             format!(

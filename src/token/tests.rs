@@ -58,7 +58,7 @@ fn backoff_is_exponential_full_jitter_capped_and_honours_retry_after() {
         backoff_delay(1, &s, 0.1, Some(Duration::from_secs(7))),
         Duration::from_secs(7)
     );
-    // A Retry-After beyond backoff_max waits backoff_max.
+    // A Retry-After beyond RETRY_AFTER_MAX (here also backoff_max) waits that long.
     assert_eq!(
         backoff_delay(1, &s, 0.1, Some(Duration::from_secs(86_400))),
         Duration::from_secs(60)
