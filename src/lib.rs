@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod hardening;
 pub mod jose;
 pub mod protocol;
 pub mod server;

@@ -30,8 +30,8 @@ use tm_agent::protocol::StatusResult;
 use tm_agent::sim::{FaultKind, FaultSpec, FaultTarget, SimConfig};
 
 use common::daemon::{
-    access_rule, agent_command, clean_env, cli, cli_ok, generate_key, ping, poll, start_agent, uid,
-    uncompressed, wait_for_ping, AgentConfig, NotifyListener, Proc, AGENT,
+    access_rule, agent_command, clean_env, cli, cli_ok, generate_key, ping, poll, start_agent,
+    toml_str, uid, uncompressed, wait_for_ping, AgentConfig, NotifyListener, Proc, AGENT,
 };
 use common::softhsm::{SoftHsm, MODULE, USER_PIN};
 use common::{b64url_decode, ring_verify_der, ring_verify_raw};
@@ -1335,4 +1335,104 @@ fn an_nss_outage_at_start_exits_1_a_name_nss_does_not_know_exits_78() {
         .unwrap()
         .status
         .success());
+}
+
+/// The agent marks itself not dumpable: another process of the agent's own user cannot read
+/// its environment (where a PIN from `pin = { env = … }` lives) or its memory, and the
+/// kernel writes no core dump of it. Runs the agent as uid 65534 (root could read anyway).
+#[test]
+fn processes_of_the_agents_own_user_cannot_read_its_environment_or_memory() {
+    use std::os::unix::fs::{chown, PermissionsExt as _};
+    const NOBODY: u32 = 65534;
+    const MARKER: &str = "tm-agent-test-marker-4b7d";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    // The checkout may sit where uid 65534 cannot reach (/root): run a copy.
+    let agent_bin = dir.path().join("tm-agent");
+    std::fs::copy(AGENT, &agent_bin).unwrap();
+    use p256::pkcs8::EncodePrivateKey as _;
+    let key_file = dir.path().join("key.pem");
+    let pem = p256::SecretKey::from_slice(&[9; 32])
+        .unwrap()
+        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+        .unwrap();
+    std::fs::write(&key_file, pem.as_bytes()).unwrap();
+    chown(&key_file, Some(NOBODY), Some(NOBODY)).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[socket]
+path = {socket}
+
+[keys.k]
+backend = "soft"
+key_file = {key}
+
+[profiles.p]
+key = "k"
+key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"
+base_url = "http://127.0.0.1:1/v1/auth"
+{access}"#,
+            socket = toml_str(&socket),
+            key = toml_str(&key_file),
+            access = access_rule(uid(), &["ping"]),
+        ),
+    )
+    .unwrap();
+    let as_nobody = |program: &Path| {
+        let mut cmd = Command::new("setpriv");
+        clean_env(&mut cmd)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(program)
+            .env("TM_TEST_MARKER", MARKER);
+        cmd
+    };
+    let mut cmd = as_nobody(&agent_bin);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null());
+    let mut agent = Proc::spawn("tm-agent run (as 65534)", &mut cmd);
+    wait_for_ping(&mut agent, &socket, START);
+    let pid = agent.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("65534")),
+        "the agent runs as uid 65534:\n{status}"
+    );
+    // A process of the same user reads the environment of one that did not mark itself
+    // (so the check below can tell), …
+    let mut sleeper = Proc::spawn(
+        "sleep (as 65534)",
+        as_nobody(Path::new("/bin/sleep")).arg("60"),
+    );
+    let read_as_nobody = |pid: u32, file: &str| {
+        let mut cmd = Command::new("setpriv");
+        clean_env(&mut cmd)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .arg(format!("/proc/{pid}/{file}"))
+            .output()
+            .unwrap()
+    };
+    let out = read_as_nobody(sleeper.pid(), "environ");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(MARKER),
+        "{out:?}"
+    );
+    sleeper.kill();
+    // … but not the agent's, nor its memory map.
+    for file in ["environ", "maps"] {
+        let out = read_as_nobody(pid, file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{file} readable: {out:?}");
+        assert!(stderr.contains("Permission denied"), "{file}: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(MARKER));
+    }
+    assert!(ping(&socket), "the agent still serves");
+    agent.stop_cleanly();
 }

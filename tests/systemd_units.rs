@@ -255,6 +255,8 @@ fn service_contract() {
         ("PrivateUsers", "no"),
         ("CapabilityBoundingSet", ""),
         ("UMask", "0077"),
+        // A core dump would hold the PIN and the tokens.
+        ("LimitCORE", "0"),
         ("SystemCallArchitectures", "native"),
         ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
     ] {
@@ -278,6 +280,7 @@ fn service_contract() {
         "/usr/bin/tm-agent run --config %E/tm-agent/config.toml"
     );
     assert_eq!(value(&user, "Service", "Type"), "notify");
+    assert_eq!(value(&user, "Service", "LimitCORE"), "0");
 }
 
 /// The socket unit, the example config and the service agree on paths, modes and names.

@@ -108,6 +108,10 @@ fn dispatch(cli: Cli) -> u8 {
         eprintln!("tm-agent: {e}");
         return EXIT_USAGE;
     }
+    if matches!(cli.command, Command::Key(_) | Command::Check(_)) {
+        // They read PINs, and `key import` a private key (see `crate::hardening`).
+        keep_memory_private();
+    }
     match cli.command {
         Command::Run(_) => unreachable_run(),
         Command::Client(command) => u8::try_from(client::run(command)).unwrap_or(EXIT_FAILURE),
@@ -120,6 +124,14 @@ fn dispatch(cli: Cli) -> u8 {
             let mut out = std::io::stdout();
             Ok(check::run(args, &mut out).await)
         }),
+    }
+}
+
+/// Marks the process not dumpable (`crate::hardening`); a refusal is logged, not fatal: the
+/// command still works, only without that protection.
+pub(crate) fn keep_memory_private() {
+    if let Err(e) = crate::hardening::keep_memory_private() {
+        tracing::warn!("{e}");
     }
 }
 

@@ -2,7 +2,8 @@
 //! config, talks to systemd, and handles signals.
 //!
 //! Start-up order: take the socket systemd passed (before any thread exists, since it edits
-//! the environment), load and validate the config, install logging, then on the runtime:
+//! the environment), load and validate the config, install logging, mark the process not
+//! dumpable (`crate::hardening`), then on the runtime:
 //! open every key (blocking, off the runtime's workers) with its self-test, start one token
 //! manager per profile (each mints at once), start serving, and send `READY=1` once every
 //! profile is ready (a verified token, or for `ready_when = "signer"` a healthy key).
@@ -76,6 +77,8 @@ pub fn main(args: RunArgs) -> u8 {
             return EXIT_CONFIG;
         }
     };
+    // Before any PIN is read or token held (see `crate::hardening`).
+    super::keep_memory_private();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(loaded.config.agent.worker_threads)
         .enable_all()
