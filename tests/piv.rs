@@ -778,7 +778,12 @@ fn cli_log_cap_holds_at_trace() {
     let _turn = setup();
     let card = VirtualCard::start();
     succeeded(&cli(&card, PIN, None, &["generate", "--default-mgm-key"]));
-    for filter in ["trace", "trace,yubikey=trace,yubikey::apdu=trace"] {
+    // `yubikey:` is a prefix of `yubikey::apdu` that outranks the cap in an EnvFilter.
+    for filter in [
+        "trace",
+        "trace,yubikey=trace,yubikey::apdu=trace",
+        "trace,yubikey:=trace,pcsc:=trace",
+    ] {
         let out = cli(&card, PIN, Some(filter), &["public"]);
         succeeded(&out);
         let out = cli(
@@ -1006,11 +1011,13 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
 }
 
 /// Two subscribers' worth of logs at TRACE: one uncapped (to prove the crate does log the
-/// PIN), one through `capped_log_filter`, as the daemon installs it. The `log` records of
+/// PIN), one through `capped_log_filter` (given a directive that slips past its rewrite) and
+/// `passes_log_cap`, as the daemon installs them. The `log` records of
 /// the yubikey crate reach tracing through the LogTracer that `try_init` installs.
 fn logs() -> &'static (Sink, Sink) {
     static LOGS: OnceLock<(Sink, Sink)> = OnceLock::new();
     LOGS.get_or_init(|| {
+        use tracing_subscriber::filter::{filter_fn, FilterExt as _};
         use tracing_subscriber::layer::SubscriberExt as _;
         use tracing_subscriber::util::SubscriberInitExt as _;
         use tracing_subscriber::{fmt, EnvFilter, Layer as _};
@@ -1027,7 +1034,10 @@ fn logs() -> &'static (Sink, Sink) {
                 fmt::layer()
                     .with_ansi(false)
                     .with_writer(capped.clone())
-                    .with_filter(EnvFilter::new(piv::capped_log_filter("trace"))),
+                    .with_filter(
+                        EnvFilter::new(piv::capped_log_filter("trace,yubikey:=trace"))
+                            .and(filter_fn(piv::passes_log_cap)),
+                    ),
             )
             .try_init()
             .expect("tracing subscriber");

@@ -35,7 +35,8 @@ impl FilterHandle {
 /// `filter` with the hardware crates capped at `warn` ([`piv::capped_log_filter`]: the
 /// `yubikey` crate logs APDUs at trace level, and a VERIFY APDU holds the PIN). Any
 /// directive of the user's for those targets, or for a span without a target, is dropped,
-/// then the caps are appended.
+/// then the caps are appended. [`init`] also installs [`piv::passes_log_cap`] as a fixed
+/// filter of its own, which holds whatever this text enables.
 pub fn capped_filter(filter: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(piv::capped_log_filter(filter))
         .map_err(|e| format!("bad log filter {filter:?}: {e}"))
@@ -46,7 +47,10 @@ pub fn init(filter: &str, format: LogFormat) -> Result<FilterHandle, String> {
     let (filter_layer, handle) = reload::Layer::new(capped_filter(filter)?);
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = !under_journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let registry = tracing_subscriber::registry().with(filter_layer);
+    // Beside the swappable filter, a fixed one that no configuration reaches.
+    let registry = tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(tracing_subscriber::filter::filter_fn(piv::passes_log_cap));
     let result = match format {
         LogFormat::Json => registry
             .with(

@@ -49,6 +49,25 @@ pub const LOG_FILTER_CAP: &str = "yubikey=warn,pcsc=warn";
 /// The crates whose log level [`LOG_FILTER_CAP`] caps.
 const CAPPED_TARGETS: [&str; 2] = ["yubikey", "pcsc"];
 
+/// Whether events of `target` come from a crate that [`LOG_FILTER_CAP`] caps: `yubikey`,
+/// `pcsc`, or a module of theirs.
+pub fn is_capped_target(target: &str) -> bool {
+    CAPPED_TARGETS.iter().any(|c| {
+        target
+            .strip_prefix(c)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
+/// Whether an event or span passes the cap: a capped crate's only at WARN or ERROR. This is
+/// the guarantee; [`capped_log_filter`] only keeps a user's filter from asking for more.
+/// Installed as a filter of its own beside the (reloadable) user filter: an `EnvFilter`
+/// directive can reach the crates' targets in ways a rewrite of the filter text misses
+/// (`yubikey:=trace` is a prefix of `yubikey::apdu` and outranks `yubikey=warn`).
+pub fn passes_log_cap(metadata: &tracing::Metadata<'_>) -> bool {
+    !is_capped_target(metadata.target()) || *metadata.level() <= tracing::Level::WARN
+}
+
 /// The tracing filter to install for a configured one (`info`, `debug,tm_agent=trace`, …):
 /// drops any directive that names `yubikey` or `pcsc` or is scoped to a span without a
 /// target (span directives would enable their events whatever the target), then appends
@@ -60,9 +79,7 @@ pub fn capped_log_filter(configured: &str) -> String {
         .filter(|d| !d.is_empty())
         .filter(|d| {
             let target = d.split(['[', '=']).next().unwrap_or("").trim();
-            let capped = CAPPED_TARGETS
-                .iter()
-                .any(|c| target == *c || target.starts_with(&format!("{c}::")));
+            let capped = is_capped_target(target);
             let untargeted_span = target.is_empty() && d.contains('[');
             !capped && !untargeted_span
         })
@@ -1271,6 +1288,16 @@ mod tests {
             capped_log_filter("yubikeys=trace"),
             "yubikeys=trace,yubikey=warn,pcsc=warn"
         );
+    }
+
+    #[test]
+    fn the_cap_holds_for_the_crates_and_their_modules_only() {
+        for target in ["yubikey", "yubikey::apdu", "pcsc", "pcsc::x"] {
+            assert!(is_capped_target(target), "{target}");
+        }
+        for target in ["yubikeys", "yubikey:", "pcscd", "tm_agent::signer::piv", ""] {
+            assert!(!is_capped_target(target), "{target}");
+        }
     }
 
     #[test]
