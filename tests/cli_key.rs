@@ -518,6 +518,19 @@ fn bad_key_id_and_missing_module_are_explained() {
             vec!["--config", "/etc/x.toml", "public"],
             "--config and --key go together",
         ),
+        // A PIN (or management key) typed where its source's name goes is not echoed.
+        (
+            vec!["--pin-env", "987654", "public"],
+            "--pin-env must be the name of an environment variable",
+        ),
+        (
+            vec!["--pin-credential", "987654", "public"],
+            "--pin-credential must be the name of a systemd credential",
+        ),
+        (
+            vec!["--backend", "piv", "generate", "--mgm-key-env", "987654"],
+            "--mgm-key-env must be the name of an environment variable",
+        ),
         (vec!["generate"], "--label LABEL is required"),
         (vec!["--cka-id", "zz", "public"], "is not hex"),
         (
@@ -528,6 +541,7 @@ fn bad_key_id_and_missing_module_are_explained() {
         let out = key(&hsm, &args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("987654"), "{args:?}: {}", stderr(&out));
     }
     let out = hsm
         .command(BIN)

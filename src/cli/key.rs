@@ -143,24 +143,32 @@ pub struct MgmArgs {
 
 impl MgmArgs {
     fn management_key(&self) -> anyhow::Result<ManagementKey> {
-        let given: Vec<ManagementKey> = [
-            self.mgm_key_file
-                .clone()
-                .map(|p| ManagementKey::Hex(PinSource::File(p))),
-            self.mgm_key_credential
-                .clone()
-                .map(|c| ManagementKey::Hex(PinSource::Credential(c))),
-            self.mgm_key_env
-                .clone()
-                .map(|v| ManagementKey::Hex(PinSource::Env(v))),
-            self.mgm_key_protected
-                .then_some(ManagementKey::PinProtected),
-            self.default_mgm_key
-                .then_some(ManagementKey::FactoryDefault),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let named = checked_sources([
+            (
+                self.mgm_key_file.clone().map(PinSource::File),
+                "--mgm-key-file",
+            ),
+            (
+                self.mgm_key_credential.clone().map(PinSource::Credential),
+                "--mgm-key-credential",
+            ),
+            (
+                self.mgm_key_env.clone().map(PinSource::Env),
+                "--mgm-key-env",
+            ),
+        ])?;
+        let given: Vec<ManagementKey> = named
+            .into_iter()
+            .map(ManagementKey::Hex)
+            .map(Some)
+            .chain([
+                self.mgm_key_protected
+                    .then_some(ManagementKey::PinProtected),
+                self.default_mgm_key
+                    .then_some(ManagementKey::FactoryDefault),
+            ])
+            .flatten()
+            .collect();
         match given.len() {
             0 => Ok(ManagementKey::Hex(PinSource::Prompt)),
             1 => given
@@ -173,6 +181,23 @@ impl MgmArgs {
             ),
         }
     }
+}
+
+/// The sources given on the command line, each checked by [`PinSource::check_shape`] (a
+/// PIN or management key typed where its source's name goes is refused, never quoted).
+fn checked_sources<const N: usize>(
+    flags: [(Option<PinSource>, &str); N],
+) -> anyhow::Result<Vec<PinSource>> {
+    let mut given = Vec::new();
+    for (source, flag) in flags {
+        if let Some(source) = source {
+            if let Err(why) = source.check_shape(false) {
+                usage_bail!("{flag} {why}");
+            }
+            given.push(source);
+        }
+    }
+    Ok(given)
 }
 
 /// How a YubiKey key is written (`generate`, `import` with --backend piv).
@@ -394,14 +419,14 @@ fn default_module() -> anyhow::Result<PathBuf> {
 
 impl BackendArgs {
     fn pin_source(&self) -> anyhow::Result<Option<PinSource>> {
-        let given: Vec<PinSource> = [
-            self.pin_file.clone().map(PinSource::File),
-            self.pin_credential.clone().map(PinSource::Credential),
-            self.pin_env.clone().map(PinSource::Env),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let given = checked_sources([
+            (self.pin_file.clone().map(PinSource::File), "--pin-file"),
+            (
+                self.pin_credential.clone().map(PinSource::Credential),
+                "--pin-credential",
+            ),
+            (self.pin_env.clone().map(PinSource::Env), "--pin-env"),
+        ])?;
         match given.len() {
             0 => Ok(None),
             1 => Ok(given.into_iter().next()),

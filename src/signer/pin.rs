@@ -41,6 +41,46 @@ impl std::fmt::Display for PinSource {
     }
 }
 
+impl PinSource {
+    /// Checks that a source given by the user names a place and does not look like a PIN
+    /// typed in the wrong field: an environment variable's name (letters, digits and `_`,
+    /// not starting with a digit), a credential's name (a letter or `_` first, then letters,
+    /// digits and `_-.@`), or, from the config (`absolute_file`), an absolute file path.
+    /// The refusal is fixed text, to follow the field or flag's name: a name that fails is
+    /// never quoted back, so a PIN typed there cannot reach an error, a log or the journal.
+    pub fn check_shape(&self, absolute_file: bool) -> Result<(), &'static str> {
+        let starts_like_a_name =
+            |n: &str| n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+        match self {
+            PinSource::Env(name)
+                if !starts_like_a_name(name)
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                Err(
+                    "must be the name of an environment variable (letters, digits and _, not \
+                     starting with a digit), never the PIN itself",
+                )
+            }
+            PinSource::Credential(name)
+                if !starts_like_a_name(name)
+                    || name.len() > 255
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.@".contains(c)) =>
+            {
+                Err(
+                    "must be the name of a systemd credential (a letter or _ first, then \
+                     letters, digits and _-.@), never the PIN itself",
+                )
+            }
+            PinSource::File(path) if absolute_file && !path.is_absolute() => {
+                Err("must be the absolute path of the PIN file, never the PIN itself")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 const PIN_SHAPE: &str = "pin must name where the PIN is, never the PIN itself: \
     { credential = \"pin\" }, { file = \"/etc/tm-agent/pin\" }, { env = \"NAME\" } or \"prompt\"";
 
@@ -140,6 +180,9 @@ impl<'de> serde::de::Visitor<'de> for PinSourceVisitor {
                     return Err(A::Error::custom(PIN_SHAPE));
                 }
             };
+            source
+                .check_shape(true)
+                .map_err(|why| A::Error::custom(format!("pin.{key} {why}")))?;
             if found.replace(source).is_some() {
                 return Err(A::Error::custom(
                     "pin: give exactly one of file, credential or env",
@@ -333,6 +376,33 @@ mod tests {
             let text = format!("{} {:?}", err.message(), err.message());
             assert!(!text.contains("987654"), "{bad}: {text}");
             assert!(text.contains("never the PIN itself"), "{bad}: {text}");
+        }
+        // A PIN typed where the name of its source goes.
+        for (bad, field) in [
+            r#"pin = { env = "987654" }"#,
+            r#"pin = { env = "98-76-54" }"#,
+            r#"pin = { credential = "987654" }"#,
+            r#"pin = { credential = "9876 54" }"#,
+            r#"pin = { file = "987654" }"#,
+        ]
+        .iter()
+        .zip(["env", "env", "credential", "credential", "file"])
+        {
+            let err = toml::from_str::<K>(bad).unwrap_err();
+            let text = format!("{} {:?}", err.message(), err.message());
+            assert!(!text.contains("987654"), "{bad}: {text}");
+            assert!(!text.contains("9876 54"), "{bad}: {text}");
+            assert!(
+                text.contains(&format!("pin.{field} must be")) && text.contains("never the PIN"),
+                "{bad}: {text}"
+            );
+        }
+        for ok in [
+            r#"pin = { credential = "piv-pin" }"#,
+            r#"pin = { credential = "tm-agent.pin@2" }"#,
+            r#"pin = { env = "_PIN_2" }"#,
+        ] {
+            toml::from_str::<K>(ok).unwrap();
         }
         let ok: K = toml::from_str(r#"pin = { credential = "pin" }"#).unwrap();
         assert_eq!(ok.pin, PinSource::Credential("pin".into()));
