@@ -38,6 +38,9 @@ pub const UAT_JWKS_URL: &str = "https://api.uat.truemarkets.co/.well-known/jwks.
 
 /// The largest response body accepted; real ones are a few KiB.
 const MAX_BODY: usize = 256 * 1024;
+/// The body buffer's first size when the response gives no `Content-Length` (a token
+/// response is 1–3 KiB).
+const BODY_CAPACITY: usize = 8 * 1024;
 /// Half the `Date` header's resolution plus a round trip's worth of slack.
 const DATE_UNCERTAINTY_MS: i64 = 600;
 /// Server messages are cut to this many characters before they reach logs or status.
@@ -576,7 +579,14 @@ impl Client {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, self.clock.server_now()));
-        let mut body = Zeroizing::new(Vec::new());
+        // Sized once from Content-Length where given: each growth of the buffer would leave
+        // a partial copy of the tokens in freed memory.
+        let capacity = resp
+            .content_length()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(BODY_CAPACITY)
+            .min(MAX_BODY);
+        let mut body = Zeroizing::new(Vec::with_capacity(capacity));
         while let Some(chunk) = resp.chunk().await.map_err(ApiError::from_reqwest)? {
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(ApiError::Protocol(format!(
@@ -751,15 +761,18 @@ enum ExpiresIn {
 /// response's `Date`) anchors a seconds-form `expires_in`, so that `expires_at` is on the
 /// server clock in both forms, like the JWT `exp`, and is converted to local time once.
 fn parse_pair(body: &[u8], server_now: SystemTime) -> Result<TokenPair, ApiError> {
+    // Zeroizing: on every refusal below, and for the access token's copy into its `Arc`,
+    // the parsed tokens are wiped when dropped, not left in freed memory.
     #[derive(Deserialize)]
     struct Raw {
-        access_token: String,
-        refresh_token: String,
+        access_token: Zeroizing<String>,
+        refresh_token: Zeroizing<String>,
         expires_in: ExpiresIn,
         #[serde(default)]
         token_type: Option<String>,
     }
-    let raw: Raw = serde_json::from_slice(body).map_err(|e| json_error("token response", &e))?;
+    let mut raw: Raw =
+        serde_json::from_slice(body).map_err(|e| json_error("token response", &e))?;
     let expires_at = match raw.expires_in {
         ExpiresIn::Time(text) => parse_rfc3339(&text)?,
         ExpiresIn::Seconds(secs) => server_now
@@ -779,8 +792,9 @@ fn parse_pair(body: &[u8], server_now: SystemTime) -> Result<TokenPair, ApiError
         )));
     }
     Ok(TokenPair {
-        access_token: Arc::from(raw.access_token),
-        refresh_token: SecretString::from(raw.refresh_token),
+        access_token: Arc::from(raw.access_token.as_str()),
+        // Moved, not copied (serde sized the string to its content).
+        refresh_token: SecretString::from(std::mem::take(&mut *raw.refresh_token)),
         expires_at,
         token_type,
     })

@@ -541,7 +541,11 @@ fn bad_key_id_and_missing_module_are_explained() {
         let out = key(&hsm, &args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
-        assert!(!stderr(&out).contains("987654"), "{args:?}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("987654"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
     let out = hsm
         .command(BIN)

@@ -971,21 +971,25 @@ fn admin(settings: &PivSettings, mgm: &ManagementKey) -> Result<Admin, SignerErr
 
 /// Parses a 3DES management key written as 48 hex digits (spaces and colons allowed).
 pub fn parse_management_key(text: &str) -> Result<Zeroizing<Vec<u8>>, SignerError> {
-    let digits: Zeroizing<String> = Zeroizing::new(
-        text.chars()
-            .filter(|c| !c.is_whitespace() && *c != ':')
-            .collect(),
-    );
-    let bytes = Zeroizing::new(hex::decode(digits.as_bytes()).map_err(|_| {
-        SignerError::Open("the management key is not hex (expected 48 hex digits)".into())
-    })?);
-    if bytes.len() != 24 {
+    const KEY_LEN: usize = 24;
+    // Both buffers are allocated once at their final size: growing one would leave partial
+    // copies of the key in freed memory.
+    let mut digits = Zeroizing::new(String::with_capacity(text.len()));
+    digits.extend(text.chars().filter(|c| !c.is_whitespace() && *c != ':'));
+    let not_hex =
+        || SignerError::Open("the management key is not hex (expected 48 hex digits)".into());
+    if digits.len() % 2 != 0 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(not_hex());
+    }
+    if digits.len() != 2 * KEY_LEN {
         return Err(SignerError::Open(format!(
             "the management key is {} bytes; a 3DES management key is 24 (48 hex digits). AES \
              management keys are not supported by this version of tm-agent",
-            bytes.len()
+            digits.len() / 2
         )));
     }
+    let mut bytes = Zeroizing::new(vec![0u8; KEY_LEN]);
+    hex::decode_to_slice(digits.as_bytes(), &mut bytes[..]).map_err(|_| not_hex())?;
     Ok(bytes)
 }
 
