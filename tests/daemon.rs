@@ -1337,34 +1337,40 @@ fn an_nss_outage_at_start_exits_1_a_name_nss_does_not_know_exits_78() {
         .success());
 }
 
-/// The agent marks itself not dumpable: another process of the agent's own user cannot read
-/// its environment (where a PIN from `pin = { env = … }` lives) or its memory, and the
-/// kernel writes no core dump of it. Runs the agent as uid 65534 (root could read anyway).
-#[test]
-fn processes_of_the_agents_own_user_cannot_read_its_environment_or_memory() {
-    use std::os::unix::fs::{chown, PermissionsExt as _};
-    const NOBODY: u32 = 65534;
-    const MARKER: &str = "tm-agent-test-marker-4b7d";
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
-    // The checkout may sit where uid 65534 cannot reach (/root): run a copy.
-    let agent_bin = dir.path().join("tm-agent");
-    std::fs::copy(AGENT, &agent_bin).unwrap();
-    use p256::pkcs8::EncodePrivateKey as _;
-    let key_file = dir.path().join("key.pem");
-    let pem = p256::SecretKey::from_slice(&[9; 32])
-        .unwrap()
-        .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
-        .unwrap();
-    std::fs::write(&key_file, pem.as_bytes()).unwrap();
-    chown(&key_file, Some(NOBODY), Some(NOBODY)).unwrap();
-    let socket = dir.path().join("agent.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[socket]
+/// The uid (and gid) that [`AsNobody`] runs the agent as.
+const NOBODY: u32 = 65534;
+
+/// An agent set up to run as uid 65534 with a soft key, the Auth API on a closed loopback
+/// port, and `ping` for this test's uid: a directory it owns, a copy of the binary (the
+/// checkout may sit where 65534 cannot reach, like /root), the key file, the config.
+struct AsNobody {
+    dir: tempfile::TempDir,
+    agent: PathBuf,
+    config: PathBuf,
+}
+
+impl AsNobody {
+    fn new(socket_dir: Option<&Path>) -> AsNobody {
+        use p256::pkcs8::EncodePrivateKey as _;
+        use std::os::unix::fs::{chown, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+        let agent = dir.path().join("tm-agent");
+        std::fs::copy(AGENT, &agent).unwrap();
+        let key_file = dir.path().join("key.pem");
+        let pem = p256::SecretKey::from_slice(&[9; 32])
+            .unwrap()
+            .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap();
+        std::fs::write(&key_file, pem.as_bytes()).unwrap();
+        chown(&key_file, Some(NOBODY), Some(NOBODY)).unwrap();
+        let socket = socket_dir.unwrap_or(dir.path()).join("agent.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[socket]
 path = {socket}
 
 [keys.k]
@@ -1376,27 +1382,48 @@ key = "k"
 key_id = "0b9b3f3e-8d4c-4c1e-9f1a-2b3c4d5e6f70"
 base_url = "http://127.0.0.1:1/v1/auth"
 {access}"#,
-            socket = toml_str(&socket),
-            key = toml_str(&key_file),
-            access = access_rule(uid(), &["ping"]),
-        ),
-    )
-    .unwrap();
-    let as_nobody = |program: &Path| {
+                socket = toml_str(&socket),
+                key = toml_str(&key_file),
+                access = access_rule(uid(), &["ping"]),
+            ),
+        )
+        .unwrap();
+        AsNobody { dir, agent, config }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    /// `program` as uid and gid 65534, in a clean environment plus `TM_TEST_MARKER`.
+    fn command(program: &Path) -> Command {
         let mut cmd = Command::new("setpriv");
         clean_env(&mut cmd)
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(program)
-            .env("TM_TEST_MARKER", MARKER);
+            .env("TM_TEST_MARKER", NOBODY_MARKER)
+            .stdin(Stdio::null());
         cmd
-    };
-    let mut cmd = as_nobody(&agent_bin);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null());
-    let mut agent = Proc::spawn("tm-agent run (as 65534)", &mut cmd);
-    wait_for_ping(&mut agent, &socket, START);
+    }
+
+    fn spawn_agent(&self) -> Proc {
+        let mut cmd = Self::command(&self.agent);
+        cmd.arg("run").arg("--config").arg(&self.config);
+        Proc::spawn("tm-agent run (as 65534)", &mut cmd)
+    }
+}
+
+/// What [`AsNobody::command`] puts in the environment.
+const NOBODY_MARKER: &str = "tm-agent-test-marker-4b7d";
+
+/// The agent marks itself not dumpable: another process of the agent's own user cannot read
+/// its environment (where a PIN from `pin = { env = … }` lives) or its memory, and the
+/// kernel writes no core dump of it. Runs the agent as uid 65534 (root could read anyway).
+#[test]
+fn processes_of_the_agents_own_user_cannot_read_its_environment_or_memory() {
+    let setup = AsNobody::new(None);
+    let mut agent = setup.spawn_agent();
+    wait_for_ping(&mut agent, &setup.socket(), START);
     let pid = agent.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
@@ -1409,19 +1436,17 @@ base_url = "http://127.0.0.1:1/v1/auth"
     // (so the check below can tell), …
     let mut sleeper = Proc::spawn(
         "sleep (as 65534)",
-        as_nobody(Path::new("/bin/sleep")).arg("60"),
+        AsNobody::command(Path::new("/bin/sleep")).arg("60"),
     );
     let read_as_nobody = |pid: u32, file: &str| {
-        let mut cmd = Command::new("setpriv");
-        clean_env(&mut cmd)
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        AsNobody::command(Path::new("/bin/cat"))
             .arg(format!("/proc/{pid}/{file}"))
             .output()
             .unwrap()
     };
     let out = read_as_nobody(sleeper.pid(), "environ");
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(MARKER),
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(NOBODY_MARKER),
         "{out:?}"
     );
     sleeper.kill();
@@ -1431,8 +1456,32 @@ base_url = "http://127.0.0.1:1/v1/auth"
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} readable: {out:?}");
         assert!(stderr.contains("Permission denied"), "{file}: {stderr}");
-        assert!(!String::from_utf8_lossy(&out.stdout).contains(MARKER));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(NOBODY_MARKER));
     }
-    assert!(ping(&socket), "the agent still serves");
+    assert!(ping(&setup.socket()), "the agent still serves");
     agent.stop_cleanly();
+}
+
+/// A socket directory the agent's user may not write is a set-up problem that a restart
+/// cannot mend: exit 78 (not restarted by the unit), saying what to change.
+#[test]
+fn a_socket_directory_the_agent_cannot_write_exits_78() {
+    let root_owned = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        root_owned.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let setup = AsNobody::new(Some(root_owned.path()));
+    let mut agent = setup.spawn_agent();
+    let code = agent.expect_exit(START);
+    let stderr = agent.stderr();
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot create the socket in {}: the user tm-agent runs as may not write there",
+            root_owned.path().display()
+        )),
+        "{stderr}"
+    );
 }

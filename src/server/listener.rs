@@ -68,6 +68,12 @@ pub enum ListenerError {
         "socket directory {dir} does not exist: create it (systemd: RuntimeDirectory=tm-agent)"
     )]
     NoDir { dir: PathBuf },
+    #[error(
+        "cannot create the socket in {dir}: the user tm-agent runs as may not write there; \
+         give it the directory (systemd: RuntimeDirectory=tm-agent makes /run/tm-agent) or \
+         choose another socket.path"
+    )]
+    DirNotWritable { dir: PathBuf },
     #[error("another tm-agent is listening on {path}: stop it first (systemctl stop tm-agent)")]
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket: remove it or choose another socket path")]
@@ -105,6 +111,7 @@ impl ListenerError {
             ListenerError::WorldWritableDir { .. }
             | ListenerError::GroupWritableDir { .. }
             | ListenerError::NoDir { .. }
+            | ListenerError::DirNotWritable { .. }
             | ListenerError::NotASocket { .. }
             | ListenerError::NoGroup { .. }
             | ListenerError::BadMode { .. }
@@ -265,7 +272,14 @@ fn create_private_dir(dir: &Path) -> Result<(), ListenerError> {
         }
         other => other,
     }
-    .map_err(io_err("cannot create", dir))
+    .map_err(|e| match (e.kind(), dir.parent()) {
+        (io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem, Some(parent)) => {
+            ListenerError::DirNotWritable {
+                dir: parent.to_path_buf(),
+            }
+        }
+        _ => io_err("cannot create", dir)(e),
+    })
 }
 
 /// The agent's effective gid, from `/proc/self/status` (this crate calls no libc directly).
