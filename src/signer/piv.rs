@@ -498,10 +498,11 @@ fn read_piv_pin(source: &PinSource) -> Result<Zeroizing<Vec<u8>>, SignerError> {
     let pin = read_pin(source, "YubiKey PIV PIN")?;
     let bytes = pin.expose_secret().as_bytes();
     if !(6..=8).contains(&bytes.len()) {
-        return Err(SignerError::Open(format!(
-            "the PIV PIN from {source} is {} characters long; YubiKey PINs are 6 to 8 \
-             (it was not sent to the card: no try spent)",
-            bytes.len()
+        // A PIN problem (exit 77: not restarted); the length itself is not told.
+        let side = if bytes.len() < 6 { "shorter" } else { "longer" };
+        return Err(SignerError::PinUnusable(format!(
+            "the PIV PIN from {source} is {side} than YubiKey PINs are (6 to 8 characters); it \
+             was not sent to the card: no try spent"
         )));
     }
     Ok(Zeroizing::new(bytes.to_vec()))
@@ -1380,8 +1381,13 @@ mod tests {
             .unwrap();
         let err = read_piv_pin(&PinSource::File(path.clone())).unwrap_err();
         assert!(err.to_string().contains("no try spent"), "{err}");
+        assert!(err.to_string().contains("is shorter than"), "{err}");
+        // A PIN problem: `run` and `check` exit 77, and the unit does not restart.
+        assert_eq!(crate::cli::signer_exit_code(&err), crate::cli::EXIT_PIN);
         std::fs::write(&path, "123456789\n").unwrap();
-        assert!(read_piv_pin(&PinSource::File(path.clone())).is_err());
+        let err = read_piv_pin(&PinSource::File(path.clone())).unwrap_err();
+        assert!(err.to_string().contains("is longer than"), "{err}");
+        assert!(!err.to_string().contains("is 9"), "the length is not told: {err}");
         std::fs::write(&path, "123456\n").unwrap();
         assert_eq!(
             &read_piv_pin(&PinSource::File(path)).unwrap()[..],
