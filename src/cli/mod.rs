@@ -67,7 +67,7 @@ pub enum Command {
     /// Validate a config file, then probe every key and every Auth API.
     Check(check::CheckArgs),
     /// Manage and use the API key directly, without the daemon: generate, import, list,
-    /// public, sign-challenge, stamp.
+    /// public, sign-challenge, stamp; on a YubiKey also attest, protect-management-key.
     Key(Box<key::KeyArgs>),
     #[command(flatten)]
     Client(client::ClientCommand),

@@ -29,6 +29,7 @@ ADMIN API (loopback clients only; JSON bodies; others get 403):
            kind hang:   {secs | ms}   hold the connection unanswered, then drop it
            kind reset:  {}            drop the connection without an answer (TCP RST)
            kind latency:{secs | ms}   delay the normal answer
+           kind lose_answer: {}       do the work (mint, rotate), then drop the connection
            target: mint | refresh | jwks | all (default); count N (default 1) or rate 0..1
   GET    /_sim/faults                     active faults
   DELETE /_sim/faults                     clear all faults
