@@ -499,6 +499,27 @@ fn config_file_selects_the_key_and_flags_override_it() {
         "{}",
         stderr(&out)
     );
+    // A PIN where the PIN file's path goes: the config's own refusal, which quotes nothing.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let pin_line = format!("pin = {{ file = \"{}\" }}", hsm.pin_file.display());
+    std::fs::write(
+        &config,
+        text.replace(&pin_line, "pin = { file = \"987654\" }"),
+    )
+    .unwrap();
+    let out = hsm
+        .command(BIN)
+        .args(["key", "--config", &config, "--key", "prod", "public"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "an unusable config");
+    assert!(
+        stderr(&out).contains("pin.file must be the absolute path of the PIN file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("987654"), "{}", stderr(&out));
 }
 
 #[test]
@@ -582,13 +603,13 @@ fn config_errors_do_not_echo_a_pin_written_into_the_file() {
         "[keys.prod]\nbackend = \"pkcs11\"\nmodule = \"{}\"\npin = \"987654\"\n",
         common::softhsm::MODULE
     ));
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = stderr(&out);
     assert!(!err.contains("987654"), "{err}");
     assert!(err.contains("[keys.prod]"), "{err}");
     // A syntax error on the PIN's line: toml would print the line.
     let out = run("[keys.prod]\nbackend = \"pkcs11\"\npin = 987654 secret\n");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = stderr(&out);
     assert!(!err.contains("987654"), "{err}");
     assert!(err.contains("line 3"), "{err}");

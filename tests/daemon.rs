@@ -1313,21 +1313,32 @@ fn an_nss_outage_at_start_exits_1_a_name_nss_does_not_know_exits_78() {
     std::fs::write(&fake, "#!/bin/sh\nexit 3\n").expect("write the fake getent");
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
-    let mut cmd = w.hsm.command("unshare");
-    clean_env(&mut cmd)
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg("mount --bind \"$1\" /usr/bin/getent && shift && exec \"$@\"")
-        .arg("sh")
-        .arg(&fake)
-        .args([AGENT, "run", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null());
-    let mut agent = Proc::spawn("tm-agent run (NSS down)", &mut cmd);
+    let with_nss_down = |command: &str| {
+        let mut cmd = w.hsm.command("unshare");
+        clean_env(&mut cmd)
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg("mount --bind \"$1\" /usr/bin/getent && shift && exec \"$@\"")
+            .arg("sh")
+            .arg(&fake)
+            .args([AGENT, command, "--config"])
+            .arg(&config)
+            .stdin(Stdio::null());
+        cmd
+    };
+    let mut agent = Proc::spawn("tm-agent run (NSS down)", &mut with_nss_down("run"));
     let code = agent.expect_exit(START);
     let stderr = agent.stderr();
     assert_eq!(code, 1, "restartable, not 78:\n{stderr}");
     assert!(stderr.contains("NSS did not answer"), "{stderr}");
     assert!(stderr.contains("NSS lookup failed"), "{stderr}");
+    // `check` reports it the same way.
+    let out = with_nss_down("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("config   FAIL") && stdout.contains("NSS"),
+        "{stdout}"
+    );
     // The real getent outside the namespace is untouched.
     assert!(Command::new("getent")
         .args(["passwd", "root"])
@@ -1402,6 +1413,7 @@ base_url = "http://127.0.0.1:1/v1/auth"
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(program)
             .env("TM_TEST_MARKER", NOBODY_MARKER)
+            .env("LC_ALL", "C")
             .stdin(Stdio::null());
         cmd
     }
@@ -1418,7 +1430,8 @@ const NOBODY_MARKER: &str = "tm-agent-test-marker-4b7d";
 
 /// The agent marks itself not dumpable: another process of the agent's own user cannot read
 /// its environment (where a PIN from `pin = { env = … }` lives) or its memory, and the
-/// kernel writes no core dump of it. Runs the agent as uid 65534 (root could read anyway).
+/// kernel writes no core dump of it (its core limit is 0). Runs the agent as uid 65534
+/// (root could read anyway).
 #[test]
 fn processes_of_the_agents_own_user_cannot_read_its_environment_or_memory() {
     let setup = AsNobody::new(None);
@@ -1431,6 +1444,17 @@ fn processes_of_the_agents_own_user_cannot_read_its_environment_or_memory() {
             .lines()
             .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("65534")),
         "the agent runs as uid 65534:\n{status}"
+    );
+    // No core file, whatever fs.suid_dumpable says: the limit is 0, soft and hard.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
     );
     // A process of the same user reads the environment of one that did not mark itself
     // (so the check below can tell), …
@@ -1482,6 +1506,33 @@ fn a_socket_directory_the_agent_cannot_write_exits_78() {
             "cannot create the socket in {}: the user tm-agent runs as may not write there",
             root_owned.path().display()
         )),
+        "{stderr}"
+    );
+}
+
+/// A socket directory on a read-only mount (what `ProtectSystem=strict` makes of most paths)
+/// is reported as such, with the drop-in that mends it: exit 78.
+#[test]
+fn a_read_only_socket_directory_exits_78_naming_the_mount() {
+    let read_only = tempfile::tempdir().unwrap();
+    let setup = AsNobody::new(Some(read_only.path()));
+    let mut cmd = Command::new("unshare");
+    clean_env(&mut cmd)
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind -o ro \"$1\" \"$1\" && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(read_only.path())
+        .arg(&setup.agent)
+        .arg("run")
+        .arg("--config")
+        .arg(&setup.config)
+        .stdin(Stdio::null());
+    let mut agent = Proc::spawn("tm-agent run (read-only socket directory)", &mut cmd);
+    let code = agent.expect_exit(START);
+    let stderr = agent.stderr();
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("is on a read-only mount") && stderr.contains("ReadWritePaths="),
         "{stderr}"
     );
 }

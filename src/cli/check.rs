@@ -34,7 +34,12 @@ pub async fn run(args: CheckArgs, out: &mut (dyn Write + Send)) -> u8 {
         Ok(loaded) => loaded,
         Err(e) => {
             let _ = writeln!(out, "config   FAIL  {e}");
-            return super::EXIT_CONFIG;
+            // As `run`: NSS that did not answer may answer on the next try.
+            return if e.may_pass_on_retry() {
+                super::EXIT_FAILURE
+            } else {
+                super::EXIT_CONFIG
+            };
         }
     };
     let config = loaded.config;

@@ -331,6 +331,10 @@ enum Selected {
 /// (`pin = "987654"`) would end up on the terminal or in a log. They give the position
 /// when toml knows it, and what to check.
 fn load_config_key(path: &Path, name: &str) -> anyhow::Result<KeyConfig> {
+    read_config_key(path, name).map_err(|e| super::UnusableConfig(format!("{e:#}")).into())
+}
+
+fn read_config_key(path: &Path, name: &str) -> anyhow::Result<KeyConfig> {
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?,
@@ -369,6 +373,13 @@ fn load_config_key(path: &Path, name: &str) -> anyhow::Result<KeyConfig> {
             .and_then(|i| crate::config::reread_key_table(&text, i + 1))
             .map(|(doc, e)| toml_position(&doc, &e))
             .unwrap_or_else(|| toml_position(&text, &e));
+        if crate::signer::pin::is_pin_source_refusal(e.message()) {
+            return anyhow!(
+                "[keys.{name}] in {}{position}: {}",
+                path.display(),
+                e.message()
+            );
+        }
         anyhow!(
             "[keys.{name}] in {} is not a valid key table{}: check backend = \"pkcs11\", \
              \"piv\" or \"soft\", the field names and the types of their values against the example \

@@ -38,6 +38,12 @@ pub const EXIT_CONFIG: u8 = 78;
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// A config file that a command cannot use (`key --config`): exits [`EXIT_CONFIG`], like
+/// `run` and `check` on a bad config.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UnusableConfig(pub String);
+
 /// Returns a [`UsageError`] from the enclosing function, formatted like `format!`.
 macro_rules! usage_bail {
     ($($arg:tt)*) => {
@@ -178,7 +184,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<SignerError>() {
             return signer_exit_code(e);
         }
-        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+        if cause.downcast_ref::<crate::config::ConfigError>().is_some()
+            || cause.downcast_ref::<UnusableConfig>().is_some()
+        {
             return EXIT_CONFIG;
         }
         if let Some(e) = cause.downcast_ref::<crate::server::ListenerError>() {

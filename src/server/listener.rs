@@ -74,6 +74,12 @@ pub enum ListenerError {
          choose another socket.path"
     )]
     DirNotWritable { dir: PathBuf },
+    #[error(
+        "cannot create the socket in {dir}: it is on a read-only mount (under systemd, \
+         ProtectSystem=strict leaves little writable: use /run/tm-agent, or add the directory \
+         to ReadWritePaths= in a drop-in)"
+    )]
+    ReadOnlyDir { dir: PathBuf },
     #[error("another tm-agent is listening on {path}: stop it first (systemctl stop tm-agent)")]
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket: remove it or choose another socket path")]
@@ -112,6 +118,7 @@ impl ListenerError {
             | ListenerError::GroupWritableDir { .. }
             | ListenerError::NoDir { .. }
             | ListenerError::DirNotWritable { .. }
+            | ListenerError::ReadOnlyDir { .. }
             | ListenerError::NotASocket { .. }
             | ListenerError::NoGroup { .. }
             | ListenerError::BadMode { .. }
@@ -273,11 +280,12 @@ fn create_private_dir(dir: &Path) -> Result<(), ListenerError> {
         other => other,
     }
     .map_err(|e| match (e.kind(), dir.parent()) {
-        (io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem, Some(parent)) => {
-            ListenerError::DirNotWritable {
-                dir: parent.to_path_buf(),
-            }
-        }
+        (io::ErrorKind::PermissionDenied, Some(parent)) => ListenerError::DirNotWritable {
+            dir: parent.to_path_buf(),
+        },
+        (io::ErrorKind::ReadOnlyFilesystem, Some(parent)) => ListenerError::ReadOnlyDir {
+            dir: parent.to_path_buf(),
+        },
         _ => io_err("cannot create", dir)(e),
     })
 }

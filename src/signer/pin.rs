@@ -44,8 +44,9 @@ impl std::fmt::Display for PinSource {
 impl PinSource {
     /// Checks that a source given by the user names a place and does not look like a PIN
     /// typed in the wrong field: an environment variable's name (letters, digits and `_`,
-    /// not starting with a digit), a credential's name (a letter or `_` first, then letters,
-    /// digits and `_-.@`), or, from the config (`absolute_file`), an absolute file path.
+    /// not starting with a digit), a credential's name (a letter or `_` first, then any
+    /// printable ASCII but `/` and `:`), or, from the config (`absolute_file`), an absolute
+    /// file path.
     /// The refusal is fixed text, to follow the field or flag's name: a name that fails is
     /// never quoted back, so a PIN typed there cannot reach an error, a log or the journal.
     pub fn check_shape(&self, absolute_file: bool) -> Result<(), &'static str> {
@@ -66,11 +67,11 @@ impl PinSource {
                     || name.len() > 255
                     || !name
                         .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_-.@".contains(c)) =>
+                        .all(|c| c.is_ascii_graphic() && c != '/' && c != ':') =>
             {
                 Err(
-                    "must be the name of a systemd credential (a letter or _ first, then \
-                     letters, digits and _-.@), never the PIN itself",
+                    "must be the name of a systemd credential (a letter or _ first; no spaces, \
+                     / or :), never the PIN itself",
                 )
             }
             PinSource::File(path) if absolute_file && !path.is_absolute() => {
@@ -79,6 +80,13 @@ impl PinSource {
             _ => Ok(()),
         }
     }
+}
+
+/// Whether a deserialization message is one of [`PinSource`]'s own refusals: fixed text that
+/// quotes nothing, so it may be shown where serde's messages (which quote values) are not.
+/// Each starts with `pin`; serde's own start with `invalid`, `unknown`, `missing`, ….
+pub fn is_pin_source_refusal(message: &str) -> bool {
+    message.starts_with("pin")
 }
 
 const PIN_SHAPE: &str = "pin must name where the PIN is, never the PIN itself: \
@@ -400,6 +408,7 @@ mod tests {
         for ok in [
             r#"pin = { credential = "piv-pin" }"#,
             r#"pin = { credential = "tm-agent.pin@2" }"#,
+            r#"pin = { credential = "pin+prod" }"#,
             r#"pin = { env = "_PIN_2" }"#,
         ] {
             toml::from_str::<K>(ok).unwrap();

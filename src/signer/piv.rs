@@ -1387,7 +1387,10 @@ mod tests {
         std::fs::write(&path, "123456789\n").unwrap();
         let err = read_piv_pin(&PinSource::File(path.clone())).unwrap_err();
         assert!(err.to_string().contains("is longer than"), "{err}");
-        assert!(!err.to_string().contains("is 9"), "the length is not told: {err}");
+        assert!(
+            !err.to_string().contains("is 9"),
+            "the length is not told: {err}"
+        );
         std::fs::write(&path, "123456\n").unwrap();
         assert_eq!(
             &read_piv_pin(&PinSource::File(path)).unwrap()[..],
