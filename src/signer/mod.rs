@@ -10,6 +10,11 @@
 //! requests whose caller has gone or whose deadline has passed. Blocking hardware calls never
 //! run on the tokio runtime.
 //!
+//! The agent's own challenges (a token manager's mint, [`Handle::sign_challenge_for_token`])
+//! have a small queue of their own that workers empty first: a burst of client signatures
+//! that fills the clients' queue must not keep the agent from minting the token that every
+//! client of the profile waits for.
+//!
 //! Health is published on a `watch` channel (state changes only); counters are atomics.
 //! This module never imports `server` or `token`.
 //!
@@ -212,8 +217,14 @@ impl Shared {
 #[derive(Clone)]
 pub struct Handle {
     queue: Sender<Job>,
+    /// The agent's own challenges: served before `queue`.
+    ahead: Sender<Job>,
     shared: Arc<Shared>,
 }
+
+/// Room in the queue of the agent's own challenges: each token manager has at most one
+/// signature in flight, and a few profiles may share a key.
+const AHEAD_DEPTH: usize = 16;
 
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -248,6 +259,7 @@ impl Handle {
         });
         let digest = jose::sha256(PROBE_MESSAGE);
         let (queue, rx) = crossbeam_channel::bounded::<Job>(shared.options.queue_depth);
+        let (ahead, ahead_rx) = crossbeam_channel::bounded::<Job>(AHEAD_DEPTH);
         for (index, mut worker) in workers.into_iter().enumerate() {
             // Self-test each worker before it joins the pool, so a bad session is found now.
             let sig = worker.sign_digest(&digest)?;
@@ -257,19 +269,26 @@ impl Handle {
                      (is the public key object paired with this private key?)"
                 )));
             }
-            let rx = rx.clone();
+            let jobs = Jobs {
+                ahead: ahead_rx.clone(),
+                queue: rx.clone(),
+            };
             let shared = Arc::clone(&shared);
             let live = LiveWorker::start();
             std::thread::Builder::new()
                 .name(format!("{}-{index}", shared.options.name))
                 .spawn(move || {
-                    run_worker(worker, rx, shared); // drops the worker: its session closes
+                    run_worker(worker, jobs, shared); // drops the worker: its session closes
                     drop(live);
                 })
                 .map_err(|e| SignerError::Open(format!("cannot start signer thread: {e}")))?;
         }
         *lock(&shared.last_ok) = Some(SystemTime::now());
-        Ok(Handle { queue, shared })
+        Ok(Handle {
+            queue,
+            ahead,
+            shared,
+        })
     }
 
     /// Signs `message` (hashed here with SHA-256). Returns a low-S signature.
@@ -279,6 +298,15 @@ impl Handle {
 
     /// Signs a precomputed SHA-256 digest. Returns a low-S signature.
     pub async fn sign_digest(&self, digest: [u8; 32]) -> Result<Signature, SignerError> {
+        self.sign_on(&self.queue, digest).await
+    }
+
+    /// Enqueues `digest` on `lane` and waits for the signature.
+    async fn sign_on(
+        &self,
+        lane: &Sender<Job>,
+        digest: [u8; 32],
+    ) -> Result<Signature, SignerError> {
         let timeout = self.shared.options.timeout;
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -286,11 +314,11 @@ impl Handle {
             deadline: Instant::now() + timeout,
             reply,
         };
-        match self.queue.try_send(job) {
+        match lane.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(SignerError::Busy {
-                    depth: self.shared.options.queue_depth,
+                    depth: lane.capacity().unwrap_or(0),
                 })
             }
             Err(TrySendError::Disconnected(_)) => return Err(SignerError::Closed),
@@ -320,7 +348,7 @@ impl Handle {
         if finished != seen {
             return true;
         }
-        if !self.queue.is_empty() {
+        if !self.queue.is_empty() || !self.ahead.is_empty() {
             return false;
         }
         // Any other answer, even an error from a missing token, came from a worker; `busy`
@@ -346,6 +374,25 @@ impl Handle {
     ) -> Result<jose::ChallengeBody, SignerError> {
         let message = jose::challenge_message(key_id, timestamp);
         let sig = self.sign(message.as_bytes()).await?;
+        Ok(jose::ChallengeBody {
+            key_id: key_id.to_string(),
+            timestamp,
+            signature: jose::encode_es256(&sig),
+        })
+    }
+
+    /// [`Handle::sign_challenge`] for the agent's own token manager: the job goes to the
+    /// queue that workers empty first, so clients' requests (however many wait) neither
+    /// delay it nor leave it `busy`.
+    pub async fn sign_challenge_for_token(
+        &self,
+        key_id: &str,
+        timestamp: i64,
+    ) -> Result<jose::ChallengeBody, SignerError> {
+        let message = jose::challenge_message(key_id, timestamp);
+        let sig = self
+            .sign_on(&self.ahead, jose::sha256(message.as_bytes()))
+            .await?;
         Ok(jose::ChallengeBody {
             key_id: key_id.to_string(),
             timestamp,
@@ -433,12 +480,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn run_worker(mut worker: Box<dyn Signer>, rx: Receiver<Job>, shared: Arc<Shared>) {
-    loop {
-        let job = match rx.recv() {
-            Ok(job) => job,
-            Err(_) => return, // every Handle dropped
-        };
+/// A worker's two queues: the agent's own challenges, then the clients'.
+struct Jobs {
+    ahead: Receiver<Job>,
+    queue: Receiver<Job>,
+}
+
+impl Jobs {
+    /// The next job, the agent's first; `None` once every `Handle` is dropped (both queues
+    /// close together).
+    fn next(&self) -> Option<Job> {
+        if let Ok(job) = self.ahead.try_recv() {
+            return Some(job);
+        }
+        crossbeam_channel::select_biased! {
+            recv(self.ahead) -> job => job.ok(),
+            recv(self.queue) -> job => job.ok(),
+        }
+    }
+}
+
+fn run_worker(mut worker: Box<dyn Signer>, jobs: Jobs, shared: Arc<Shared>) {
+    while let Some(job) = jobs.next() {
         let result = if job.reply.is_closed() {
             None // the caller has gone: don't spend the HSM on it
         } else if Instant::now() >= job.deadline {
@@ -650,6 +713,71 @@ mod tests {
         for task in load {
             task.await.unwrap().unwrap();
         }
+    }
+
+    /// Signs after `delay`, recording the digests in the order it signed them.
+    struct Recording {
+        key: SigningKey,
+        delay: Duration,
+        signed: Arc<Mutex<Vec<[u8; 32]>>>,
+    }
+
+    impl Signer for Recording {
+        fn sign_digest(&mut self, digest: &[u8; 32]) -> Result<Signature, SignerError> {
+            std::thread::sleep(self.delay);
+            lock(&self.signed).push(*digest);
+            soft::sign_prehash(&self.key, digest)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_agents_own_challenges_go_ahead_of_a_full_client_queue() {
+        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let info = KeyInfo {
+            backend: "soft",
+            location: "test".into(),
+            hardware_backed: false,
+            public_key: *key.verifying_key(),
+        };
+        let signed = Arc::new(Mutex::new(Vec::new()));
+        let worker = Recording {
+            key,
+            delay: Duration::from_millis(100),
+            signed: Arc::clone(&signed),
+        };
+        let opts = ActorOptions {
+            queue_depth: 2,
+            timeout: Duration::from_secs(5),
+            name: "t".into(),
+        };
+        let h = Handle::spawn(info, vec![Box::new(worker)], opts).unwrap();
+        // One client job in the worker's hands, two waiting: the clients' queue is full.
+        let mut clients = Vec::new();
+        for i in 0..3u8 {
+            let h = h.clone();
+            clients.push(tokio::spawn(async move { h.sign(&[i]).await }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(matches!(
+            h.sign(b"late").await,
+            Err(SignerError::Busy { .. })
+        ));
+        let body = h
+            .sign_challenge_for_token("kid", 1_700_000_000)
+            .await
+            .unwrap();
+        let message = jose::challenge_message("kid", 1_700_000_000);
+        let sig = jose::decode_es256(&body.signature).unwrap();
+        h.public_key().verify(message.as_bytes(), &sig).unwrap();
+        for task in clients {
+            task.await.unwrap().unwrap();
+        }
+        // Signed right after the job at hand, before the clients that waited.
+        let order = lock(&signed).clone();
+        let challenge = jose::sha256(message.as_bytes());
+        assert_eq!(order.len(), 5, "self-test, 3 clients, the challenge");
+        assert_eq!(order[1], jose::sha256(&[0]));
+        assert_eq!(order[2], challenge);
     }
 
     #[test]

@@ -1005,7 +1005,10 @@ impl<A: Api> Worker<A> {
         let mut resynced = false;
         loop {
             let timestamp = self.server_timestamp();
-            let body = self.signer.sign_challenge(&key_id, timestamp).await?;
+            let body = self
+                .signer
+                .sign_challenge_for_token(&key_id, timestamp)
+                .await?;
             match self.api.mint(&body).await {
                 Ok(pair) => return self.accept(pair, Kind::Minted).await,
                 Err(ApiError::Unauthorized {
