@@ -1720,3 +1720,57 @@ fn real_manager_and_simulator_token_watch_and_sign() {
     c.token("live", Some(60)).unwrap();
     cancel.cancel();
 }
+
+/// A client that overfills the signer queue gets `busy` for what does not fit, and those
+/// refusals share the refusals' audit budget with no warning line each: a burst cannot
+/// flood the log (one was seen writing 60,000 lines a second). Every signature made is
+/// still on record.
+#[test]
+fn busy_signatures_share_the_refusal_budget() {
+    let mut builder = TestAgent::builder();
+    builder.sign_delay = Duration::from_millis(5);
+    let agent = builder.start();
+    let started = Instant::now();
+    let mut conns: Vec<Raw> = (0..8).map(|_| Raw::connect(&agent)).collect();
+    let batch: String = (0..64)
+        .map(|id| {
+            format!("{{\"v\":1,\"id\":{id},\"op\":\"sign_challenge\",\"profile\":\"prod\"}}\n")
+        })
+        .collect();
+    for raw in &mut conns {
+        raw.send(&batch);
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for raw in &mut conns {
+        for _ in 0..64 {
+            let reply = raw.recv();
+            match code(&reply) {
+                "" => ok += 1,
+                "busy" => busy += 1,
+                other => panic!("unexpected {other}: {reply}"),
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        busy >= 100,
+        "the queue (256) overflowed: {ok} ok, {busy} busy"
+    );
+    let logs = agent.logs.text();
+    let records = |result: &str| {
+        logs.lines()
+            .filter(|l| l.contains(" audit:") && l.contains(&format!("result=\"{result}\"")))
+            .count()
+    };
+    assert_eq!(records("ok"), ok, "every signature is on record");
+    let budget = 100 + (elapsed * 10.0).ceil() as usize + 1;
+    assert!(
+        records("busy") <= budget,
+        "{} of {busy} busy refusals logged in {elapsed:.2} s",
+        records("busy")
+    );
+    assert!(
+        !logs.contains("signing failed"),
+        "no warning per busy request: {logs}"
+    );
+}

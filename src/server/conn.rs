@@ -791,10 +791,17 @@ impl Conn {
                     peer.audit_with(op, Some(&name), "ok", detail);
                 }
                 Err(err) => {
-                    tracing::warn!(profile = %name, op = op.as_str(), error = %err, "signing failed");
                     let wire = WireError::from_signer(&err);
                     state.counters.error(wire.code);
-                    peer.audit_with(op, Some(&name), wire.code.as_str(), detail);
+                    // Nothing was signed for the client: like a refusal, the record (and the
+                    // warning, but for a full queue, which is load, not a fault) shares the
+                    // budget that keeps a client in a loop from flooding the log.
+                    state.audit_within_budget(|| {
+                        if !matches!(err, SignerError::Busy { .. }) {
+                            tracing::warn!(profile = %name, op = op.as_str(), error = %err, "signing failed");
+                        }
+                        peer.audit_with(op, Some(&name), wire.code.as_str(), detail);
+                    });
                     write_err(&mut line, Some(id), &wire);
                 }
             }
