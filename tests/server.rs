@@ -1774,3 +1774,28 @@ fn busy_signatures_share_the_refusal_budget() {
         "no warning per busy request: {logs}"
     );
 }
+
+/// Once shutdown begins, the socket file is gone and a new client fails at once, while a
+/// request already in flight still gets its answer.
+#[test]
+fn shutdown_removes_the_socket_at_once_and_finishes_in_flight_requests() {
+    let mut builder = TestAgent::builder();
+    builder.sign_delay = Duration::from_millis(1500);
+    let agent = builder.start();
+    let mut raw = Raw::connect(&agent);
+    raw.send("{\"v\":1,\"id\":1,\"op\":\"sign_challenge\",\"profile\":\"prod\"}\n");
+    std::thread::sleep(Duration::from_millis(200)); // the signer has the job
+    agent.begin_stop();
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        !agent.socket.exists()
+    });
+    assert!(gone, "the socket file is removed when accepting stops");
+    let started = Instant::now();
+    assert!(std::os::unix::net::UnixStream::connect(&agent.socket).is_err());
+    assert!(started.elapsed() < Duration::from_millis(100));
+    let reply = raw.recv();
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    assert!(reply["result"]["signature"].is_string(), "{reply}");
+    agent.stop().unwrap();
+}

@@ -449,7 +449,7 @@ impl State {
 /// lets in-flight requests finish, ends `watch` streams (each gets an `end` event), waits
 /// for every connection to close (each lingers at most 250 ms for its client to close its
 /// end, so that the client reads EOF after its answers) and returns. The socket file, if
-/// this process created it, is removed when `listener` is dropped.
+/// this process created it, is removed as soon as accepting stops.
 ///
 /// Errors: only a failure of the listening socket itself; connection errors are logged.
 pub async fn serve(
@@ -515,6 +515,12 @@ pub async fn serve(
             }
         }
     };
+    // No new client waits on a server that is going: closing the listener removes the socket
+    // file (if this process created it), so a client started now fails at once with
+    // "cannot connect" instead of hanging in the backlog until the drain ends. A
+    // socket-activated listener stays open in systemd, which queues connections for the
+    // next start.
+    drop(listener);
     tracker.close();
     if let Err(err) = &result {
         tracing::error!(error = %err, "listener failed; closing connections");

@@ -403,6 +403,11 @@ impl TestAgent {
     }
 
     /// Cancels the server and waits (bounded) for `serve` to return.
+    /// Starts the shutdown (as SIGTERM does) without waiting for it.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     pub fn stop(&self) -> io::Result<()> {
         self.shutdown.cancel();
         self.done
