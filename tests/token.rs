@@ -758,3 +758,52 @@ async fn hundred_concurrent_callers_cause_exactly_one_renewal() {
     assert_eq!(after.requests.mint - before.requests.mint, 0, "{after:?}");
     assert_eq!(after.refreshes, 1);
 }
+
+/// The simulator's refresh endpoint answers 503 (its mint endpoint works): the agent keeps
+/// retrying its refresh token while the access token is valid, then mints once it has
+/// expired instead of leaving every client without a token until refreshes work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_outage_falls_back_to_a_mint_once_the_token_expired() {
+    let rig = rig(ttl_config(Duration::from_secs(3)), Via::Http, |s| {
+        s.backoff_min = Duration::from_millis(200);
+        s.backoff_max = Duration::from_millis(500);
+    })
+    .await;
+    let first = rig
+        .manager
+        .wait_ready(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let sim = &rig.sim.handle;
+    let fault = FaultSpec::rate(
+        FaultKind::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+        FaultTarget::Refresh,
+        1.0,
+    );
+    sim.inject_fault(fault).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim.counters().mints < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no mint in 10 s: {:?}",
+            sim.counters()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = sim.counters();
+    assert!(
+        c.faults("status_503") >= 1,
+        "refreshes were tried first: {c:?}"
+    );
+    assert_eq!(c.refreshes, 0, "{c:?}");
+    assert!(
+        SystemTime::now() >= first.expires_at,
+        "minted only once the token had expired"
+    );
+    let t = rig.manager.token(None).await.unwrap();
+    assert_ne!(t.token, first.token);
+    check_with_sim_jwks(sim, &t.token).unwrap();
+}

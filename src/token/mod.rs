@@ -984,8 +984,24 @@ impl<A: Api> Worker<A> {
                 }
                 Err(e) => {
                     // Never reached the server (no connection), or refused without using it
-                    // (5xx, 429): the same refresh token still works.
-                    self.refresh_token = Some(refresh_token);
+                    // (5xx, 429): the same refresh token still works, and is tried again
+                    // while the access token it would replace is valid. Once that one has
+                    // expired, waiting on the refresh endpoint leaves every client without a
+                    // token though minting may work: the next attempt mints.
+                    let valid = self
+                        .shared
+                        .current
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|t| t.expires_at > SystemTime::now());
+                    if valid {
+                        self.refresh_token = Some(refresh_token);
+                    } else {
+                        tracing::info!(
+                            code = e.code(),
+                            "refresh failing and the access token has expired: minting next"
+                        );
+                    }
                     return Err(e.into());
                 }
             }

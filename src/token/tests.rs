@@ -159,6 +159,8 @@ struct FakeState {
     exp_claim: Option<serde_json::Value>,
     /// While set, the JWKS answers 503.
     jwks_down: bool,
+    /// While set, refreshes answer 503 (mints still work).
+    refresh_down: bool,
 }
 
 #[derive(Clone)]
@@ -187,6 +189,7 @@ impl Fake {
                 panic: false,
                 exp_claim: None,
                 jwks_down: false,
+                refresh_down: false,
             })),
             n: Arc::new(Counters::default()),
         }
@@ -289,6 +292,13 @@ impl Api for Fake {
             return Err(e);
         }
         self.with(|s| {
+            if s.refresh_down {
+                return Err(ApiError::Server {
+                    status: 503,
+                    message: "Service Unavailable".into(),
+                    retry_after: None,
+                });
+            }
             if !s.live.remove(refresh_token.expose_secret()) {
                 self.n.refused_refreshes.fetch_add(1, Ordering::SeqCst);
                 return Err(ApiError::Unauthorized {
@@ -566,6 +576,28 @@ async fn refused_refresh_remints_with_a_fresh_signature() {
     assert_eq!(fake.n.mint_calls.load(Ordering::SeqCst), 2);
     let st = m.status();
     assert_eq!((st.mints, st.refreshes, st.consecutive_failures), (2, 0, 0));
+}
+
+/// A refresh endpoint that answers 503 while minting works: the refresh token is kept (and
+/// retried) while the access token is valid; once that has expired, the agent mints rather
+/// than leave its clients without a token until the refresh endpoint is back.
+#[tokio::test]
+async fn a_failing_refresh_endpoint_falls_back_to_a_mint_once_the_token_expired() {
+    let fake = Fake::new(Duration::from_millis(1500));
+    let (m, _cancel) = start(&fake, settings());
+    let first = m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    fake.with(|s| s.refresh_down = true);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while fake.n.mint_calls.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no mint after the token expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Refreshes were tried first, until the token expired.
+    assert!(fake.n.refresh_calls.load(Ordering::SeqCst) >= 2);
+    assert!(SystemTime::now() >= first.expires_at);
+    let t = m.token(None).await.unwrap();
+    assert_ne!(t.token, first.token);
+    assert_eq!(fake.n.refused_refreshes.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
