@@ -546,6 +546,18 @@ mod tests {
     use p256::ecdsa::SigningKey;
     use std::sync::atomic::AtomicUsize;
 
+    /// The test key and its `KeyInfo`.
+    fn test_key() -> (SigningKey, KeyInfo) {
+        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let info = KeyInfo {
+            backend: "soft",
+            location: "test".into(),
+            hardware_backed: false,
+            public_key: *key.verifying_key(),
+        };
+        (key, info)
+    }
+
     struct Slow {
         key: SigningKey,
         delay: Duration,
@@ -561,14 +573,8 @@ mod tests {
     }
 
     fn slow_handle(delay: Duration, opts: ActorOptions) -> (Handle, Arc<AtomicUsize>) {
-        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let (key, info) = test_key();
         let calls = Arc::new(AtomicUsize::new(0));
-        let info = KeyInfo {
-            backend: "soft",
-            location: "test".into(),
-            hardware_backed: false,
-            public_key: *key.verifying_key(),
-        };
         let worker = Slow {
             key,
             delay,
@@ -655,13 +661,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_watchdog_sees_a_wedged_worker_behind_a_full_queue_and_not_a_slow_one() {
-        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
-        let info = KeyInfo {
-            backend: "soft",
-            location: "test".into(),
-            hardware_backed: false,
-            public_key: *key.verifying_key(),
-        };
+        let (key, info) = test_key();
         let (release, rx) = std::sync::mpsc::channel();
         let worker = Wedged {
             key,
@@ -732,13 +732,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_agents_own_challenges_go_ahead_of_a_full_client_queue() {
-        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
-        let info = KeyInfo {
-            backend: "soft",
-            location: "test".into(),
-            hardware_backed: false,
-            public_key: *key.verifying_key(),
-        };
+        let (key, info) = test_key();
         let signed = Arc::new(Mutex::new(Vec::new()));
         let worker = Recording {
             key,
@@ -782,14 +776,9 @@ mod tests {
 
     #[test]
     fn self_test_rejects_a_mismatched_public_key() {
-        let key = SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let (key, mut info) = test_key();
         let other = SigningKey::from_slice(&[4u8; 32]).unwrap();
-        let info = KeyInfo {
-            backend: "soft",
-            location: "test".into(),
-            hardware_backed: false,
-            public_key: *other.verifying_key(),
-        };
+        info.public_key = *other.verifying_key();
         let worker = Slow {
             key,
             delay: Duration::ZERO,
