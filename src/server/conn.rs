@@ -765,8 +765,8 @@ impl Conn {
     }
 
     /// Runs a signature for the client (`sign_challenge`, `stamp`) as a task. `sign` yields
-    /// the `result` object. Every outcome is audit-logged with `detail`: `ok`, the error
-    /// code, or `cancelled` when the client left first.
+    /// the `result` object. Every outcome is audit-logged with `detail`: `ok` and `cancelled`
+    /// (the client left first) always, the error code within the refusals' budget.
     fn spawn_signature(
         &mut self,
         out: &mut Vec<u8>,

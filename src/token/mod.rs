@@ -523,6 +523,7 @@ impl Manager {
             api,
             signer,
             refresh_token: None,
+            refresh_pair_expires: None,
             keys: jwt::KeySet::default(),
             keys_fetched: None,
             last_kid_refetch: None,
@@ -778,6 +779,9 @@ struct Worker<A: Api> {
     api: A,
     signer: signer::Handle,
     refresh_token: Option<SecretString>,
+    /// When the access token that came with `refresh_token` expires (local clock): past it,
+    /// a refresh endpoint that keeps failing is given up for a mint.
+    refresh_pair_expires: Option<SystemTime>,
     keys: jwt::KeySet,
     keys_fetched: Option<Instant>,
     /// The last refetch caused by an unknown `kid` (rate-limited).
@@ -840,6 +844,18 @@ impl<A: Api> Worker<A> {
             if expired {
                 self.shared.current.send_replace(None);
                 tracing::warn!("access token expired with no replacement");
+                if self.failures > 0
+                    && self.refresh_token.is_some()
+                    && self
+                        .refresh_pair_expires
+                        .is_none_or(|e| e <= SystemTime::now())
+                {
+                    // Renewals have been failing with this refresh token kept for a retry:
+                    // mint now rather than after the back-off and one more failed refresh.
+                    self.refresh_token = None;
+                    self.next_attempt = Some(now);
+                    tracing::info!("refreshes failing and the access token expired: minting now");
+                }
             } else if let Some(t) = self.shared.current.borrow().as_ref() {
                 // The wall clock and the monotonic one disagree: look again later.
                 self.expiry = Some(instant_after(now, t.remaining(SystemTime::now())));
@@ -985,15 +1001,12 @@ impl<A: Api> Worker<A> {
                 Err(e) => {
                     // Never reached the server (no connection), or refused without using it
                     // (5xx, 429): the same refresh token still works, and is tried again
-                    // while the access token it would replace is valid. Once that one has
+                    // while the access token that came with it is valid. Once that one has
                     // expired, waiting on the refresh endpoint leaves every client without a
                     // token though minting may work: the next attempt mints.
                     let valid = self
-                        .shared
-                        .current
-                        .borrow()
-                        .as_ref()
-                        .is_some_and(|t| t.expires_at > SystemTime::now());
+                        .refresh_pair_expires
+                        .is_some_and(|e| e > SystemTime::now());
                     if valid {
                         self.refresh_token = Some(refresh_token);
                     } else {
@@ -1057,6 +1070,13 @@ impl<A: Api> Worker<A> {
 
     /// Verifies a received pair and turns it into the token to hand out. On success the
     /// pair's refresh token becomes ours.
+    /// Keeps the refresh token of a pair whose access token is held back (its JWKS check is
+    /// pending), with that access token's expiry on the server's clock.
+    fn hold_refresh_token(&mut self, token: SecretString, expires_at: SystemTime) {
+        self.refresh_token = Some(token);
+        self.refresh_pair_expires = Some(self.shared.clock.to_local(expires_at));
+    }
+
     async fn accept(
         &mut self,
         pair: TokenPair,
@@ -1097,7 +1117,7 @@ impl<A: Api> Worker<A> {
                 }
                 Err(e) => {
                     // The pair came from the API over TLS; only its check is pending.
-                    self.refresh_token = Some(pair.refresh_token);
+                    self.hold_refresh_token(pair.refresh_token, pair.expires_at);
                     let mut failure = Failure::from(e);
                     failure.message = format!("cannot fetch the JWKS: {}", failure.message);
                     return Err(failure);
@@ -1108,7 +1128,7 @@ impl<A: Api> Worker<A> {
             // The JWKS held predates this kid and was fetched too recently to fetch again:
             // the token cannot be checked yet, which says nothing against the pair. Keep its
             // refresh token, and check again at the next attempt.
-            self.refresh_token = Some(pair.refresh_token);
+            self.hold_refresh_token(pair.refresh_token, pair.expires_at);
             return Err(Failure {
                 code: "jwks_pending",
                 message: format!(
@@ -1144,6 +1164,7 @@ impl<A: Api> Worker<A> {
             });
         }
         self.refresh_token = Some(pair.refresh_token);
+        self.refresh_pair_expires = Some(expires_at);
         Ok((
             Arc::new(AccessToken {
                 token: pair.access_token,

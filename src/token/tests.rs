@@ -600,6 +600,31 @@ async fn a_failing_refresh_endpoint_falls_back_to_a_mint_once_the_token_expired(
     assert_eq!(fake.n.refused_refreshes.load(Ordering::SeqCst), 0);
 }
 
+/// The fallback does not wait out the back-off: when the token expires while refreshes are
+/// failing, the agent mints at once (not after one more back-off and one more refresh).
+#[tokio::test]
+async fn the_fallback_mint_comes_when_the_token_expires_not_after_the_back_off() {
+    let fake = Fake::new(Duration::from_millis(1500));
+    let mut s = settings();
+    s.backoff_min = Duration::from_secs(4);
+    s.backoff_max = Duration::from_secs(4);
+    let (m, _cancel) = start(&fake, s);
+    let first = m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    fake.with(|s| s.refresh_down = true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.n.mint_calls.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no mint");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let late = SystemTime::now()
+        .duration_since(first.expires_at)
+        .unwrap_or_default();
+    assert!(
+        late < Duration::from_millis(500),
+        "minted {late:?} after the token expired"
+    );
+}
+
 #[tokio::test]
 async fn server_errors_back_off_then_recover() {
     let fake = Fake::new(Duration::from_secs(3));

@@ -402,12 +402,12 @@ impl TestAgent {
         tm_agent::client::Client::connect(&self.socket).unwrap()
     }
 
-    /// Cancels the server and waits (bounded) for `serve` to return.
     /// Starts the shutdown (as SIGTERM does) without waiting for it.
     pub fn begin_stop(&self) {
         self.shutdown.cancel();
     }
 
+    /// Cancels the server and waits (bounded) for `serve` to return.
     pub fn stop(&self) -> io::Result<()> {
         self.shutdown.cancel();
         self.done
