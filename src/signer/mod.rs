@@ -202,13 +202,14 @@ struct Shared {
 }
 
 impl Shared {
-    /// Publishes `next` to health subscribers if it differs from the current state.
-    fn set_health(&self, next: HealthState) {
+    /// Publishes `next` to health subscribers if it differs from the current state; returns
+    /// whether it did.
+    fn set_health(&self, next: HealthState) -> bool {
         self.health.send_if_modified(|state| {
             let changed = *state != next;
             *state = next;
             changed
-        });
+        })
     }
 }
 
@@ -298,14 +299,18 @@ impl Handle {
 
     /// Signs a precomputed SHA-256 digest. Returns a low-S signature.
     pub async fn sign_digest(&self, digest: [u8; 32]) -> Result<Signature, SignerError> {
-        self.sign_on(&self.queue, digest).await
+        let depth = self.shared.options.queue_depth;
+        self.sign_on(&self.queue, digest, || SignerError::Busy { depth })
+            .await
     }
 
-    /// Enqueues `digest` on `lane` and waits for the signature.
+    /// Enqueues `digest` on `lane` (`full` is the answer when it is full) and waits for the
+    /// signature.
     async fn sign_on(
         &self,
         lane: &Sender<Job>,
         digest: [u8; 32],
+        full: impl FnOnce() -> SignerError,
     ) -> Result<Signature, SignerError> {
         let timeout = self.shared.options.timeout;
         let (reply, rx) = oneshot::channel();
@@ -316,11 +321,7 @@ impl Handle {
         };
         match lane.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(SignerError::Busy {
-                    depth: lane.capacity().unwrap_or(0),
-                })
-            }
+            Err(TrySendError::Full(_)) => return Err(full()),
             Err(TrySendError::Disconnected(_)) => return Err(SignerError::Closed),
         }
         match tokio::time::timeout(timeout, rx).await {
@@ -390,8 +391,16 @@ impl Handle {
         timestamp: i64,
     ) -> Result<jose::ChallengeBody, SignerError> {
         let message = jose::challenge_message(key_id, timestamp);
+        // Each token manager has one job in flight: a full queue means the workers have not
+        // taken the last ones (they stay queued after their callers time out).
+        let wedged = || {
+            SignerError::Unavailable(format!(
+                "the key has not taken the agent's last {AHEAD_DEPTH} signing jobs: the HSM or \
+                 card may be wedged (see `tm-agent status`)"
+            ))
+        };
         let sig = self
-            .sign_on(&self.ahead, jose::sha256(message.as_bytes()))
+            .sign_on(&self.ahead, jose::sha256(message.as_bytes()), wedged)
             .await?;
         Ok(jose::ChallengeBody {
             key_id: key_id.to_string(),
@@ -533,8 +542,12 @@ fn sign(
         Err(err) => {
             shared.errors.fetch_add(1, Ordering::Relaxed);
             let reason = err.to_string();
-            tracing::warn!(signer = %shared.options.name, error = %reason, "signing failed");
-            shared.set_health(HealthState::Failing(reason));
+            // Logged when the reason changes, not per failure: a removed token fails every
+            // request at once, and clients retrying in a loop must not flood the log (the
+            // count is in `status`).
+            if shared.set_health(HealthState::Failing(reason.clone())) {
+                tracing::warn!(signer = %shared.options.name, error = %reason, "signing failed");
+            }
         }
     }
     result
@@ -772,6 +785,34 @@ mod tests {
         assert_eq!(order.len(), 5, "self-test, 3 clients, the challenge");
         assert_eq!(order[1], jose::sha256(&[0]));
         assert_eq!(order[2], challenge);
+    }
+
+    /// Behind a wedged worker the agent's own queue fills with jobs whose callers timed out;
+    /// then the agent hears that the key is not taking jobs, not a `busy` that points at
+    /// `sign_queue_depth` (which does not size that queue).
+    #[tokio::test]
+    async fn a_full_queue_of_the_agents_own_jobs_says_the_key_is_wedged() {
+        let (key, info) = test_key();
+        let (release, rx) = std::sync::mpsc::channel();
+        let worker = Wedged {
+            key,
+            calls: 1, // no watchdog probe here: wedge on the first job after the self-test
+            release: rx,
+        };
+        let opts = ActorOptions {
+            queue_depth: 4,
+            timeout: Duration::from_millis(20),
+            name: "t".into(),
+        };
+        let h = Handle::spawn(info, vec![Box::new(worker)], opts).unwrap();
+        let mut last = None;
+        for _ in 0..=AHEAD_DEPTH + 1 {
+            last = Some(h.sign_challenge_for_token("kid", 1).await.unwrap_err());
+        }
+        let err = last.unwrap();
+        assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("may be wedged"), "{err}");
+        drop(release);
     }
 
     #[test]
