@@ -1536,3 +1536,36 @@ fn a_read_only_socket_directory_exits_78_naming_the_mount() {
         "{stderr}"
     );
 }
+
+/// A token that goes away fails every signature at once: clients get `unavailable`, and the
+/// signer logs that it started failing, not once per request (the per-request records are
+/// the connection's, within the refusals' budget).
+#[test]
+fn a_removed_token_fails_signatures_without_a_log_line_each() {
+    let w = World::new("t-daemon-removed", Duration::from_secs(900));
+    let socket = w.path("agent.sock");
+    let config = w.config("agent.sock").write(&w.path("config.toml"));
+    let mut agent = start_agent(&w.hsm, &config, &socket, START);
+    cli_ok(&socket, &["sign", "--profile", P]);
+    let token_dir = w.hsm.token_dir();
+    let away = w.path("token-moved-away");
+    std::fs::rename(&token_dir, &away).unwrap();
+    let requests = 40;
+    for _ in 0..requests {
+        let out = cli(&socket, &["sign", "--profile", P], None);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("unavailable"), "{stderr}");
+    }
+    let log = agent.stderr();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("tm_agent::signer: signing failed"))
+        .count();
+    assert!(
+        (1..=2).contains(&lines),
+        "{lines} 'signing failed' lines from the signer for {requests} failed requests:\n{log}"
+    );
+    std::fs::rename(&away, &token_dir).unwrap();
+    agent.stop_cleanly();
+}

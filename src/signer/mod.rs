@@ -202,14 +202,13 @@ struct Shared {
 }
 
 impl Shared {
-    /// Publishes `next` to health subscribers if it differs from the current state; returns
-    /// whether it did.
-    fn set_health(&self, next: HealthState) -> bool {
+    /// Publishes `next` to health subscribers if it differs from the current state.
+    fn set_health(&self, next: HealthState) {
         self.health.send_if_modified(|state| {
             let changed = *state != next;
             *state = next;
             changed
-        })
+        });
     }
 }
 
@@ -542,12 +541,14 @@ fn sign(
         Err(err) => {
             shared.errors.fetch_add(1, Ordering::Relaxed);
             let reason = err.to_string();
-            // Logged when the reason changes, not per failure: a removed token fails every
-            // request at once, and clients retrying in a loop must not flood the log (the
-            // count is in `status`).
-            if shared.set_health(HealthState::Failing(reason.clone())) {
+            // Logged when signing starts failing, not per failure: a removed token fails every
+            // request at once (each with its own "next attempt in …"), and clients retrying
+            // in a loop must not flood the log. `status` has the count and the last reason.
+            let was_failing = matches!(*shared.health.borrow(), HealthState::Failing(_));
+            if !was_failing {
                 tracing::warn!(signer = %shared.options.name, error = %reason, "signing failed");
             }
+            shared.set_health(HealthState::Failing(reason));
         }
     }
     result
