@@ -280,6 +280,9 @@ pub(crate) fn refresh_delay(lifetime: Duration, s: &TokenSettings, unit: f64) ->
         .max(Duration::from_millis(100).min(latest))
 }
 
+/// The longest wait before retrying after the key (not the API) failed a signature.
+pub const SIGNER_RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// The longest `Retry-After` honoured (unless `backoff_max` is longer).
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 
@@ -940,12 +943,18 @@ impl<A: Api> Worker<A> {
             Err(failure) => {
                 self.failures = self.failures.saturating_add(1);
                 let unit = rand::thread_rng().gen_range(0.0..=1.0);
-                let delay = backoff_delay(
+                let mut delay = backoff_delay(
                     self.failures,
                     &self.shared.settings,
                     unit,
                     failure.retry_after,
                 );
+                if failure.code == "signer_error" {
+                    // The key, not the API, failed: the signer backs off on its own and
+                    // refuses fast meanwhile, so retrying often costs nothing, and a token
+                    // follows within seconds once the key answers again.
+                    delay = delay.min(SIGNER_RETRY_MAX);
+                }
                 self.next_attempt = Some(instant_after(now, delay));
                 {
                     let mut s = lock(&self.shared.status);

@@ -625,6 +625,80 @@ async fn the_fallback_mint_comes_when_the_token_expires_not_after_the_back_off()
     );
 }
 
+/// A soft signer that fails while `down` is set (a removed token, say).
+struct Flaky {
+    key: SigningKey,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl signer::Signer for Flaky {
+    fn sign_digest(
+        &mut self,
+        digest: &[u8; 32],
+    ) -> Result<p256::ecdsa::Signature, signer::SignerError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(signer::SignerError::Unavailable(
+                "the token is gone (test)".into(),
+            ));
+        }
+        signer::soft::sign_prehash(&self.key, digest)
+    }
+}
+
+/// When the key, not the API, failed a mint, the retry comes within SIGNER_RETRY_MAX
+/// whatever the back-off has grown to: a token follows within seconds of the key's return,
+/// not after a back-off of up to a minute.
+#[tokio::test]
+async fn a_mint_the_key_failed_is_retried_soon_whatever_the_back_off() {
+    let fake = Fake::new(Duration::from_secs(2));
+    let key = SigningKey::from_slice(&[7; 32]).unwrap();
+    let (info, _) = signer::soft::open(key.clone(), "test".into(), 1);
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = Flaky {
+        key,
+        down: Arc::clone(&down),
+    };
+    let handle = signer::Handle::spawn(
+        info,
+        vec![Box::new(worker)],
+        signer::ActorOptions::default(),
+    )
+    .unwrap();
+    let mut s = settings();
+    s.backoff_min = Duration::from_secs(20);
+    s.backoff_max = Duration::from_secs(20);
+    let cancel = CancellationToken::new();
+    let m = Manager::start_with(s, handle, fake.clone(), cancel.clone());
+    m.wait_ready(Duration::from_secs(3)).await.unwrap();
+    // The key goes away and the refresh family is revoked: the next renewal must mint.
+    down.store(true, Ordering::SeqCst);
+    fake.with(|s| s.live.clear());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.status().last_error_code.as_deref() != Some("signer_error") {
+        assert!(
+            Instant::now() < deadline,
+            "no signer failure: {:?}",
+            m.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    down.store(false, Ordering::SeqCst);
+    let back = Instant::now();
+    let t = m.wait_ready(Duration::from_secs(5)).await;
+    assert!(
+        t.is_ok(),
+        "no token within 5 s of the key's return: {:?}",
+        m.status()
+    );
+    assert!(
+        back.elapsed() <= SIGNER_RETRY_MAX + Duration::from_millis(500),
+        "token {:?} after the key came back",
+        back.elapsed()
+    );
+    cancel.cancel();
+}
+
 #[tokio::test]
 async fn server_errors_back_off_then_recover() {
     let fake = Fake::new(Duration::from_secs(3));
