@@ -157,18 +157,15 @@ impl MgmArgs {
                 "--mgm-key-env",
             ),
         ])?;
-        let given: Vec<ManagementKey> = named
-            .into_iter()
-            .map(ManagementKey::Hex)
-            .map(Some)
-            .chain([
-                self.mgm_key_protected
-                    .then_some(ManagementKey::PinProtected),
-                self.default_mgm_key
-                    .then_some(ManagementKey::FactoryDefault),
-            ])
-            .flatten()
-            .collect();
+        let mut given: Vec<ManagementKey> = named.into_iter().map(ManagementKey::Hex).collect();
+        given.extend(
+            self.mgm_key_protected
+                .then_some(ManagementKey::PinProtected),
+        );
+        given.extend(
+            self.default_mgm_key
+                .then_some(ManagementKey::FactoryDefault),
+        );
         match given.len() {
             0 => Ok(ManagementKey::Hex(PinSource::Prompt)),
             1 => given

@@ -242,8 +242,9 @@ pub enum PinError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("PIN credential name {name:?} is not a plain file name")]
-    BadCredentialName { name: String },
+    /// Not quoted: a name that is not one may be the PIN itself.
+    #[error("the PIN credential's name is not a plain file name (it must not be empty, . or .., nor hold a /)")]
+    BadCredentialName,
     #[error("PIN environment variable {name} is not set or not UTF-8")]
     EnvMissing { name: String },
     #[error("no PIN source given and standard input is not a terminal: give --pin-file, --pin-env or --pin-credential (in the config: pin = {{ file = … }}, {{ env = … }} or {{ credential = … }})")]
@@ -284,7 +285,7 @@ pub fn read_pin(source: &PinSource, prompt_label: &str) -> Result<SecretString, 
 /// Reads systemd credential `name` from `dir` (the service's `$CREDENTIALS_DIRECTORY`).
 fn read_credential(dir: Option<std::ffi::OsString>, name: &str) -> Result<String, PinError> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(PinError::BadCredentialName { name: name.into() });
+        return Err(PinError::BadCredentialName);
     }
     let dir = dir.ok_or_else(|| PinError::NoCredentialsDirectory { name: name.into() })?;
     // systemd makes credentials readable by the service only; don't second-guess its modes
@@ -449,7 +450,7 @@ mod tests {
         for bad in ["", "../pin", "a/b", ".."] {
             assert!(matches!(
                 read_pin(&PinSource::Credential(bad.into()), "PIN"),
-                Err(PinError::BadCredentialName { .. })
+                Err(PinError::BadCredentialName)
             ));
         }
     }

@@ -525,8 +525,7 @@ impl Manager {
             shared: Arc::clone(&shared),
             api,
             signer,
-            refresh_token: None,
-            refresh_pair_expires: None,
+            refresh: None,
             keys: jwt::KeySet::default(),
             keys_fetched: None,
             last_kid_refetch: None,
@@ -776,15 +775,25 @@ enum Kind {
     Refreshed,
 }
 
+/// A refresh token, with the expiry (local clock) of the access token that came with it:
+/// past that, a refresh endpoint that keeps failing is given up for a mint.
+struct HeldRefresh {
+    token: SecretString,
+    pair_expires: SystemTime,
+}
+
+impl HeldRefresh {
+    fn pair_expired(&self) -> bool {
+        self.pair_expires <= SystemTime::now()
+    }
+}
+
 /// The background task of one profile. Owns the refresh token.
 struct Worker<A: Api> {
     shared: Arc<Shared>,
     api: A,
     signer: signer::Handle,
-    refresh_token: Option<SecretString>,
-    /// When the access token that came with `refresh_token` expires (local clock): past it,
-    /// a refresh endpoint that keeps failing is given up for a mint.
-    refresh_pair_expires: Option<SystemTime>,
+    refresh: Option<HeldRefresh>,
     keys: jwt::KeySet,
     keys_fetched: Option<Instant>,
     /// The last refetch caused by an unknown `kid` (rate-limited).
@@ -847,15 +856,11 @@ impl<A: Api> Worker<A> {
             if expired {
                 self.shared.current.send_replace(None);
                 tracing::warn!("access token expired with no replacement");
-                if self.failures > 0
-                    && self.refresh_token.is_some()
-                    && self
-                        .refresh_pair_expires
-                        .is_none_or(|e| e <= SystemTime::now())
+                if self.failures > 0 && self.refresh.as_ref().is_some_and(HeldRefresh::pair_expired)
                 {
                     // Renewals have been failing with this refresh token kept for a retry:
                     // mint now rather than after the back-off and one more failed refresh.
-                    self.refresh_token = None;
+                    self.refresh = None;
                     self.next_attempt = Some(now);
                     tracing::info!("refreshes failing and the access token expired: minting now");
                 }
@@ -984,8 +989,8 @@ impl<A: Api> Worker<A> {
 
     /// Refresh if we hold a refresh token, else (or when it is refused) mint.
     async fn renew(&mut self) -> Result<(Arc<AccessToken>, Kind), Failure> {
-        if let Some(refresh_token) = self.refresh_token.take() {
-            match self.api.refresh(&refresh_token).await {
+        if let Some(held) = self.refresh.take() {
+            match self.api.refresh(&held.token).await {
                 Ok(pair) => return self.accept(pair, Kind::Refreshed).await,
                 Err(e @ (ApiError::Unauthorized { .. } | ApiError::BadRequest { .. })) => {
                     tracing::info!(
@@ -1013,11 +1018,8 @@ impl<A: Api> Worker<A> {
                     // while the access token that came with it is valid. Once that one has
                     // expired, waiting on the refresh endpoint leaves every client without a
                     // token though minting may work: the next attempt mints.
-                    let valid = self
-                        .refresh_pair_expires
-                        .is_some_and(|e| e > SystemTime::now());
-                    if valid {
-                        self.refresh_token = Some(refresh_token);
+                    if !held.pair_expired() {
+                        self.refresh = Some(held);
                     } else {
                         tracing::info!(
                             code = e.code(),
@@ -1077,15 +1079,17 @@ impl<A: Api> Worker<A> {
         }
     }
 
-    /// Verifies a received pair and turns it into the token to hand out. On success the
-    /// pair's refresh token becomes ours.
     /// Keeps the refresh token of a pair whose access token is held back (its JWKS check is
     /// pending), with that access token's expiry on the server's clock.
     fn hold_refresh_token(&mut self, token: SecretString, expires_at: SystemTime) {
-        self.refresh_token = Some(token);
-        self.refresh_pair_expires = Some(self.shared.clock.to_local(expires_at));
+        self.refresh = Some(HeldRefresh {
+            token,
+            pair_expires: self.shared.clock.to_local(expires_at),
+        });
     }
 
+    /// Verifies a received pair and turns it into the token to hand out. On success the
+    /// pair's refresh token becomes ours.
     async fn accept(
         &mut self,
         pair: TokenPair,
@@ -1172,8 +1176,10 @@ impl<A: Api> Worker<A> {
                 retry_after: None,
             });
         }
-        self.refresh_token = Some(pair.refresh_token);
-        self.refresh_pair_expires = Some(expires_at);
+        self.refresh = Some(HeldRefresh {
+            token: pair.refresh_token,
+            pair_expires: expires_at,
+        });
         Ok((
             Arc::new(AccessToken {
                 token: pair.access_token,
