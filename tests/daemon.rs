@@ -1569,3 +1569,79 @@ fn a_removed_token_fails_signatures_without_a_log_line_each() {
     std::fs::rename(&away, &token_dir).unwrap();
     agent.stop_cleanly();
 }
+
+/// A renewal that keeps failing warns at 1, 2, 4, 8, … consecutive failures and when the
+/// error changes; every other failure is logged at debug level, so a long outage does not
+/// flood the journal.
+#[test]
+fn a_long_api_outage_warns_at_doubling_failure_counts_and_on_a_new_error() {
+    let w = World::new("t-daemon-renewal-warnings", Duration::from_secs(900));
+    let mint_fails = |kind| FaultSpec::rate(kind, FaultTarget::Mint, 1.0);
+    w.sim
+        .handle
+        .inject_fault(mint_fails(FaultKind::Status {
+            status: 503,
+            retry_after_secs: None,
+        }))
+        .unwrap();
+    let socket = w.path("agent.sock");
+    let mut config = w.config("agent.sock");
+    config.profile_extra = "backoff_min_secs = 0.01\nbackoff_max_secs = 0.03\n".into();
+    let config = config.write(&w.path("config.toml"));
+    let mut agent = start_agent(&w.hsm, &config, &socket, START);
+    let faults_reach = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.sim.handle.counters().faults_total() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {:?}",
+                w.sim.handle.counters()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    faults_reach(12);
+    // Another error in the same outage: the connection is reset.
+    w.sim.handle.clear_faults();
+    w.sim
+        .handle
+        .inject_fault(mint_fails(FaultKind::Reset))
+        .unwrap();
+    faults_reach(45);
+    w.sim.handle.clear_faults();
+    cli_ok(&socket, &["token", "--profile", P]);
+    agent.stop_cleanly();
+
+    let log = agent.stderr();
+    let field = |line: &str, name: &str| -> String {
+        let at = line
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("{name}: {line}"));
+        let value = &line[at + name.len() + 2..];
+        value.split(' ').next().unwrap_or_default().to_string()
+    };
+    let (mut previous_code, mut warnings, mut codes) = (String::new(), 0, BTreeSet::new());
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("token renewal failed"))
+        .collect();
+    for line in &failed {
+        let failures: u32 = field(line, "failures").parse().unwrap();
+        let code = field(line, "code");
+        let warned = line.contains(" WARN ");
+        assert!(warned || line.contains(" DEBUG "), "{line}");
+        let expected = failures.is_power_of_two() || code != previous_code;
+        assert_eq!(warned, expected, "{line}");
+        warnings += usize::from(warned);
+        codes.insert(code.clone());
+        previous_code = code;
+    }
+    assert!(
+        failed.len() >= 40,
+        "{} failures logged:\n{log}",
+        failed.len()
+    );
+    assert_eq!(codes.len(), 2, "{codes:?}");
+    // 1, 2, 4, 8, 16, 32, and the change of error (or fewer, where it fell on a power of 2).
+    assert!((6..=8).contains(&warnings), "{warnings} warnings:\n{log}");
+}

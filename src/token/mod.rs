@@ -961,20 +961,38 @@ impl<A: Api> Worker<A> {
                     delay = delay.min(SIGNER_RETRY_MAX);
                 }
                 self.next_attempt = Some(instant_after(now, delay));
-                {
+                let new_error = {
                     let mut s = lock(&self.shared.status);
+                    let new_error = s.last_error_code.as_deref() != Some(failure.code);
                     s.consecutive_failures = self.failures;
                     s.last_error_code = Some(failure.code.to_string());
                     s.last_error = Some(failure.message.clone());
                     s.next_refresh = Some(time_after(SystemTime::now(), delay));
+                    new_error
+                };
+                // A warning at 1, 2, 4, 8, … consecutive failures and whenever the error
+                // changes; the others at debug level. A key down for an hour (retried every
+                // 2 s) warns a dozen times, not 1,800; `status` has the count and last error.
+                let warn_again_at = (self.failures.saturating_add(1))
+                    .checked_next_power_of_two()
+                    .unwrap_or(u32::MAX);
+                macro_rules! renewal_failed {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            code = failure.code,
+                            error = %failure.message,
+                            failures = self.failures,
+                            retry_in_s = delay.as_secs_f64(),
+                            warn_again_at,
+                            "token renewal failed"
+                        )
+                    };
                 }
-                tracing::warn!(
-                    code = failure.code,
-                    error = %failure.message,
-                    failures = self.failures,
-                    retry_in_s = delay.as_secs_f64(),
-                    "token renewal failed"
-                );
+                if self.failures.is_power_of_two() || new_error {
+                    renewal_failed!(warn);
+                } else {
+                    renewal_failed!(debug);
+                }
                 Some((failure.code.to_string(), failure.message))
             }
         };
