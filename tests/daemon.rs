@@ -1645,3 +1645,78 @@ fn a_long_api_outage_warns_at_doubling_failure_counts_and_on_a_new_error() {
     // 1, 2, 4, 8, 16, 32, and the change of error (or fewer, where it fell on a power of 2).
     assert!((6..=8).contains(&warnings), "{warnings} warnings:\n{log}");
 }
+
+/// Out of file descriptors, the accept loop retries 10 times a second: it warns at 1, 2, 4,
+/// 8, … failures in a row (the others at debug level), then says when it accepts again.
+#[test]
+fn accept_failures_at_the_fd_limit_warn_at_doubling_counts() {
+    let w = World::new("t-daemon-fd-limit", Duration::from_secs(900));
+    let socket = w.path("agent.sock");
+    let config = w.config("agent.sock").write(&w.path("config.toml"));
+    let mut agent = start_agent(&w.hsm, &config, &socket, START);
+    cli_ok(&socket, &["token", "--profile", P]);
+    let prlimit = |nofile: &str| {
+        let out = Command::new("prlimit")
+            .arg(format!("--pid={}", agent.pid()))
+            .arg(format!("--nofile={nofile}"))
+            .output()
+            .expect("prlimit (util-linux)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The soft limit only: raising a hard limit back takes CAP_SYS_RESOURCE.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    let open = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .unwrap()
+        .count();
+    prlimit(&format!("{}:", open + 3));
+    // More connections than descriptors left: the rest wait in the listen backlog.
+    let held: Vec<_> = (0..20)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(2_500));
+    prlimit(&format!("{soft}:"));
+    drop(held);
+    assert!(
+        poll(Duration::from_secs(10), || ping(&socket)),
+        "no ping after the limit rose"
+    );
+    assert!(
+        poll(Duration::from_secs(5), || agent
+            .stderr()
+            .contains("accepting connections again")),
+        "{}",
+        agent.stderr()
+    );
+    agent.stop_cleanly();
+
+    let log = agent.stderr();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .collect();
+    for line in &failed {
+        let count = line
+            .split(" failed_accepts=")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{line}"));
+        let count: u32 = count.split(' ').next().unwrap().parse().unwrap();
+        let warned = line.contains(" WARN ");
+        assert!(warned || line.contains(" DEBUG "), "{line}");
+        assert_eq!(warned, count.is_power_of_two(), "{line}");
+    }
+    assert!(
+        failed.len() >= 10,
+        "{} failed accepts logged:\n{log}",
+        failed.len()
+    );
+}

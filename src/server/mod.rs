@@ -466,6 +466,8 @@ pub async fn serve(
         max_connections = state.settings.max_connections,
         "listening"
     );
+    // Transient accept failures in a row (out of file descriptors, say).
+    let mut failed_accepts: u32 = 0;
     let result = loop {
         let accepted = tokio::select! {
             biased;
@@ -475,7 +477,14 @@ pub async fn serve(
         let stream = match accepted {
             Ok(stream) => stream,
             Err(err) if is_transient_accept_error(&err) => {
-                tracing::warn!(error = %err, "accept failed; pausing briefly");
+                // A warning at 1, 2, 4, 8, … failures in a row, the others at debug level:
+                // at the fd limit this retries 10 times a second for as long as it lasts.
+                failed_accepts = failed_accepts.saturating_add(1);
+                if failed_accepts.is_power_of_two() {
+                    tracing::warn!(error = %err, failed_accepts, "accept failed; pausing briefly");
+                } else {
+                    tracing::debug!(error = %err, failed_accepts, "accept failed; pausing briefly");
+                }
                 // Out of file descriptors: give connections a moment to close.
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),
@@ -485,6 +494,10 @@ pub async fn serve(
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionAborted => continue,
             Err(err) => break Err(err),
         };
+        if failed_accepts > 0 {
+            tracing::info!(failed_accepts, "accepting connections again");
+            failed_accepts = 0;
+        }
         state
             .counters
             .connections_total
