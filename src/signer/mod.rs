@@ -8,9 +8,9 @@
 //! ([`Handle`]) hashes the message on the host, enqueues the digest with a oneshot reply,
 //! answers `Busy` when the queue is full and `Timeout` when the reply is late. Workers skip
 //! requests whose caller has gone or whose deadline has passed. Blocking hardware calls never
-//! run on the tokio runtime. Under load a worker holds a few finished replies back and sends
-//! them together (fewer wake-ups of tokio workers; see [`run_worker`]); it never waits for
-//! work, or stops, with a reply held.
+//! run on the tokio runtime. Under load, with a key that signs in under a millisecond, a
+//! worker holds a few finished replies back and sends them together (fewer wake-ups of tokio
+//! workers; see [`run_worker`]); it never waits for work, or stops, with a reply held.
 //!
 //! The agent's own challenges (a token manager's mint, [`Handle::sign_challenge_for_token`])
 //! have a small queue of their own that workers empty first: a burst of client signatures
