@@ -377,13 +377,11 @@ impl Handle {
         key_id: &str,
         timestamp: i64,
     ) -> Result<jose::ChallengeBody, SignerError> {
-        let message = jose::challenge_message(key_id, timestamp);
-        let sig = self.sign(message.as_bytes()).await?;
-        Ok(jose::ChallengeBody {
-            key_id: key_id.to_string(),
-            timestamp,
-            signature: jose::encode_es256(&sig),
+        let depth = self.shared.options.queue_depth;
+        self.challenge_on(&self.queue, key_id, timestamp, || SignerError::Busy {
+            depth,
         })
+        .await
     }
 
     /// [`Handle::sign_challenge`] for the agent's own token manager: the job goes to the
@@ -394,7 +392,6 @@ impl Handle {
         key_id: &str,
         timestamp: i64,
     ) -> Result<jose::ChallengeBody, SignerError> {
-        let message = jose::challenge_message(key_id, timestamp);
         // Each token manager has one job in flight: a full queue means the workers have not
         // taken the last ones (they stay queued after their callers time out).
         let wedged = || {
@@ -403,8 +400,21 @@ impl Handle {
                  card may be wedged (see `tm-agent status`)"
             ))
         };
+        self.challenge_on(&self.ahead, key_id, timestamp, wedged)
+            .await
+    }
+
+    /// Signs the challenge `{key_id}.{timestamp}` through `lane` and returns the request body.
+    async fn challenge_on(
+        &self,
+        lane: &Sender<Job>,
+        key_id: &str,
+        timestamp: i64,
+        full: impl FnOnce() -> SignerError,
+    ) -> Result<jose::ChallengeBody, SignerError> {
+        let message = jose::challenge_message(key_id, timestamp);
         let sig = self
-            .sign_on(&self.ahead, jose::sha256(message.as_bytes()), wedged)
+            .sign_on(lane, jose::sha256(message.as_bytes()), full)
             .await?;
         Ok(jose::ChallengeBody {
             key_id: key_id.to_string(),

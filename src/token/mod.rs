@@ -973,7 +973,9 @@ impl<A: Api> Worker<A> {
                 // A warning at 1, 2, 4, 8, … consecutive failures and whenever the error
                 // changes; the others at debug level. A key down for an hour (retried every
                 // 2 s) warns a dozen times, not 1,800; `status` has the count and last error.
-                let warn_again_at = (self.failures.saturating_add(1))
+                let warn_again_at = self
+                    .failures
+                    .saturating_add(1)
                     .checked_next_power_of_two()
                     .unwrap_or(u32::MAX);
                 macro_rules! renewal_failed {
