@@ -1462,6 +1462,14 @@ fn processes_of_the_agents_own_user_cannot_read_its_environment_or_memory() {
         "sleep (as 65534)",
         AsNobody::command(Path::new("/bin/sleep")).arg("60"),
     );
+    // Read once it runs `sleep`: inside setpriv, between its setuid and its exec, the
+    // kernel marks it not dumpable too.
+    let comm = format!("/proc/{}/comm", sleeper.pid());
+    assert!(
+        poll(Duration::from_secs(5), || std::fs::read_to_string(&comm)
+            .is_ok_and(|c| c.trim() == "sleep")),
+        "the sleeper never ran sleep"
+    );
     let read_as_nobody = |pid: u32, file: &str| {
         AsNobody::command(Path::new("/bin/cat"))
             .arg(format!("/proc/{pid}/{file}"))
