@@ -645,7 +645,11 @@ struct Envelope {
 }
 
 /// Maps a non-2xx response to an error. The body is read only for the error envelope.
-fn error_from_response(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> ApiError {
+pub(crate) fn error_from_response(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> ApiError {
     let envelope: Option<Envelope> = serde_json::from_slice(body).ok();
     let (message, request_id) = match envelope {
         Some(env) => {
@@ -760,7 +764,7 @@ enum ExpiresIn {
 /// Parses a token response; `server_now` (the server clock, just updated from this
 /// response's `Date`) anchors a seconds-form `expires_in`, so that `expires_at` is on the
 /// server clock in both forms, like the JWT `exp`, and is converted to local time once.
-fn parse_pair(body: &[u8], server_now: SystemTime) -> Result<TokenPair, ApiError> {
+pub(crate) fn parse_pair(body: &[u8], server_now: SystemTime) -> Result<TokenPair, ApiError> {
     // Zeroizing: on every refusal below, and for the access token's copy into its `Arc`,
     // the parsed tokens are wiped when dropped, not left in freed memory.
     #[derive(Deserialize)]
@@ -812,7 +816,7 @@ pub fn parse_rfc3339(text: &str) -> Result<SystemTime, ApiError> {
         })
 }
 
-fn parse_jwks(body: &[u8]) -> Result<Jwks, ApiError> {
+pub(crate) fn parse_jwks(body: &[u8]) -> Result<Jwks, ApiError> {
     #[derive(Deserialize)]
     struct Raw {
         keys: Vec<serde_json::Value>,

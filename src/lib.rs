@@ -12,6 +12,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hardening;
 pub mod jose;
 pub mod protocol;

@@ -507,28 +507,9 @@ impl Conn {
     }
 
     fn handle_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
-        // serde would also read a struct from a JSON array, by position.
-        if !starts_as_object(line) {
-            let err = WireError::bad_request("a request is one JSON object on one line");
-            return self.refuse(out, None, None, err);
-        }
-        let raw: RawRequest<'_> = match serde_json::from_slice(line) {
-            Ok(raw) => raw,
-            Err(err) => {
-                let probe = serde_json::from_slice::<protocol::IdOnly>(line).ok();
-                let id = probe.as_ref().and_then(|p| p.id);
-                let wire = match probe.as_ref().and_then(protocol::IdOnly::other_version) {
-                    Some(v) => WireError::unsupported_version(v),
-                    None => WireError::invalid_json(&err),
-                };
-                return self.refuse(out, id, None, wire);
-            }
-        };
-        let request = match raw.validate() {
+        let request = match parse_request(line) {
             Ok(request) => request,
-            Err(err) => {
-                return self.refuse(out, err.id, None, WireError::new(err.code, err.message));
-            }
+            Err(bad) => return self.refuse(out, bad.id, None, bad.error),
         };
         let id = request.id;
         let op = request.body.op();
@@ -976,6 +957,44 @@ fn profile_status(p: &Profile) -> protocol::ProfileStatus {
     }
 }
 
+/// A request line refused before anything else is looked at: the id to answer with, when
+/// one could be read, and the error (`bad_request` or `unsupported_version`).
+#[derive(Debug)]
+pub struct Unparsed {
+    pub id: Option<u64>,
+    pub error: WireError,
+}
+
+/// Reads one request line (without its newline) as the agent does: one JSON object, v1, a
+/// known op with exactly its fields. Pure: no peer, no state; the fuzz targets call it too.
+pub fn parse_request(line: &[u8]) -> Result<protocol::Request<'_>, Unparsed> {
+    // serde would also read a struct from a JSON array, by position.
+    if !starts_as_object(line) {
+        return Err(Unparsed {
+            id: None,
+            error: WireError::bad_request("a request is one JSON object on one line"),
+        });
+    }
+    let raw: RawRequest<'_> = match serde_json::from_slice(line) {
+        Ok(raw) => raw,
+        Err(err) => {
+            let probe = serde_json::from_slice::<protocol::IdOnly>(line).ok();
+            let error = match probe.as_ref().and_then(protocol::IdOnly::other_version) {
+                Some(v) => WireError::unsupported_version(v),
+                None => WireError::invalid_json(&err),
+            };
+            return Err(Unparsed {
+                id: probe.and_then(|p| p.id),
+                error,
+            });
+        }
+    };
+    raw.validate().map_err(|err| Unparsed {
+        id: err.id,
+        error: WireError::new(err.code, err.message),
+    })
+}
+
 /// True if `text` is one JSON object, as every Turnkey activity payload is. `stamp` signs
 /// nothing else: in particular not `{key_id}.{timestamp}`, whose signature would mint
 /// tokens for any time the client chose, outliving a revocation of its access.
@@ -1064,7 +1083,7 @@ fn write_ok(out: &mut Vec<u8>, id: u64, event: Option<&str>, result: &[u8]) {
 }
 
 /// `{"id":<id|null>,"ok":false,"error":{"code":"<code>","message":"<message>"}}\n`
-fn write_err(out: &mut Vec<u8>, id: Option<u64>, err: &WireError) {
+pub(crate) fn write_err(out: &mut Vec<u8>, id: Option<u64>, err: &WireError) {
     out.extend_from_slice(b"{\"id\":");
     match id {
         Some(id) => out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes()),

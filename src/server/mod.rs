@@ -37,6 +37,8 @@ use crate::protocol::{self, ErrorCode, Op};
 use crate::signer::Handle;
 use crate::token::{AccessToken, Manager, TokenError, TokenStatus};
 
+pub(crate) use conn::write_err;
+pub use conn::{parse_request, Unparsed};
 pub use listener::{Listener, ListenerError, SocketSettings};
 
 /// A boxed, sendable future (what [`TokenSource::token`] returns).
