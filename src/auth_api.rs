@@ -696,8 +696,11 @@ fn status_text(status: StatusCode) -> String {
 
 /// Cuts a server-provided message and masks anything that looks like a credential: a JWT,
 /// or a long run of token characters (a signature or an opaque refresh token that the
-/// server repeats back). Such messages reach the log and `status`.
+/// server repeats back). Such messages reach the log and `status`. Control characters go
+/// first: dropped after the masking, a credential split by them would pass as harmless
+/// words and come out whole (found by the `api_response` fuzz target).
 pub fn scrub(text: &str) -> String {
+    let text: String = text.chars().filter(|c| !c.is_control()).collect();
     let masked: Vec<&str> = text
         .split(' ')
         .map(|word| {
@@ -709,11 +712,7 @@ pub fn scrub(text: &str) -> String {
         })
         .collect();
     let joined = masked.join(" ");
-    let mut out: String = joined
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_MESSAGE)
-        .collect();
+    let mut out: String = joined.chars().take(MAX_MESSAGE).collect();
     if joined.chars().count() > MAX_MESSAGE {
         out.push('…');
     }
@@ -963,6 +962,23 @@ mod tests {
                      https://api.truemarkets.com/v1/auth/api-key/token: timestamp 1796027037 \
                      is outside the allowed window (request_id req_7f3a)";
         assert_eq!(scrub(plain), plain);
+    }
+
+    /// Control characters cannot hide a credential from the masking: they are dropped
+    /// before it, so the pieces they split it into are not judged one by one.
+    #[test]
+    fn control_characters_cannot_split_a_credential_past_the_mask() {
+        let sig = "vZxhz9TAZ49SoMP06Xb0NVwqAD3p9D96Ced8YRJJ7DxTtepQHh8BAHD4oYZE_0V8z0ydH2cqWdDqSNOW73XYDw";
+        let split: String = sig
+            .chars()
+            .enumerate()
+            .flat_map(|(i, c)| (i % 20 == 19).then_some('\u{7}').into_iter().chain([c]))
+            .collect();
+        let out = scrub(&format!(
+            "bad signature e\u{1}yJhbGciOiJFUzI1NiJ9 {split} at\tnoon"
+        ));
+        assert!(!out.contains(sig) && !out.contains("eyJ"), "{out}");
+        assert_eq!(out, "bad signature <redacted> <redacted> atnoon");
     }
 
     #[test]
