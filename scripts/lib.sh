@@ -162,3 +162,10 @@ ensure_cargo_deb() {
     cargo install -q cargo-deb --locked --version 3.8.0
   fi
 }
+
+ensure_cargo_deny() {
+  if ! cargo deny --version >/dev/null 2>&1; then
+    echo "== installing cargo-deny (checks the dependency tree against deny.toml; about 5 minutes)"
+    cargo install -q cargo-deny --locked --version 0.20.2
+  fi
+}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: installs missing system packages (as root), then
-# cargo fmt --check, cargo clippy -D warnings, and the whole test suite in one cargo test.
+# cargo fmt --check, cargo clippy -D warnings, cargo deny, and the whole test suite in one
+# cargo test.
 #
 #   scripts/test.sh            # everything
-#   scripts/test.sh --no-lint  # skip fmt and clippy (quicker while iterating)
+#   scripts/test.sh --no-lint  # skip fmt, clippy and cargo deny (quicker while iterating)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ done
 ensure_system_packages
 ensure_official_sdk
 ensure_cargo_deb
+if [ "$lint" = 1 ]; then ensure_cargo_deny; fi
 # pcscd for the PIV tests (tests/piv.rs also calls this when it finds pcscd not running).
 bash scripts/pcscd.sh
 
@@ -28,6 +30,8 @@ if [ "$lint" = 1 ]; then
   cargo fmt --all -- --check
   echo "== cargo clippy"
   cargo clippy --all-targets --all-features -- -D warnings
+  echo "== cargo deny (licences, banned crates, sources; advisories need GitHub: see deny.toml)"
+  cargo deny --log-level error check licenses bans sources
 fi
 
 echo "== cargo test"
