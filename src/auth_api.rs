@@ -696,15 +696,21 @@ fn status_text(status: StatusCode) -> String {
 
 /// Cuts a server-provided message and masks anything that looks like a credential: a JWT,
 /// or a long run of token characters (a signature or an opaque refresh token that the
-/// server repeats back). Such messages reach the log and `status`. Control characters go
-/// first: dropped after the masking, a credential split by them would pass as harmless
-/// words and come out whole (found by the `api_response` fuzz target).
+/// server repeats back). Such messages reach the log and `status`. Whitespace of any kind
+/// separates words, as a space does; control characters are dropped. Each word is judged
+/// twice, as it is and without the characters that print as nothing or break a run of token
+/// characters (controls, zero-width and other non-ASCII characters), so that such
+/// characters inside a credential cannot hide it.
 pub fn scrub(text: &str) -> String {
-    let text: String = text.chars().filter(|c| !c.is_control()).collect();
-    let masked: Vec<&str> = text
+    let spaced: String = text
+        .chars()
+        .map(|c| if c.is_whitespace() { ' ' } else { c })
+        .collect();
+    let masked: Vec<&str> = spaced
         .split(' ')
         .map(|word| {
-            if looks_secret(word) {
+            let bare: String = word.chars().filter(char::is_ascii_graphic).collect();
+            if looks_secret(word) || looks_secret(&bare) {
                 "<redacted>"
             } else {
                 word
@@ -712,7 +718,11 @@ pub fn scrub(text: &str) -> String {
         })
         .collect();
     let joined = masked.join(" ");
-    let mut out: String = joined.chars().take(MAX_MESSAGE).collect();
+    let mut out: String = joined
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_MESSAGE)
+        .collect();
     if joined.chars().count() > MAX_MESSAGE {
         out.push('…');
     }
@@ -964,21 +974,31 @@ mod tests {
         assert_eq!(scrub(plain), plain);
     }
 
-    /// Control characters cannot hide a credential from the masking: they are dropped
-    /// before it, so the pieces they split it into are not judged one by one.
+    /// Characters that print as nothing or split a run of token characters cannot hide a
+    /// credential from the masking; whitespace of any kind still separates words.
     #[test]
-    fn control_characters_cannot_split_a_credential_past_the_mask() {
+    fn invisible_characters_cannot_split_a_credential_past_the_mask() {
         let sig = "vZxhz9TAZ49SoMP06Xb0NVwqAD3p9D96Ced8YRJJ7DxTtepQHh8BAHD4oYZE_0V8z0ydH2cqWdDqSNOW73XYDw";
-        let split: String = sig
-            .chars()
-            .enumerate()
-            .flat_map(|(i, c)| (i % 20 == 19).then_some('\u{7}').into_iter().chain([c]))
-            .collect();
-        let out = scrub(&format!(
-            "bad signature e\u{1}yJhbGciOiJFUzI1NiJ9 {split} at\tnoon"
-        ));
-        assert!(!out.contains(sig) && !out.contains("eyJ"), "{out}");
-        assert_eq!(out, "bad signature <redacted> <redacted> atnoon");
+        for splitter in ['\u{7}', '\u{200b}', '\u{feff}', '\u{ad}', 'é'] {
+            let split: String = sig
+                .chars()
+                .enumerate()
+                .flat_map(|(i, c)| (i % 20 == 19).then_some(splitter).into_iter().chain([c]))
+                .collect();
+            let text = format!("bad signature e{splitter}yJhbGciOiJFUzI1NiJ9 {split} at\tnoon");
+            let out = scrub(&text);
+            assert_eq!(
+                out, "bad signature <redacted> <redacted> at noon",
+                "{splitter:?}"
+            );
+        }
+        // A key id after a tab stays readable: the tab separates, it does not join.
+        let id = "key\t0B9B3F3E-8D4C-4C1E-9F1A-2B3C4D5E6F70 unknown";
+        assert_eq!(
+            scrub(id),
+            "key 0B9B3F3E-8D4C-4C1E-9F1A-2B3C4D5E6F70 unknown"
+        );
+        assert_eq!(scrub("clé\u{1} inconnue"), "clé inconnue");
     }
 
     #[test]
