@@ -8,7 +8,7 @@
 //! | --- | --- | --- |
 //! | [`request_stream`] | a client's byte stream | framing agrees with a model for every chunking; a parsed request survives a round trip; a refusal is a well-formed reply line, short, with the request's id |
 //! | [`api_response`] | an Auth API response body | no token of a token response, and nothing that looks like a JWT, in an error or `Debug`; no control character in an error |
-//! | [`jwt`] | an access token | parse and verify never panic; errors stay short |
+//! | [`jwt`] | an access token | a token signed by the key never fails as a bad signature; errors stay short |
 //! | [`config`] | a config file | parse and validate never panic |
 //! | [`key_material`] | key bundles, public keys, signatures, stamps | encodings round-trip; no private scalar in an error or `Debug` |
 //!
