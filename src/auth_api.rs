@@ -720,13 +720,23 @@ pub fn scrub(text: &str) -> String {
     let joined = masked.join(" ");
     let mut out: String = joined
         .chars()
-        .filter(|c| !c.is_control())
+        .filter(|c| !c.is_control() && !is_invisible(*c))
         .take(MAX_MESSAGE)
         .collect();
     if joined.chars().count() > MAX_MESSAGE {
         out.push('…');
     }
     out
+}
+
+/// Characters that print as nothing or reorder what follows them (zero-width, joiners,
+/// bidirectional overrides and isolates, the BOM, the soft hyphen): dropped from a server's
+/// message, so that the line it lands in reads as it is.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}'
+    )
 }
 
 /// A word of a server message that may be a credential: it holds a JWT (`eyJ…`, or three
@@ -999,6 +1009,9 @@ mod tests {
             "key 0B9B3F3E-8D4C-4C1E-9F1A-2B3C4D5E6F70 unknown"
         );
         assert_eq!(scrub("clé\u{1} inconnue"), "clé inconnue");
+        // Nothing invisible and nothing that reorders the line is left in it.
+        let spoof = "key \u{202e}dekovern\u{202c} ok\u{200b} \u{2066}x\u{2069}\u{feff}\u{ad}";
+        assert_eq!(scrub(spoof), "key dekovern ok x");
     }
 
     #[test]
