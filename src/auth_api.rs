@@ -697,7 +697,8 @@ fn status_text(status: StatusCode) -> String {
 /// Cuts a server-provided message and masks anything that looks like a credential: a JWT,
 /// or a long run of token characters (a signature or an opaque refresh token that the
 /// server repeats back). Such messages reach the log and `status`. Whitespace of any kind
-/// separates words, as a space does; control characters are dropped. Each word is judged
+/// separates words, as a space does; control characters and `is_invisible` ones are
+/// dropped from the result. Each word is judged
 /// twice, as it is and without the characters that print as nothing or break a run of token
 /// characters (controls, zero-width and other non-ASCII characters), so that such
 /// characters inside a credential cannot hide it.
